@@ -1,0 +1,48 @@
+"""attnkit: efficient attention for PyTorch, one interface for every mechanism.
+
+Quick use::
+
+    import attnkit
+    attnkit.list_attention()                      # registered mechanism names
+    attn = attnkit.build_attention("full")        # q, k, v: (B, H, T, D)
+    mha = attnkit.MultiHeadAttention(512, 8, attention="full", rotary=True)
+"""
+
+from attnkit.attention.multi_head import AttentionCache, MultiHeadAttention
+from attnkit.attention.reference import reference_attention
+from attnkit.core.base import AttentionMechanism, KVState
+from attnkit.core.capabilities import Capabilities
+from attnkit.core.registry import (
+    MechanismSpec,
+    accepted_options,
+    attention_capabilities,
+    build_attention,
+    get_spec,
+    list_attention,
+    register,
+)
+from attnkit.masks import Mask, causal_mask, full_mask, key_padding_mask, materialize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionCache",
+    "AttentionMechanism",
+    "Capabilities",
+    "KVState",
+    "Mask",
+    "MechanismSpec",
+    "MultiHeadAttention",
+    "__version__",
+    "accepted_options",
+    "attention_capabilities",
+    "build_attention",
+    "causal_mask",
+    "full_mask",
+    "get_spec",
+    "key_padding_mask",
+    "list_attention",
+    "materialize",
+    "reference_attention",
+    "register",
+]

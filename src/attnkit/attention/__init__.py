@@ -1,0 +1,6 @@
+"""Attention mechanisms. Each import below registers one mechanism (or a family)."""
+
+from attnkit.attention import full  # noqa: F401
+from attnkit.attention.reference import reference_attention
+
+__all__ = ["reference_attention"]

@@ -1,0 +1,232 @@
+"""Multi-head attention around any registered mechanism.
+
+This module owns everything that is not the attention maths: the q/k/v/output
+projections, grouped key/value heads, rotary embeddings, relative score biases (ALiBi,
+T5) and the decoding cache. The mechanism sees projected ``(B, H, L, D)`` tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnkit.core.base import AttentionMechanism
+from attnkit.core.errors import check_positive_int
+from attnkit.core.registry import build_attention
+from attnkit.core.types import ScoreBias
+from attnkit.positions.relative import ALiBi, T5RelativeBias
+from attnkit.positions.rotary import RotaryEmbedding
+
+
+@dataclass
+class AttentionCache:
+    """Incremental-decoding state of one :class:`MultiHeadAttention` layer.
+
+    Attributes:
+        state: the mechanism's own state (KV cache, rolling window or recurrent state);
+            None for cross-attention.
+        position: number of positions already consumed (the next token's position).
+        context: projected cross-attention keys/values ``(k, v)`` and their padding mask,
+            computed once on the first call.
+    """
+
+    state: Any = None
+    position: int = 0
+    context: tuple[Tensor, Tensor, Tensor | None] | None = field(default=None, repr=False)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self- or cross-attention on ``(B, T, dim)`` inputs.
+
+    Args:
+        dim: model width.
+        heads: number of query heads.
+        attention: registered mechanism name (see :func:`attnkit.list_attention`).
+        kv_heads: number of key/value heads (grouped-query attention); must divide
+            ``heads``. Default ``heads``.
+        head_dim: per-head width; default ``dim // heads``.
+        context_dim: width of the cross-attention context; default ``dim``.
+        rotary: apply rotary embeddings to queries and keys (self-attention only).
+        rotary_base: rotary frequency base.
+        position_bias: ``"alibi"``, ``"t5"`` or None: an additive relative score bias
+            (the mechanism must declare ``score_bias`` support).
+        t5_num_buckets: T5 buckets (with ``position_bias="t5"``).
+        t5_max_distance: T5 maximum distance.
+        bias: whether the projections have biases.
+        dropout: dropout on the output projection (training only).
+        **options: options of the mechanism (e.g. ``window=256``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        attention: str = "full",
+        *,
+        kv_heads: int | None = None,
+        head_dim: int | None = None,
+        context_dim: int | None = None,
+        rotary: bool = False,
+        rotary_base: float = 10000.0,
+        position_bias: str | None = None,
+        t5_num_buckets: int = 32,
+        t5_max_distance: int = 128,
+        bias: bool = False,
+        dropout: float = 0.0,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        self.dim = check_positive_int("dim", dim, example=512)
+        self.heads = check_positive_int("heads", heads, example=8)
+        self.kv_heads = check_positive_int("kv_heads", kv_heads if kv_heads is not None else heads)
+        if heads % self.kv_heads:
+            raise ValueError(f"kv_heads must divide heads, got heads={heads}, kv_heads={self.kv_heads}")
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"dim must be divisible by heads (or pass head_dim), got dim={dim}, heads={heads}")
+            head_dim = dim // heads
+        self.head_dim = check_positive_int("head_dim", head_dim)
+        context_dim = check_positive_int("context_dim", context_dim if context_dim is not None else dim)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+        self.to_q = nn.Linear(dim, heads * self.head_dim, bias=bias)
+        self.to_k = nn.Linear(context_dim, self.kv_heads * self.head_dim, bias=bias)
+        self.to_v = nn.Linear(context_dim, self.kv_heads * self.head_dim, bias=bias)
+        self.to_out = nn.Linear(heads * self.head_dim, dim, bias=bias)
+        self.out_dropout = nn.Dropout(dropout)
+        self.attention: AttentionMechanism = build_attention(attention, **options)
+        self.rotary = RotaryEmbedding(self.head_dim, base=rotary_base) if rotary else None
+
+        self.position_bias: ALiBi | T5RelativeBias | None
+        if position_bias is None:
+            self.position_bias = None
+        elif position_bias == "alibi":
+            self.position_bias = ALiBi(heads)
+        elif position_bias == "t5":
+            self.position_bias = T5RelativeBias(heads, num_buckets=t5_num_buckets, max_distance=t5_max_distance)
+        else:
+            raise ValueError(f"position_bias must be 'alibi', 't5' or None, got {position_bias!r}")
+        if self.position_bias is not None and not self.attention.capabilities.score_bias:
+            raise ValueError(
+                f"attention {attention!r} does not support additive position biases ({position_bias!r}); "
+                "use rotary=True or absolute positions instead"
+            )
+
+    # -- helpers --------------------------------------------------------------------
+    def _split(self, x: Tensor, heads: int) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, heads, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
+
+    def _expand_kv(self, x: Tensor) -> Tensor:
+        # Grouped KV heads: each KV head serves heads // kv_heads query heads.
+        if self.kv_heads == self.heads:
+            return x
+        return x.repeat_interleave(self.heads // self.kv_heads, dim=1)
+
+    def _score_bias(self) -> ScoreBias | None:
+        return None if self.position_bias is None else self.position_bias.score_bias()
+
+    def _check_input(self, name: str, x: Tensor, width: int) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != width:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name} must have shape (B, T, {width}), got {shape}")
+
+    def new_cache(self) -> AttentionCache:
+        """A fresh decoding cache for this layer (pass it to :meth:`forward` as ``cache``)."""
+        return AttentionCache()
+
+    # -- forward --------------------------------------------------------------------
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        cache: AttentionCache | None = None,
+        **attention_kwargs: Any,
+    ) -> Tensor:
+        """Attend from ``x`` to itself (or to ``context``).
+
+        Args:
+            x: ``(B, T, dim)``.
+            context: ``(B, S, context_dim)`` for cross-attention, else None.
+            causal: causal self-attention.
+            key_padding_mask: bool ``(B, S)`` over the keys (``x``'s tokens, or ``context``'s);
+                with a self-attention cache, over the new tokens only.
+            cache: an :class:`AttentionCache` for incremental decoding: ``x`` holds only the
+                new tokens; self-attention is then causal.
+            **attention_kwargs: per-call options of the mechanism.
+
+        Returns:
+            ``(B, T, dim)``.
+        """
+        self._check_input("x", x, self.dim)
+        if context is not None:
+            self._check_input("context", context, self.to_k.in_features)
+            if self.rotary is not None:
+                raise ValueError("rotary embeddings are for self-attention; build the cross-attention layer without them")
+        q = self._split(self.to_q(x), self.heads)
+        if cache is not None:
+            out = self._forward_cached(q, x, context, key_padding_mask, cache, attention_kwargs)
+        else:
+            source = x if context is None else context
+            k = self._split(self.to_k(source), self.kv_heads)
+            v = self._split(self.to_v(source), self.kv_heads)
+            if self.rotary is not None:
+                pos = torch.arange(x.shape[1], device=x.device)
+                q, k = self.rotary(q, pos), self.rotary(k, pos)
+            out = self.attention(
+                q,
+                self._expand_kv(k),
+                self._expand_kv(v),
+                causal=causal,
+                key_padding_mask=key_padding_mask,
+                score_bias=self._score_bias() if context is None else None,
+                **attention_kwargs,
+            )
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.heads * self.head_dim)
+        return self.out_dropout(self.to_out(out))
+
+    def _forward_cached(
+        self,
+        q: Tensor,
+        x: Tensor,
+        context: Tensor | None,
+        key_padding_mask: Tensor | None,
+        cache: AttentionCache,
+        attention_kwargs: dict[str, Any],
+    ) -> Tensor:
+        if not isinstance(cache, AttentionCache):
+            raise ValueError(f"cache must come from MultiHeadAttention.new_cache(), got {type(cache).__name__}")
+        if context is not None:
+            # Cross-attention: project the context once, then reuse it at every step.
+            if cache.context is None:
+                k = self._expand_kv(self._split(self.to_k(context), self.kv_heads))
+                v = self._expand_kv(self._split(self.to_v(context), self.kv_heads))
+                cache.context = (k, v, key_padding_mask)
+            k, v, context_mask = cache.context
+            return self.attention(q, k, v, key_padding_mask=context_mask, **attention_kwargs)
+        if attention_kwargs:
+            raise TypeError(f"per-call options {sorted(attention_kwargs)} are not supported while decoding with a cache")
+        k = self._split(self.to_k(x), self.kv_heads)
+        v = self._split(self.to_v(x), self.kv_heads)
+        if self.rotary is not None:
+            pos = torch.arange(cache.position, cache.position + x.shape[1], device=x.device)
+            q, k = self.rotary(q, pos), self.rotary(k, pos)
+        if cache.state is None:
+            cache.state = self.attention.new_state()
+        out = self.attention.decode(
+            q,
+            self._expand_kv(k),
+            self._expand_kv(v),
+            cache.state,
+            key_padding_mask=key_padding_mask,
+            score_bias=self._score_bias(),
+        )
+        cache.position += x.shape[1]
+        return out

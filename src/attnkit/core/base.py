@@ -1,0 +1,269 @@
+"""The base class every attention mechanism derives from.
+
+The seam: a mechanism receives projected ``q (B, H, T, D)``, ``k (B, H, S, D)``,
+``v (B, H, S, Dv)`` plus an explicit causal flag, key padding mask, optional mask
+function and optional additive score bias, and returns ``(B, H, T, Dv)`` in the input
+dtype. Projections, rotary embeddings and caches live in :class:`MultiHeadAttention`.
+
+Subclasses implement :meth:`_attend`, and declare ``capabilities`` at registration.
+Exact sparse mechanisms also implement :meth:`pattern` (the dense oracle for tests
+and the arena's pattern pictures). Mechanisms that decode incrementally either use
+the default KV cache here or override :meth:`new_state` / :meth:`_decode`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from attnkit.core.capabilities import Capabilities
+from attnkit.core.types import ScoreBias
+from attnkit.core.validation import check_qkv
+from attnkit.masks.functions import Mask
+
+
+@dataclass
+class KVState:
+    """A growing key/value cache (``decoding="kv_cache"``).
+
+    Attributes:
+        keys: ``(B, H, S, D)`` every key seen so far, or None before the first step.
+        values: ``(B, H, S, Dv)``.
+        key_padding: bool ``(B, S)`` (True = real token), or None while nothing is padded.
+    """
+
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    key_padding: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Number of cached positions."""
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def append(self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> None:
+        """Append ``t`` new positions: ``k (B, H, t, D)``, ``v (B, H, t, Dv)``, mask ``(B, t)``."""
+        old = self.length
+        if self.keys is None or self.values is None:
+            self.keys, self.values = k, v
+        else:
+            self.keys = torch.cat([self.keys, k], dim=2)
+            self.values = torch.cat([self.values, v], dim=2)
+        if key_padding_mask is not None or self.key_padding is not None:
+            b, t = k.shape[0], k.shape[2]
+            prev = self.key_padding
+            if prev is None:
+                prev = torch.ones(b, old, dtype=torch.bool, device=k.device)
+            new = key_padding_mask if key_padding_mask is not None else torch.ones(b, t, dtype=torch.bool, device=k.device)
+            self.key_padding = torch.cat([prev, new], dim=1)
+
+
+class AttentionMechanism(nn.Module, ABC):
+    """Base class: validates inputs and capabilities, then calls :meth:`_attend`.
+
+    Class attributes set by :func:`attnkit.core.registry.register`:
+        name: the registered name.
+        capabilities: the declared :class:`Capabilities`.
+        call_options: names of extra per-call keyword arguments the mechanism accepts
+            (e.g. Longformer's ``global_tokens``).
+    """
+
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities]
+    call_options: ClassVar[tuple[str, ...]] = ()
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        mask: Mask | None = None,
+        score_bias: ScoreBias | None = None,
+        **call_kwargs: Any,
+    ) -> Tensor:
+        """Attend ``q`` over ``k``/``v``.
+
+        Args:
+            q: ``(B, H, T, D)`` queries.
+            k: ``(B, H, S, D)`` keys.
+            v: ``(B, H, S, Dv)`` values.
+            causal: query ``i`` sees key ``j`` only when ``j <= i + S - T`` (end-aligned).
+            key_padding_mask: bool ``(B, S)``, True = real token.
+            mask: an extra boolean :class:`~attnkit.masks.Mask` (mechanisms with ``custom_mask``).
+            score_bias: an additive positional bias (mechanisms with ``score_bias``).
+            **call_kwargs: mechanism-specific per-call options listed in ``call_options``.
+
+        Returns:
+            ``(B, H, T, Dv)`` in ``q``'s dtype. Rows with no visible key are zeros.
+
+        Raises:
+            ValueError: bad shapes/dtypes, or a request the mechanism cannot honour exactly
+                (every reason listed).
+            TypeError: an unknown per-call keyword.
+        """
+        check_qkv(q, k, v, key_padding_mask)
+        self._check_call(q, k, causal=causal, key_padding_mask=key_padding_mask, mask=mask, score_bias=score_bias)
+        self._check_call_kwargs(call_kwargs)
+        out = self._attend(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, mask=mask, score_bias=score_bias, **call_kwargs
+        )
+        return out.to(q.dtype)
+
+    # -- to implement -------------------------------------------------------------
+    @abstractmethod
+    def _attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool,
+        key_padding_mask: Tensor | None,
+        mask: Mask | None,
+        score_bias: ScoreBias | None,
+        **call_kwargs: Any,
+    ) -> Tensor:
+        """The mechanism's maths on validated inputs; same arguments as :meth:`forward`."""
+
+    def pattern(self, q_len: int, kv_len: int, *, causal: bool, **call_kwargs: Any) -> Mask | None:
+        """The boolean pattern an exact mechanism computes softmax attention over.
+
+        Returns None for dense attention (all keys) and for approximate mechanisms,
+        whose output is not softmax over a fixed set of keys. Causality is included.
+        """
+        return None
+
+    # -- decoding -------------------------------------------------------------------
+    def new_state(self) -> Any:
+        """A fresh incremental-decoding state for :meth:`decode`.
+
+        Raises:
+            ValueError: when the mechanism declares no decoding support.
+        """
+        if self.capabilities.decoding is None:
+            raise ValueError(
+                f"attention {self.name!r} has no incremental decoding state; "
+                "recompute over the whole prefix instead (use_cache=False)"
+            )
+        return KVState()
+
+    def decode(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        state: Any,
+        *,
+        key_padding_mask: Tensor | None = None,
+        score_bias: ScoreBias | None = None,
+    ) -> Tensor:
+        """Append ``t`` new positions to ``state`` and attend their queries causally.
+
+        Args:
+            q: ``(B, H, t, D)`` queries of the new positions.
+            k: ``(B, H, t, D)`` keys of the new positions.
+            v: ``(B, H, t, Dv)`` values of the new positions.
+            state: from :meth:`new_state`; updated in place.
+            key_padding_mask: bool ``(B, t)`` for the new positions.
+            score_bias: as in :meth:`forward`.
+
+        Returns:
+            ``(B, H, t, Dv)``, equal to the last ``t`` rows of a causal forward over the
+            whole sequence.
+        """
+        check_qkv(q, k, v, key_padding_mask)
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"decode needs as many new keys as queries, got q {q.shape[2]} and k {k.shape[2]}")
+        reasons = self._unsupported(causal=True, key_padding_mask=key_padding_mask, mask=None, score_bias=score_bias)
+        if self.capabilities.decoding is None:
+            reasons.append("it has no incremental decoding state")
+        if reasons:
+            raise ValueError(f"attention {self.name!r} cannot do this: " + "; ".join(reasons))
+        return self._decode(q, k, v, state, key_padding_mask=key_padding_mask, score_bias=score_bias).to(q.dtype)
+
+    def _decode(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        state: Any,
+        *,
+        key_padding_mask: Tensor | None,
+        score_bias: ScoreBias | None,
+    ) -> Tensor:
+        # Default: a growing KV cache and a causal call with queries aligned to the end.
+        if not isinstance(state, KVState):
+            raise ValueError(f"state must come from {type(self).__name__}.new_state(), got {type(state).__name__}")
+        state.append(k, v, key_padding_mask)
+        assert state.keys is not None and state.values is not None
+        return self._attend(
+            q,
+            state.keys,
+            state.values,
+            causal=True,
+            key_padding_mask=state.key_padding,
+            mask=None,
+            score_bias=score_bias,
+        )
+
+    # -- checks ---------------------------------------------------------------------
+    def _unsupported(
+        self,
+        *,
+        causal: bool,
+        key_padding_mask: Tensor | None,
+        mask: Mask | None,
+        score_bias: ScoreBias | None,
+    ) -> list[str]:
+        caps = self.capabilities
+        reasons = []
+        if causal and not caps.causal:
+            reasons.append("causal=True is not supported (no exactly causal form)")
+        if key_padding_mask is not None and not caps.key_padding:
+            reasons.append("key_padding_mask is not supported")
+        if mask is not None and not caps.custom_mask:
+            reasons.append("a custom mask function is not supported")
+        if score_bias is not None and not caps.score_bias:
+            reasons.append("score_bias (ALiBi/T5 relative bias) is not supported")
+        return reasons
+
+    def _check_call(
+        self,
+        q: Tensor,
+        k: Tensor,
+        *,
+        causal: bool,
+        key_padding_mask: Tensor | None,
+        mask: Mask | None,
+        score_bias: ScoreBias | None,
+    ) -> None:
+        if not isinstance(causal, bool):
+            raise ValueError(f"causal must be a bool, got {causal!r}")
+        if mask is not None and not callable(mask):
+            raise ValueError(f"mask must be an attnkit.masks.Mask (a callable), got {type(mask).__name__}")
+        reasons = self._unsupported(causal=causal, key_padding_mask=key_padding_mask, mask=mask, score_bias=score_bias)
+        if q.shape[2] != k.shape[2] and not self.capabilities.cross_attention:
+            reasons.append(
+                f"queries and keys must have the same length (no cross-attention), got T={q.shape[2]}, S={k.shape[2]}"
+            )
+        if reasons:
+            raise ValueError(f"attention {self.name!r} cannot do this: " + "; ".join(reasons))
+
+    def _check_call_kwargs(self, call_kwargs: dict[str, Any]) -> None:
+        unknown = sorted(set(call_kwargs) - set(self.call_options))
+        if unknown:
+            accepted = ", ".join(self.call_options) or "none"
+            raise TypeError(
+                f"attention {self.name!r} got unknown per-call argument(s) {', '.join(unknown)}; "
+                f"accepted: causal, key_padding_mask, mask, score_bias and mechanism-specific: {accepted}"
+            )
+
+    def extra_repr(self) -> str:
+        return getattr(self, "_options_repr", "")

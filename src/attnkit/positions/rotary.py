@@ -1,0 +1,42 @@
+"""Rotary position embeddings (RoFormer, Su et al. 2021, arXiv:2104.09864).
+
+Rotates pairs of query/key channels by an angle proportional to the absolute position,
+so that ``q·k`` depends only on the relative offset. Applied to ``q`` and ``k`` before the
+mechanism, it works with every mechanism (it changes inputs, not the attention maths).
+Channels are paired as ``(x[i], x[i + D/2])`` (the GPT-NeoX layout).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from attnkit.core.errors import check_positive_float, check_positive_int
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary embedding for head dimension ``head_dim``.
+
+    Args:
+        head_dim: per-head width (even).
+        base: frequency base (10000 in the paper).
+    """
+
+    def __init__(self, head_dim: int, *, base: float = 10000.0) -> None:
+        super().__init__()
+        check_positive_int("head_dim", head_dim)
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+        check_positive_float("base", base)
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate ``x (B, H, T, D)`` at integer ``positions (T,)``. Returns ``(B, H, T, D)``."""
+        if positions.dim() != 1 or positions.shape[0] != x.shape[-2]:
+            raise ValueError(f"positions must have shape ({x.shape[-2]},), got {tuple(positions.shape)}")
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (T, D/2)
+        cos = angles.cos().to(x.dtype)
+        sin = angles.sin().to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
