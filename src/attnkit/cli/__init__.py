@@ -1,0 +1,1 @@
+"""The ``attnkit`` command line. Each module here defining ``register(subparsers)`` adds a subcommand."""
