@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -239,9 +239,15 @@ def run_suite(
                     key = (case.label, causal, mode)
                     if key in stopped:
                         continue
-                    row = measure(case, length, causal, mode, repeats=repeats, warmup=warmup, threads=threads, timeout=timeout)
+                    row = measure(
+                        case, length, causal, mode, repeats=repeats, warmup=warmup, threads=threads, timeout=timeout
+                    )
                     rows.append(row)
-                    shown = f"{row['median_s'] * 1e3:9.1f} ms {row['peak_mb']:7.0f} MB" if row["status"] == "ok" else row["status"]
+                    shown = (
+                        f"{row['median_s'] * 1e3:9.1f} ms {row['peak_mb']:7.0f} MB"
+                        if row["status"] == "ok"
+                        else row["status"]
+                    )
                     print(f"[{name}] {mode:7s} causal={causal!s:5s} L={length:6d} {case.label:38s} {shown}", flush=True)
                     if row["status"] != "ok" or row["median_s"] > max_seconds_per_step:
                         stopped.add(key)

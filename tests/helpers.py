@@ -9,6 +9,9 @@ from torch import Tensor
 
 import attnkit
 from attnkit.attention.reference import reference_attention
+from attnkit.inputs import structured_qkv
+
+__all__ = ["TOL", "build", "oracle", "random_padding", "relative_error", "structured_qkv"]
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-9, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -17,39 +20,6 @@ def build(name: str, **extra: Any) -> attnkit.AttentionMechanism:
     """Build ``name`` with its registered small options (overridden by ``extra``), in eval mode."""
     spec = attnkit.get_spec(name)
     return attnkit.build_attention(name, **{**spec.small_options, **extra}).eval()
-
-
-def structured_qkv(
-    batch: int,
-    heads: int,
-    q_len: int,
-    kv_len: int,
-    dim: int,
-    *,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    requires_grad: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Locally correlated q, k, v: a smooth random walk plus noise, so nearby tokens are similar.
-
-    This is the regime efficient attention targets (language, images): attention mass is
-    concentrated, and approximations have a fair chance. i.i.d. noise would make every
-    mechanism look equally good (uniform attention) or equally bad.
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def walk(length: int) -> Tensor:
-        steps = torch.randn(batch, heads, length, dim, generator=g, dtype=torch.float64) * 0.3
-        x = steps.cumsum(dim=2)
-        x = x - x.mean(dim=2, keepdim=True)
-        x = x / x.std(dim=(2, 3), keepdim=True).clamp(min=1e-6)
-        return x + 0.3 * torch.randn(batch, heads, length, dim, generator=g, dtype=torch.float64)
-
-    q = walk(q_len) * 1.5
-    k = walk(kv_len) * 1.5
-    v = torch.randn(batch, heads, kv_len, dim, generator=g, dtype=torch.float64)
-    out = [t.to(dtype).requires_grad_(requires_grad) for t in (q, k, v)]
-    return out[0], out[1], out[2]
 
 
 def random_padding(batch: int, length: int, *, seed: int = 0, min_real: int = 1) -> Tensor:

@@ -203,7 +203,9 @@ def test_decoding_equals_recompute(name: str, padded: bool) -> None:
         stop = min(start + step, length)
         step_mask = kpm[:, start:stop] if kpm is not None else None
         pieces.append(
-            module.decode(q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], state, key_padding_mask=step_mask)
+            module.decode(
+                q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], state, key_padding_mask=step_mask
+            )
         )
         start = stop
     torch.testing.assert_close(torch.cat(pieces, dim=2), full, atol=1e-5, rtol=1e-5)

@@ -17,7 +17,9 @@ from attnkit.core.types import ScoreBias
 from attnkit.masks.functions import Mask, causal_mask, materialize
 
 
-def dense_score_bias(score_bias: ScoreBias, heads: int, q_len: int, kv_len: int, device: torch.device | None = None) -> Tensor:
+def dense_score_bias(
+    score_bias: ScoreBias, heads: int, q_len: int, kv_len: int, device: torch.device | None = None
+) -> Tensor:
     """Materialize a :data:`ScoreBias` as a float tensor broadcastable to ``(B, heads, q_len, kv_len)``."""
     h = torch.arange(heads, device=device).view(1, -1, 1, 1)
     q_pos = (torch.arange(q_len, device=device) + (kv_len - q_len)).view(1, 1, -1, 1)

@@ -59,5 +59,7 @@ def run(args: argparse.Namespace) -> int:
     print("  ".join("-" * w for w in widths))
     for line in table:
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)))
-    print(f"\n{len(rows)} mechanisms. '~x' = approximate, documented relative error budget x. Options: attnkit list --json")
+    print(
+        f"\n{len(rows)} mechanisms. '~x' = approximate, documented relative error budget x. Options: attnkit list --json"
+    )
     return 0

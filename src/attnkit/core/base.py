@@ -58,7 +58,11 @@ class KVState:
             prev = self.key_padding
             if prev is None:
                 prev = torch.ones(b, old, dtype=torch.bool, device=k.device)
-            new = key_padding_mask if key_padding_mask is not None else torch.ones(b, t, dtype=torch.bool, device=k.device)
+            new = (
+                key_padding_mask
+                if key_padding_mask is not None
+                else torch.ones(b, t, dtype=torch.bool, device=k.device)
+            )
             self.key_padding = torch.cat([prev, new], dim=1)
 
 
@@ -75,6 +79,7 @@ class AttentionMechanism(nn.Module, ABC):
     name: ClassVar[str] = ""
     capabilities: ClassVar[Capabilities]
     call_options: ClassVar[tuple[str, ...]] = ()
+    _options_repr: str = ""
 
     def forward(
         self,

@@ -49,10 +49,7 @@ class Capabilities:
 
     def __post_init__(self) -> None:
         if self.decoding not in (None, "kv_cache", "window_cache", "recurrent"):
-            raise ValueError(
-                "decoding must be 'kv_cache', 'window_cache', 'recurrent' or None, "
-                f"got {self.decoding!r}"
-            )
+            raise ValueError(f"decoding must be 'kv_cache', 'window_cache', 'recurrent' or None, got {self.decoding!r}")
         if not self.exact and self.error_budget is None:
             raise ValueError("an approximate mechanism must declare its error_budget")
 

@@ -28,6 +28,8 @@ class SinusoidalPositions(nn.Module):
         base: wavelength base (10000 in the paper).
     """
 
+    inv_freq: Tensor
+
     def __init__(self, dim: int, *, base: float = 10000.0) -> None:
         super().__init__()
         check_positive_int("dim", dim)

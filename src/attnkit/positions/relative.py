@@ -43,6 +43,8 @@ def alibi_slopes(heads: int) -> Tensor:
 class ALiBi(nn.Module):
     """ALiBi bias for ``heads`` heads (no parameters)."""
 
+    slopes: Tensor
+
     def __init__(self, heads: int) -> None:
         super().__init__()
         self.register_buffer("slopes", alibi_slopes(heads), persistent=False)
@@ -88,7 +90,9 @@ class T5RelativeBias(nn.Module):
         bidirectional: separate buckets for keys before and after the query.
     """
 
-    def __init__(self, heads: int, *, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = True) -> None:
+    def __init__(
+        self, heads: int, *, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = True
+    ) -> None:
         super().__init__()
         check_positive_int("heads", heads)
         self.num_buckets = check_positive_int("num_buckets", num_buckets)

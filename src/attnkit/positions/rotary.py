@@ -22,6 +22,8 @@ class RotaryEmbedding(nn.Module):
         base: frequency base (10000 in the paper).
     """
 
+    inv_freq: Tensor
+
     def __init__(self, head_dim: int, *, base: float = 10000.0) -> None:
         super().__init__()
         check_positive_int("head_dim", head_dim)
