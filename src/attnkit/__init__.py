@@ -22,6 +22,14 @@ from attnkit.core.registry import (
     register,
 )
 from attnkit.masks import Mask, causal_mask, full_mask, key_padding_mask, materialize
+from attnkit.models import (
+    Encoder,
+    EncoderDecoder,
+    LanguageModel,
+    SequenceClassifier,
+    TransformerConfig,
+    load_pretrained,
+)
 
 __version__ = "0.1.0"
 
@@ -29,10 +37,15 @@ __all__ = [
     "AttentionCache",
     "AttentionMechanism",
     "Capabilities",
+    "Encoder",
+    "EncoderDecoder",
     "KVState",
+    "LanguageModel",
     "Mask",
     "MechanismSpec",
     "MultiHeadAttention",
+    "SequenceClassifier",
+    "TransformerConfig",
     "__version__",
     "accepted_options",
     "attention_capabilities",
@@ -42,6 +55,7 @@ __all__ = [
     "get_spec",
     "key_padding_mask",
     "list_attention",
+    "load_pretrained",
     "materialize",
     "reference_attention",
     "register",

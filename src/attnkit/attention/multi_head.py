@@ -135,6 +135,24 @@ class MultiHeadAttention(nn.Module):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{name} must have shape (B, T, {width}), got {shape}")
 
+    def _check_positions(self, positions: Tensor, x: Tensor) -> None:
+        b, t = x.shape[0], x.shape[1]
+        if not isinstance(positions, Tensor) or positions.dtype in (torch.bool,) or positions.is_floating_point():
+            got = positions.dtype if isinstance(positions, Tensor) else type(positions).__name__
+            raise ValueError(f"positions must be an integer tensor of shape ({t},) or ({b}, {t}), got {got}")
+        if tuple(positions.shape) not in ((t,), (b, t)):
+            raise ValueError(f"positions must have shape ({t},) or ({b}, {t}), got {tuple(positions.shape)}")
+
+    def _rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+        # x: (B, H, T, D); positions (T,) shared by the batch, or (B, T) per row.
+        assert self.rotary is not None
+        if positions.dim() == 1:
+            return self.rotary(x, positions)
+        angles = positions.to(torch.float32)[:, None, :, None] * self.rotary.inv_freq  # (B, 1, T, D/2)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
     def new_cache(self) -> AttentionCache:
         """A fresh decoding cache for this layer (pass it to :meth:`forward` as ``cache``)."""
         return AttentionCache()
@@ -148,6 +166,7 @@ class MultiHeadAttention(nn.Module):
         causal: bool = False,
         key_padding_mask: Tensor | None = None,
         cache: AttentionCache | None = None,
+        positions: Tensor | None = None,
         **attention_kwargs: Any,
     ) -> Tensor:
         """Attend from ``x`` to itself (or to ``context``).
@@ -160,6 +179,9 @@ class MultiHeadAttention(nn.Module):
                 with a self-attention cache, over the new tokens only.
             cache: an :class:`AttentionCache` for incremental decoding: ``x`` holds only the
                 new tokens; self-attention is then causal.
+            positions: absolute positions of ``x``'s tokens for rotary embeddings, ``(T,)`` or
+                per row ``(B, T)`` (left-padded batches); default ``0..T-1``, or continuing
+                from the cache. Ignored without rotary embeddings.
             **attention_kwargs: per-call options of the mechanism.
 
         Returns:
@@ -169,17 +191,21 @@ class MultiHeadAttention(nn.Module):
         if context is not None:
             self._check_input("context", context, self.to_k.in_features)
             if self.rotary is not None:
-                raise ValueError("rotary embeddings are for self-attention; build the cross-attention layer without them")
+                raise ValueError(
+                    "rotary embeddings are for self-attention; build the cross-attention layer without them"
+                )
+        if positions is not None:
+            self._check_positions(positions, x)
         q = self._split(self.to_q(x), self.heads)
         if cache is not None:
-            out = self._forward_cached(q, x, context, key_padding_mask, cache, attention_kwargs)
+            out = self._forward_cached(q, x, context, key_padding_mask, cache, positions, attention_kwargs)
         else:
             source = x if context is None else context
             k = self._split(self.to_k(source), self.kv_heads)
             v = self._split(self.to_v(source), self.kv_heads)
             if self.rotary is not None:
-                pos = torch.arange(x.shape[1], device=x.device)
-                q, k = self.rotary(q, pos), self.rotary(k, pos)
+                pos = positions if positions is not None else torch.arange(x.shape[1], device=x.device)
+                q, k = self._rotate(q, pos), self._rotate(k, pos)
             out = self.attention(
                 q,
                 self._expand_kv(k),
@@ -199,6 +225,7 @@ class MultiHeadAttention(nn.Module):
         context: Tensor | None,
         key_padding_mask: Tensor | None,
         cache: AttentionCache,
+        positions: Tensor | None,
         attention_kwargs: dict[str, Any],
     ) -> Tensor:
         if not isinstance(cache, AttentionCache):
@@ -212,12 +239,16 @@ class MultiHeadAttention(nn.Module):
             k, v, context_mask = cache.context
             return self.attention(q, k, v, key_padding_mask=context_mask, **attention_kwargs)
         if attention_kwargs:
-            raise TypeError(f"per-call options {sorted(attention_kwargs)} are not supported while decoding with a cache")
+            raise TypeError(
+                f"per-call options {sorted(attention_kwargs)} are not supported while decoding with a cache"
+            )
         k = self._split(self.to_k(x), self.kv_heads)
         v = self._split(self.to_v(x), self.kv_heads)
         if self.rotary is not None:
-            pos = torch.arange(cache.position, cache.position + x.shape[1], device=x.device)
-            q, k = self.rotary(q, pos), self.rotary(k, pos)
+            pos = positions
+            if pos is None:
+                pos = torch.arange(cache.position, cache.position + x.shape[1], device=x.device)
+            q, k = self._rotate(q, pos), self._rotate(k, pos)
         if cache.state is None:
             cache.state = self.attention.new_state()
         out = self.attention.decode(
