@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnkit.core.registry import attention_capabilities
+from attnkit.generate.api import LanguageModelGeneration, Seq2SeqGeneration
 from attnkit.models.cache import ModelCache
 from attnkit.models.config import TransformerConfig
 from attnkit.models.layers import LayerInputs
@@ -186,7 +187,7 @@ class _LMHead(nn.Module):
 
 
 @register_architecture
-class LanguageModel(_TokenModel):
+class LanguageModel(LanguageModelGeneration, _TokenModel):
     """Decoder-only causal language model: ``(input_ids, attention_mask) -> logits (B, T, V)``."""
 
     def __init__(self, config: TransformerConfig) -> None:
@@ -229,7 +230,7 @@ class LanguageModel(_TokenModel):
 
 
 @register_architecture
-class EncoderDecoder(_TokenModel):
+class EncoderDecoder(Seq2SeqGeneration, _TokenModel):
     """Encoder-decoder with cross-attention (teacher forcing in ``forward``; causal decoder).
 
     Source and target share one vocabulary and one token embedding (tied to the output

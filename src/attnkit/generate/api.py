@@ -1,0 +1,277 @@
+"""``model.generate(...)`` for the language model and the encoder-decoder.
+
+Greedy by default; sampling when ``temperature`` (> 0), ``top_k`` or ``top_p`` is given;
+beam search when ``num_beams > 1``. Batched prompts may be padded on either side
+(``attention_mask``): prompts are left-aligned internally, and positions count real
+tokens only, so each row's continuation equals the one it would get alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnkit.core.errors import check_positive_int
+from attnkit.generate.sampling import check_sampling
+from attnkit.generate.search import Streamer, beam_search, sample_loop
+from attnkit.generate.sessions import LanguageModelSession, Seq2SeqSession, left_align, resolve_use_cache
+
+
+def _check_token(name: str, value: Any, vocab_size: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+        raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {value!r}")
+    return value
+
+
+def _search(
+    session: Any,
+    batch: int,
+    *,
+    max_new_tokens: int,
+    eos: int | None,
+    pad: int,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    num_beams: int,
+    length_penalty: float,
+    num_return_sequences: int,
+    generator: torch.Generator | None,
+    streamer: Streamer | None,
+) -> Tensor:
+    if num_beams == 1:
+        return sample_loop(
+            session,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+            streamer=streamer,
+        )
+    tokens, _ = beam_search(
+        session,
+        batch=batch,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        length_penalty=length_penalty,
+        num_return_sequences=num_return_sequences,
+    )
+    return tokens
+
+
+def _check_search(
+    max_new_tokens: Any,
+    temperature: Any,
+    top_k: Any,
+    top_p: Any,
+    num_beams: Any,
+    length_penalty: Any,
+    num_return_sequences: Any,
+    streamer: Any,
+) -> None:
+    check_positive_int("max_new_tokens", max_new_tokens, example=32)
+    check_sampling(temperature, top_k, top_p)
+    check_positive_int("num_beams", num_beams, example=4)
+    check_positive_int("num_return_sequences", num_return_sequences)
+    if num_return_sequences > num_beams:
+        raise ValueError(
+            f"num_return_sequences must be at most num_beams={num_beams}, got {num_return_sequences} (raise num_beams)"
+        )
+    sampling = (temperature is not None and temperature > 0) or top_k is not None or top_p is not None
+    if num_beams > 1 and sampling:
+        raise ValueError("beam search (num_beams > 1) is deterministic: drop temperature/top_k/top_p, or num_beams=1")
+    if num_beams > 1 and streamer is not None:
+        raise ValueError("streamer works with greedy or sampled decoding, not with beam search (num_beams > 1)")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
+        raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
+
+
+class LanguageModelGeneration:
+    """``generate`` for decoder-only models (mixed into :class:`~attnkit.models.LanguageModel`)."""
+
+    config: Any
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int = 32,
+        *,
+        attention_mask: Tensor | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        num_return_sequences: int = 1,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+        streamer: Streamer | None = None,
+    ) -> Tensor:
+        """Continue the prompts ``input_ids (B, T)``.
+
+        Args:
+            input_ids: long ``(B, T)`` prompts.
+            max_new_tokens: most tokens to add.
+            attention_mask: bool ``(B, T)``, True = real token; padding on either side.
+            temperature: sampling temperature (> 0 samples; 0 or None with no top_k/top_p = greedy).
+            top_k: sample among the ``top_k`` most likely tokens.
+            top_p: nucleus sampling threshold.
+            num_beams: beam search width (> 1 switches to beam search).
+            length_penalty: beam scores are ``sum log p / length ** length_penalty``.
+            num_return_sequences: beams returned per prompt (best first).
+            eos_token_id: stop a row there; default ``config.eos_token_id``.
+            pad_token_id: fills rows after EOS and the left padding; default
+                ``config.pad_token_id``, else the EOS id, else 0.
+            use_cache: decode incrementally through each mechanism's state (mechanisms
+                without one recompute, with a one-time warning).
+            generator: random generator for reproducible sampling.
+            streamer: called with each step's new tokens ``(B,)`` (greedy/sampling only).
+
+        Returns:
+            long ``(B * num_return_sequences, T + n)``: the left-aligned prompts (right-padded
+            prompts come back left-padded) followed by ``n <= max_new_tokens`` new tokens.
+        """
+        from attnkit.models.transformer import check_ids, check_mask
+
+        cfg = self.config
+        ids = check_ids("input_ids", input_ids, cfg.vocab_size)
+        mask = check_mask("attention_mask", attention_mask, ids)
+        _check_search(
+            max_new_tokens, temperature, top_k, top_p, num_beams, length_penalty, num_return_sequences, streamer
+        )
+        eos = _check_token(
+            "eos_token_id", eos_token_id if eos_token_id is not None else cfg.eos_token_id, cfg.vocab_size
+        )
+        pad = _check_token("pad_token_id", pad_token_id, cfg.vocab_size)
+        pad = pad if pad is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else (eos or 0))
+        ids, mask = left_align(ids, mask)
+        if mask is not None:
+            ids = ids.masked_fill(~mask, pad)
+        prompt = ids
+        cached = resolve_use_cache(self, use_cache)
+        if num_beams > 1:
+            ids = ids.repeat_interleave(num_beams, dim=0)
+            mask = mask.repeat_interleave(num_beams, dim=0) if mask is not None else None
+        was_training = getattr(self, "training", False)
+        self.eval()  # type: ignore[attr-defined]
+        try:
+            session = LanguageModelSession(self, ids, mask, use_cache=cached)
+            new = _search(
+                session,
+                prompt.shape[0],
+                max_new_tokens=max_new_tokens,
+                eos=eos,
+                pad=pad,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                num_beams=num_beams,
+                length_penalty=float(length_penalty),
+                num_return_sequences=num_return_sequences,
+                generator=generator,
+                streamer=streamer,
+            )
+        finally:
+            self.train(was_training)  # type: ignore[attr-defined]
+        prompt = prompt.repeat_interleave(new.shape[0] // prompt.shape[0], dim=0)
+        return torch.cat([prompt, new], dim=1)
+
+
+class Seq2SeqGeneration:
+    """``generate`` for encoder-decoders (mixed into :class:`~attnkit.models.EncoderDecoder`)."""
+
+    config: Any
+
+    @torch.no_grad()
+    def generate(
+        self,
+        src_ids: Tensor,
+        max_new_tokens: int = 32,
+        *,
+        src_mask: Tensor | None = None,
+        decoder_start_token_id: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        num_return_sequences: int = 1,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+        streamer: Streamer | None = None,
+    ) -> Tensor:
+        """Generate targets for the sources ``src_ids (B, S)``.
+
+        Args:
+            src_ids: long ``(B, S)`` sources.
+            max_new_tokens: most target tokens.
+            src_mask: bool ``(B, S)``, True = real token.
+            decoder_start_token_id: the decoder's first input; default ``config.bos_token_id``,
+                else ``config.pad_token_id``.
+            temperature, top_k, top_p, num_beams, length_penalty, num_return_sequences,
+            eos_token_id, pad_token_id, use_cache, generator, streamer: as in
+                :meth:`LanguageModelGeneration.generate`.
+
+        Returns:
+            long ``(B * num_return_sequences, n)``: the generated targets without the start token.
+        """
+        from attnkit.models.transformer import check_ids, check_mask
+
+        cfg = self.config
+        src = check_ids("src_ids", src_ids, cfg.vocab_size)
+        mask = check_mask("src_mask", src_mask, src)
+        _check_search(
+            max_new_tokens, temperature, top_k, top_p, num_beams, length_penalty, num_return_sequences, streamer
+        )
+        start = decoder_start_token_id
+        if start is None:
+            start = cfg.bos_token_id if cfg.bos_token_id is not None else cfg.pad_token_id
+        if start is None:
+            raise ValueError("decoder_start_token_id is needed (or set bos_token_id or pad_token_id in the config)")
+        start = _check_token("decoder_start_token_id", start, cfg.vocab_size)
+        assert start is not None
+        eos = _check_token(
+            "eos_token_id", eos_token_id if eos_token_id is not None else cfg.eos_token_id, cfg.vocab_size
+        )
+        pad = _check_token("pad_token_id", pad_token_id, cfg.vocab_size)
+        pad = pad if pad is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else (eos or 0))
+        cached = resolve_use_cache(self, use_cache)
+        batch = src.shape[0]
+        if num_beams > 1:
+            src = src.repeat_interleave(num_beams, dim=0)
+            mask = mask.repeat_interleave(num_beams, dim=0) if mask is not None else None
+        was_training = getattr(self, "training", False)
+        self.eval()  # type: ignore[attr-defined]
+        try:
+            session = Seq2SeqSession(self, src, mask, start, use_cache=cached)
+            return _search(
+                session,
+                batch,
+                max_new_tokens=max_new_tokens,
+                eos=eos,
+                pad=pad,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                num_beams=num_beams,
+                length_penalty=float(length_penalty),
+                num_return_sequences=num_return_sequences,
+                generator=generator,
+                streamer=streamer,
+            )
+        finally:
+            self.train(was_training)  # type: ignore[attr-defined]
