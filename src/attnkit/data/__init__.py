@@ -1,0 +1,1 @@
+"""Data for training and evaluation: seeded synthetic tasks, tokenizers, text sources, batching."""
