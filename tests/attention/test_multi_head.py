@@ -1,0 +1,250 @@
+"""MultiHeadAttention against a hand-written float64 computation from the layer's own weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+import attnkit
+from attnkit.attention.reference import reference_attention
+from attnkit.positions import t5_bucket
+
+B, T, DIM, HEADS = 2, 11, 24, 4
+
+
+def linear64(x: Tensor, layer: torch.nn.Linear) -> Tensor:
+    out = x.double() @ layer.weight.double().T
+    return out + layer.bias.double() if layer.bias is not None else out
+
+
+def heads64(x: Tensor, heads: int) -> Tensor:
+    b, t, width = x.shape
+    return x.view(b, t, heads, width // heads).transpose(1, 2)  # (B, H, T, D)
+
+
+def rotate64(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
+    """Rotary by hand: channel i pairs with i + D/2, angle = pos * base^(-2i/D)."""
+    d = x.shape[-1]
+    freqs = base ** (-torch.arange(0, d // 2, dtype=torch.float64) * 2 / d)
+    pos = positions.double()
+    angles = pos[..., None] * freqs  # (T, D/2) or (B, T, D/2)
+    if angles.dim() == 3:
+        angles = angles[:, None]  # (B, 1, T, D/2)
+    out = x.double().clone()
+    half = d // 2
+    for i in range(half):
+        c, s = torch.cos(angles[..., i]), torch.sin(angles[..., i])
+        a, b = x[..., i].double(), x[..., i + half].double()
+        out[..., i] = a * c - b * s
+        out[..., i + half] = a * s + b * c
+    return out
+
+
+def mha_reference(
+    layer: attnkit.MultiHeadAttention,
+    x: Tensor,
+    context: Tensor | None = None,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    positions: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    source = x if context is None else context
+    q = heads64(linear64(x, layer.to_q), layer.heads)
+    k = heads64(linear64(source, layer.to_k), layer.kv_heads)
+    v = heads64(linear64(source, layer.to_v), layer.kv_heads)
+    group = layer.heads // layer.kv_heads
+    k = torch.cat([k[:, j : j + 1].expand(-1, group, -1, -1) for j in range(layer.kv_heads)], dim=1)
+    v = torch.cat([v[:, j : j + 1].expand(-1, group, -1, -1) for j in range(layer.kv_heads)], dim=1)
+    if layer.rotary is not None:
+        pos = positions if positions is not None else torch.arange(x.shape[1])
+        q, k = rotate64(q, pos), rotate64(k, pos)
+    out = reference_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, score_bias=bias)
+    out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+    return linear64(out, layer.to_out)
+
+
+def close(out: Tensor, ref: Tensor, atol: float = 2e-5) -> None:
+    err = (out.double() - ref).abs().max().item()
+    assert err <= atol, f"max abs error {err:.3g}"
+
+
+def inputs(seed: int = 0, length: int = T) -> Tensor:
+    return torch.randn(B, length, DIM, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_matches_float64_reference(causal: bool, padded: bool) -> None:
+    torch.manual_seed(0)
+    layer = attnkit.MultiHeadAttention(DIM, HEADS, bias=True)
+    x = inputs()
+    kpm = None
+    if padded:
+        kpm = torch.ones(B, T, dtype=torch.bool)
+        kpm[1, 7:] = False
+    close(layer(x, causal=causal, key_padding_mask=kpm), mha_reference(layer, x, causal=causal, key_padding_mask=kpm))
+
+
+def test_cross_attention_matches_reference() -> None:
+    torch.manual_seed(1)
+    layer = attnkit.MultiHeadAttention(DIM, HEADS, context_dim=10)
+    x = inputs()
+    context = torch.randn(B, 17, 10)
+    kpm = torch.ones(B, 17, dtype=torch.bool)
+    kpm[0, 12:] = False
+    out = layer(x, context, key_padding_mask=kpm)
+    close(out, mha_reference(layer, x, context, key_padding_mask=kpm))
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_kv_heads_equal_expanded_weights(kv_heads: int) -> None:
+    torch.manual_seed(2)
+    grouped = attnkit.MultiHeadAttention(DIM, HEADS, kv_heads=kv_heads)
+    full = attnkit.MultiHeadAttention(DIM, HEADS)
+    head_dim, group = DIM // HEADS, HEADS // kv_heads
+    with torch.no_grad():
+        full.to_q.weight.copy_(grouped.to_q.weight)
+        full.to_out.weight.copy_(grouped.to_out.weight)
+        for name in ("to_k", "to_v"):
+            w = getattr(grouped, name).weight.view(kv_heads, head_dim, DIM)
+            getattr(full, name).weight.copy_(w.repeat_interleave(group, dim=0).reshape(HEADS * head_dim, DIM))
+    x = inputs(3)
+    torch.testing.assert_close(grouped(x, causal=True), full(x, causal=True), atol=1e-6, rtol=0)
+    close(grouped(x, causal=True), mha_reference(grouped, x, causal=True))
+
+
+def test_rotary_matches_reference_and_is_relative() -> None:
+    torch.manual_seed(3)
+    layer = attnkit.MultiHeadAttention(DIM, HEADS, rotary=True)
+    x = inputs(4)
+    close(layer(x, causal=True), mha_reference(layer, x, causal=True))
+    # Shifting every position by the same amount changes nothing (rotary is relative).
+    shifted = layer(x, causal=True, positions=torch.arange(T) + 13)
+    torch.testing.assert_close(shifted, layer(x, causal=True), atol=2e-5, rtol=0)
+
+
+def test_rotary_per_row_positions_match_reference() -> None:
+    torch.manual_seed(4)
+    layer = attnkit.MultiHeadAttention(DIM, HEADS, rotary=True)
+    x = inputs(5)
+    positions = torch.stack([torch.arange(T), (torch.arange(T) - 3).clamp(min=0)])  # row 1 left-padded by 3
+    out = layer(x, causal=True, positions=positions)
+    close(out, mha_reference(layer, x, causal=True, positions=positions))
+
+
+def test_alibi_matches_closed_form() -> None:
+    torch.manual_seed(5)
+    layer = attnkit.MultiHeadAttention(DIM, HEADS, position_bias="alibi")
+    x = inputs(6)
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / HEADS) for h in range(HEADS)], dtype=torch.float64)
+    dist = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).abs().double()
+    bias = -slopes[None, :, None, None] * dist  # (1, H, T, T)
+    close(layer(x, causal=True), mha_reference(layer, x, causal=True, bias=bias))
+
+
+def test_t5_bias_matches_table_lookup() -> None:
+    torch.manual_seed(6)
+    layer = attnkit.MultiHeadAttention(DIM, HEADS, position_bias="t5", t5_num_buckets=8, t5_max_distance=16)
+    x = inputs(7)
+    assert isinstance(layer.position_bias, attnkit.positions.T5RelativeBias)
+    relative = torch.arange(T)[None, :] - torch.arange(T)[:, None]  # kv - q
+    buckets = t5_bucket(relative, bidirectional=True, num_buckets=8, max_distance=16)
+    bias = layer.position_bias.bias.weight.double()[buckets].permute(2, 0, 1)[None]  # (1, H, T, T)
+    close(layer(x), mha_reference(layer, x, bias=bias))
+
+
+@pytest.mark.parametrize("setting", ["plain", "rotary", "alibi", "t5", "grouped"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_self_attention_cache_equals_recompute(setting: str, padded: bool) -> None:
+    torch.manual_seed(7)
+    kwargs = {
+        "plain": {},
+        "rotary": {"rotary": True},
+        "alibi": {"position_bias": "alibi"},
+        "t5": {"position_bias": "t5"},
+        "grouped": {"kv_heads": 2, "rotary": True},
+    }[setting]
+    layer = attnkit.MultiHeadAttention(DIM, HEADS, **kwargs)
+    x = inputs(8, length=13)
+    kpm = None
+    if padded:
+        kpm = torch.ones(B, 13, dtype=torch.bool)
+        kpm[1, :4] = False  # left padding
+    full = layer(x, causal=True, key_padding_mask=kpm)
+    cache = layer.new_cache()
+    pieces = []
+    for start, stop in [(0, 5), (5, 6), (6, 9), *((i, i + 1) for i in range(9, 13))]:
+        step_mask = kpm[:, start:stop] if kpm is not None else None
+        pieces.append(layer(x[:, start:stop], key_padding_mask=step_mask, cache=cache))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.position == 13
+
+
+def test_cross_attention_cache_projects_context_once() -> None:
+    torch.manual_seed(8)
+    layer = attnkit.MultiHeadAttention(DIM, HEADS)
+    x = inputs(9)
+    context = torch.randn(B, 6, DIM)
+    kpm = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    full = layer(x, context, key_padding_mask=kpm)
+    cache = layer.new_cache()
+    pieces = [layer(x[:, i : i + 1], context, key_padding_mask=kpm, cache=cache) for i in range(T)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-6, rtol=0)
+    assert cache.context is not None and cache.context[0].shape == (B, HEADS, 6, DIM // HEADS)
+
+
+def test_gradients_match_float64_reference() -> None:
+    torch.manual_seed(9)
+    layer = attnkit.MultiHeadAttention(DIM, HEADS, rotary=True).double()
+    x = inputs(10).double().requires_grad_(True)
+    (layer(x, causal=True) ** 2).sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    (mha_reference(layer, x, causal=True) ** 2).sum().backward()
+    torch.testing.assert_close(grad, x.grad, atol=1e-9, rtol=1e-9)
+
+
+def test_bad_inputs_name_the_argument() -> None:
+    layer = attnkit.MultiHeadAttention(DIM, HEADS, rotary=True)
+    x = inputs()
+    with pytest.raises(ValueError, match=r"x must have shape \(B, T, 24\)"):
+        layer(x[..., :5])
+    with pytest.raises(ValueError, match="context must have shape"):
+        attnkit.MultiHeadAttention(DIM, HEADS)(x, torch.randn(B, 3, 7))
+    with pytest.raises(ValueError, match="rotary embeddings are for self-attention"):
+        layer(x, x)
+    with pytest.raises(ValueError, match=r"positions must have shape \(11,\) or \(2, 11\)"):
+        layer(x, positions=torch.arange(5))
+    with pytest.raises(ValueError, match="positions must be an integer tensor"):
+        layer(x, positions=torch.arange(T).float())
+    with pytest.raises(ValueError, match="cache must come from"):
+        layer(x, cache={})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="kv_heads must divide heads"):
+        attnkit.MultiHeadAttention(DIM, HEADS, kv_heads=3)
+    with pytest.raises(ValueError, match="dim must be divisible by heads"):
+        attnkit.MultiHeadAttention(25, HEADS)
+    with pytest.raises(ValueError, match="position_bias must be"):
+        attnkit.MultiHeadAttention(DIM, HEADS, position_bias="relative")
+    with pytest.raises(ValueError, match="heads must be a positive integer"):
+        attnkit.MultiHeadAttention(DIM, 0)
+    with pytest.raises(TypeError, match="window"):
+        attnkit.MultiHeadAttention(DIM, HEADS, "full", window=3)
+
+
+def test_scale_is_one_over_sqrt_head_dim() -> None:
+    # A single key: output is exactly that key's value projected, whatever the scale;
+    # two identical keys with different values: the mean. Checks the plumbing end to end.
+    layer = attnkit.MultiHeadAttention(4, 1, bias=False)
+    with torch.no_grad():
+        for lin in (layer.to_q, layer.to_k, layer.to_v, layer.to_out):
+            lin.weight.copy_(torch.eye(4))
+    x = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]]])
+    out = layer(x)
+    scores = torch.tensor([[1.0, 0.0], [0.0, 4.0]]) / math.sqrt(4)
+    expected = scores.softmax(-1) @ x[0]
+    torch.testing.assert_close(out[0], expected, atol=1e-6, rtol=0)
