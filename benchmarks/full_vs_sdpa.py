@@ -1,0 +1,160 @@
+"""Is the exact ``full`` path as fast as the SDPA call it wraps? (issue 3: "within 5% of SDPA at every length").
+
+Two measurements, both written to ``benchmarks/results/full_vs_sdpa.{json,md,png}``:
+
+1. The shared harness (:func:`benchmarks.harness.run_suite`): each implementation in its own fresh
+   process, median of ``--repeats`` steps, peak memory. Comparable with every other suite, but the two
+   rows of a cell run one after the other, so load from other processes on a shared machine shows up as
+   a ratio away from 1.
+2. A paired measurement: one fresh process per cell that alternates SDPA and ``full`` step by step
+   (ABAB...) on the same inputs and reports the median of the per-pair ratios. Drift in background
+   load hits both sides of every pair alike, which makes a 5% question answerable on a noisy machine.
+
+Run (about 10 minutes up to 16K, 30 more for 32K)::
+
+    flock /tmp/attnkit-bench.lock .venv-bench/bin/python -m benchmarks.full_vs_sdpa --lengths 1024 2048 4096 8192 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from benchmarks.harness import RESULTS, ROOT, Case, run_suite
+
+CASES = [
+    Case("sdpa", "benchmarks.common:sdpa", role="sdpa"),
+    Case("attnkit full", "benchmarks.common:attnkit_mechanism", {"name": "full"}),
+]
+
+
+def _paired_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Alternate SDPA and ``full`` on one set of inputs; per-pair time ratios full / SDPA."""
+    import torch
+
+    from benchmarks.common import attnkit_mechanism, sdpa
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    length, causal, backward = spec["length"], spec["causal"], spec["mode"] == "fwd+bwd"
+    runs: dict[str, Callable[[], torch.Tensor]] = {
+        "sdpa": sdpa(length, causal),
+        "full": attnkit_mechanism(length, causal, name="full"),
+    }
+    grad_ctx = torch.enable_grad if backward else torch.no_grad
+
+    def step(name: str) -> float:
+        start = time.perf_counter()
+        with grad_ctx():
+            out = runs[name]()
+            if backward:
+                out.backward(torch.ones_like(out))
+        return time.perf_counter() - start
+
+    for name in runs:  # warm-up
+        step(name)
+    times: dict[str, list[float]] = {"sdpa": [], "full": []}
+    ratios = []
+    deadline = time.perf_counter() + spec["time_budget"]
+    for i in range(spec["pairs"]):
+        # alternate which side goes first so a systematic first/second effect cancels
+        order = ("sdpa", "full") if i % 2 == 0 else ("full", "sdpa")
+        pair = {name: step(name) for name in order}
+        for name, t in pair.items():
+            times[name].append(t)
+        ratios.append(pair["full"] / pair["sdpa"])
+        if i >= 4 and time.perf_counter() > deadline:
+            break
+    return {
+        "pairs": len(ratios),
+        "sdpa_median_s": statistics.median(times["sdpa"]),
+        "full_median_s": statistics.median(times["full"]),
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+    }
+
+
+def paired(lengths: Sequence[int], *, pairs: int, threads: int = 2, time_budget: float = 90.0) -> list[dict[str, Any]]:
+    """Run :func:`_paired_worker` in a fresh process for every (mode, causal, length) cell."""
+    rows = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    for mode in ("fwd", "fwd+bwd"):
+        for causal in (False, True):
+            for length in lengths:
+                spec = {
+                    "length": length,
+                    "causal": causal,
+                    "mode": mode,
+                    "pairs": pairs,
+                    "threads": threads,
+                    "time_budget": time_budget,
+                }
+                cmd = [sys.executable, "-m", "benchmarks.full_vs_sdpa", "--paired-worker", json.dumps(spec)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+                row: dict[str, Any] = {"length": length, "causal": causal, "mode": mode}
+                if proc.returncode != 0:
+                    row["status"] = "error"
+                    row["error"] = (proc.stderr.strip().splitlines() or ["killed"])[-1][:300]
+                else:
+                    row.update(status="ok", **json.loads(proc.stdout.strip().splitlines()[-1]))
+                rows.append(row)
+                print(
+                    f"[paired] {mode:7s} causal={causal!s:5s} L={length:6d} {row.get('ratio_median', '-')}", flush=True
+                )
+    return rows
+
+
+def paired_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Paired rows as markdown: median per-pair ratio full / SDPA with its range."""
+    lines = [
+        "| causal | mode | length | SDPA ms | full ms | full / SDPA (median of pairs) | min–max | pairs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["mode"], r["causal"], r["length"])):
+        if r["status"] != "ok":
+            lines.append(f"| {'yes' if r['causal'] else 'no'} | {r['mode']} | {r['length']} | - | - | - | - | error |")
+            continue
+        lines.append(
+            f"| {'yes' if r['causal'] else 'no'} | {r['mode']} | {r['length']} | {r['sdpa_median_s'] * 1e3:.1f} "
+            f"| {r['full_median_s'] * 1e3:.1f} | {r['ratio_median']:.3f} | {r['ratio_min']:.2f}–{r['ratio_max']:.2f} "
+            f"| {r['pairs']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per harness measurement (after warm-up)")
+    parser.add_argument("--pairs", type=int, default=11, help="SDPA/full pairs per paired cell")
+    parser.add_argument("--skip-harness", action="store_true", help="only the paired measurement")
+    parser.add_argument("--paired-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.paired_worker:
+        print(json.dumps(_paired_worker(json.loads(args.paired_worker))))
+        return
+    name = "full_vs_sdpa"
+    if not args.skip_harness:
+        run_suite(name, CASES, lengths=args.lengths, repeats=args.repeats)
+    rows = paired(args.lengths, pairs=args.pairs)
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    data["paired"] = rows
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
+    with open(RESULTS / f"{name}.md", "a") as f:
+        f.write(
+            "\n## Paired measurement\n\nOne fresh process per cell alternates SDPA and `full` on the same inputs; "
+            "the ratio is the median over pairs of (full step time / SDPA step time).\n\n"
+        )
+        f.write(paired_table(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""Dynamic top-k sparse attention: each query keeps only its ``topk`` best-scoring keys.
+
+"Explicit Sparse Transformer: Concentrated Attention Through Explicit Selection"
+(Zhao et al. 2019, arXiv:1912.11637). For query ``i`` with scores
+``s_ij = q_i·k_j · scale + bias_ij`` over its visible keys ``j``, let ``K_i`` be the
+``topk`` largest (all visible keys when fewer are visible). The output is the exact
+softmax over ``K_i``: ``sum_{j in K_i} softmax_{K_i}(s_i)_j v_j``. Keys outside ``K_i``
+get no weight and no gradient; the selection itself is piecewise constant, so gradients
+flow through the selected scores only (the paper's straight top-k).
+
+How it runs (queries in chunks of ``chunk_size``):
+
+1. selection, without autograd: the chunk's scores against every visible key (one GEMM,
+   ``(B, H, chunk, S)``), masked and biased, then ``torch.topk``; kept: the indices and the
+   selected scores ``(B, H, T, k)``. Under ``causal`` a chunk only looks at the key prefix
+   its last query can see.
+2. :class:`_SelectedSoftmax`, an autograd function: softmax over the ``k`` selected scores
+   and the weighted sum of the gathered values; it saves only the ``(B, H, T, k)``
+   probabilities and indices, and its backward gathers and scatters per chunk.
+
+Memory: ``O(T·k)`` saved for backward plus an ``O(chunk·S)`` working set; the ``T×S``
+score matrix never exists at once. Time: the selection is ``O(T·S·D)`` (every score must
+be seen to find the largest), everything after it ``O(T·k·D)``.
+
+Conventions: ``True`` masks mean "may attend"; causal queries are aligned to the end of
+the keys; a query with no visible key outputs zeros. Ties at the ``k``-th score are broken
+by ``torch.topk`` (unspecified order), so tied keys may be kept or dropped; the output is
+the exact softmax over whichever set was kept. When ``topk >= S`` nothing is dropped and
+the call is delegated to the exact ``full`` path (same kernel, same result). Supports
+causal, key padding, cross-attention, custom masks, additive score biases (applied before
+selection, with gradients to learned biases) and decoding with the growing KV cache, which
+is exact because each query's selection depends only on keys it can see.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnkit.attention.full import FullAttention
+from attnkit.core.base import AttentionMechanism
+from attnkit.core.capabilities import Capabilities
+from attnkit.core.errors import check_positive_int
+from attnkit.core.registry import register
+from attnkit.core.types import ScoreBias
+from attnkit.masks.functions import Mask, causal_mask, key_padding_mask
+
+#: Target number of float scores in one chunk's ``(B, H, chunk, S)`` working set (16 MiB).
+_CHUNK_SCORES = 1 << 22
+
+
+def _flat_index(idx: Tensor, kv_len: int) -> Tensor:
+    """Key indices ``(B, H, c, k)`` as row numbers into ``(B*H*S, D)``, flattened to ``(B*H*c*k,)``."""
+    b, h = idx.shape[:2]
+    offsets = torch.arange(b * h, device=idx.device).view(b, h, 1, 1) * kv_len
+    return (idx + offsets).reshape(-1)
+
+
+def _gather(x: Tensor, flat: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Rows ``flat`` of ``x (B, H, S, D)``, shaped ``(B, H, c, k, D)``."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, flat).view(*shape, x.shape[-1])
+
+
+class _SelectedSoftmax(torch.autograd.Function):
+    """Exact softmax attention over each query's selected keys, with a chunked backward.
+
+    Inputs: ``q (B, H, T, D)``, ``k (B, H, S, D)``, ``v (B, H, S, Dv)``; ``bias`` a float
+    tensor broadcastable to ``(B, H, T, k)`` or None; ``logits (B, H, T, k)``, which must equal
+    ``q_i·k_idx · scale + bias`` with ``-inf`` at keys a query may not see (the selection pass
+    already computed them, so the forward does not recompute them); ``idx (B, H, T, k)``
+    the selected key indices; ``scale``; ``chunk`` queries per backward step.
+    Output ``(B, H, T, Dv)``; rows whose logits are all ``-inf`` are zeros.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        bias: Tensor | None,
+        logits: Tensor,
+        idx: Tensor,
+        scale: float,
+        chunk: int,
+    ) -> Tensor:
+        b, h, t_len, _ = idx.shape
+        row_max = logits.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # rows with no key
+        probs = torch.exp(logits - row_max)  # (B, H, T, k); exactly 0 at invisible keys
+        total = probs.sum(dim=-1, keepdim=True)
+        probs = probs / torch.where(total > 0, total, torch.ones_like(total))
+        out = q.new_empty(b, h, t_len, v.shape[-1])
+        for start in range(0, t_len, chunk):
+            stop = min(start + chunk, t_len)
+            idx_c = idx[:, :, start:stop]
+            v_sel = _gather(v, _flat_index(idx_c, v.shape[2]), tuple(idx_c.shape))  # (B, H, c, k, Dv)
+            out[:, :, start:stop] = (probs[:, :, start:stop].unsqueeze(-2) @ v_sel).squeeze(-2)
+        ctx.save_for_backward(q, k, v, probs, idx)
+        ctx.scale, ctx.chunk = scale, chunk
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, probs, idx = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        kv_len = k.shape[2]
+        grad_q = torch.empty_like(q)
+        grad_k = k.new_zeros(k.numel() // k.shape[-1], k.shape[-1])  # (B*H*S, D), scattered into
+        grad_v = v.new_zeros(v.numel() // v.shape[-1], v.shape[-1])
+        need_bias = ctx.bias_meta is not None and ctx.needs_input_grad[3]
+        grad_logits = torch.empty_like(probs) if need_bias else None
+        grad_out = grad_out.contiguous()
+        for start in range(0, q.shape[2], chunk):
+            stop = min(start + chunk, q.shape[2])
+            idx_c, p_c, dout_c, q_c = (x[:, :, start:stop] for x in (idx, probs, grad_out, q))
+            flat = _flat_index(idx_c, kv_len)
+            shape = tuple(idx_c.shape)
+            v_sel = _gather(v, flat, shape)  # (B, H, c, k, Dv)
+            k_sel = _gather(k, flat, shape)  # (B, H, c, k, D)
+            grad_p = (v_sel @ dout_c.unsqueeze(-1)).squeeze(-1)  # (B, H, c, k)
+            # softmax backward; invisible keys have p = 0 and so get exactly zero gradient
+            grad_s = p_c * (grad_p - (p_c * grad_p).sum(dim=-1, keepdim=True))
+            if grad_logits is not None:
+                grad_logits[:, :, start:stop] = grad_s
+            grad_q[:, :, start:stop] = (grad_s.unsqueeze(-2) @ k_sel).squeeze(-2) * scale
+            grad_k.index_add_(0, flat, (grad_s.unsqueeze(-1) * (q_c.unsqueeze(-2) * scale)).reshape(-1, q.shape[-1]))
+            grad_v.index_add_(0, flat, (p_c.unsqueeze(-1) * dout_c.unsqueeze(-2)).reshape(-1, v.shape[-1]))
+        grad_bias = None
+        if grad_logits is not None:
+            grad_bias = grad_logits.sum_to_size(ctx.bias_meta[0]).to(ctx.bias_meta[1])
+        return grad_q, grad_k.view_as(k), grad_v.view_as(v), grad_bias, None, None, None, None
+
+
+def _allowed(causal: bool, key_padding: Tensor | None, mask: Mask | None, q_len: int, kv_len: int) -> Mask | None:
+    """Every constraint on which keys a query may see, as one mask over local indices (None: all)."""
+    parts = [m for m in (causal_mask(q_len, kv_len) if causal else None, mask) if m is not None]
+    if key_padding is not None:
+        parts.append(key_padding_mask(key_padding))
+    if not parts:
+        return None
+    allowed = parts[0]
+    for part in parts[1:]:
+        allowed = allowed & part
+    return allowed
+
+
+@register(
+    "topk",
+    Capabilities(
+        exact=False,
+        causal=True,
+        key_padding=True,
+        cross_attention=True,
+        decoding="kv_cache",
+        complexity="O(N^2) selection, O(N·k) softmax",
+        family="sparse",
+        score_bias=True,
+        custom_mask=True,
+        # relative Frobenius error against full attention on the contract's structured inputs
+        # (length 37, topk 12): at most 0.0?? measured over causal/padded/cross-attention cases
+        error_budget=0.25,
+        summary="dynamic sparse: each query's top-k keys by score, exact softmax over them",
+    ),
+    small_options={"topk": 12},
+    benchmark_options={"topk": 64},
+)
+class TopKAttention(AttentionMechanism):
+    """Softmax attention over each query's ``topk`` highest-scoring visible keys.
+
+    Args:
+        topk: keys kept per query (the paper's ``k``). At or above the key length the
+            result is exact full attention.
+        scale: score scale; default ``1/sqrt(D)``.
+        chunk_size: queries processed together; default chooses about 4M scores
+            (16 MiB in float32) per chunk. Larger is faster up to cache limits, smaller
+            lowers peak memory.
+    """
+
+    def __init__(self, *, topk: int = 64, scale: float | None = None, chunk_size: int | None = None) -> None:
+        super().__init__()
+        self.topk = check_positive_int("topk", topk, example=64)
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
+            raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+        self.scale = scale
+        self.chunk_size = None if chunk_size is None else check_positive_int("chunk_size", chunk_size, example=128)
+        self._exact = FullAttention(scale=scale)
+
+    def _chunk(self, batch: int, heads: int, kv_len: int) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return max(1, _CHUNK_SCORES // (batch * heads * kv_len))
+
+    def _attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool,
+        key_padding_mask: Tensor | None,
+        mask: Mask | None,
+        score_bias: ScoreBias | None,
+        **call_kwargs: Any,
+    ) -> Tensor:
+        if self.topk >= k.shape[2]:  # nothing would be dropped: exact attention
+            return self._exact(
+                q, k, v, causal=causal, key_padding_mask=key_padding_mask, mask=mask, score_bias=score_bias
+            )
+        if q.dtype in (torch.float16, torch.bfloat16):  # select and normalise in float32
+            q, k, v = q.float(), k.float(), v.float()
+        # row gathers need (B*H*S, D) views; a transposed projection is copied once here, not per chunk
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        chunk = self._chunk(q.shape[0], q.shape[1], k.shape[2])
+        logits, idx = select_topk(
+            q,
+            k,
+            self.topk,
+            scale=scale,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            mask=mask,
+            score_bias=score_bias,
+            chunk=chunk,
+        )
+        bias = None
+        if score_bias is not None and torch.is_grad_enabled():
+            # the bias at the selected keys only, so a learned bias (T5) gets its gradient
+            bias = _bias_at(score_bias, q.shape[1], q.shape[2], k.shape[2], idx)
+            if not bias.requires_grad:
+                bias = None
+        out: Tensor = _SelectedSoftmax.apply(q, k, v, bias, logits, idx, scale, chunk)
+        return out
+
+
+def _bias_at(score_bias: ScoreBias, heads: int, q_len: int, kv_len: int, kv_idx: Tensor, start: int = 0) -> Tensor:
+    """``score_bias`` for queries ``start, start+1, ...`` (one per row of ``kv_idx``) at keys ``kv_idx``.
+
+    ``kv_idx`` is ``(..., rows, n)`` with broadcastable leading dims; returns a float tensor
+    broadcastable to it. Query positions are end-aligned (``q_idx + kv_len - q_len``).
+    """
+    rows = kv_idx.shape[-2]
+    h = torch.arange(heads, device=kv_idx.device).view(1, -1, 1, 1)
+    q_pos = (torch.arange(start, start + rows, device=kv_idx.device) + (kv_len - q_len)).view(1, 1, -1, 1)
+    return torch.as_tensor(score_bias(h, q_pos, kv_idx))
+
+
+@torch.no_grad()
+def select_topk(
+    q: Tensor,
+    k: Tensor,
+    topk: int,
+    *,
+    scale: float,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    mask: Mask | None = None,
+    score_bias: ScoreBias | None = None,
+    chunk: int = 128,
+) -> tuple[Tensor, Tensor]:
+    """Each query's ``topk`` highest-scoring visible keys, computed ``chunk`` queries at a time.
+
+    Args:
+        q: ``(B, H, T, D)`` queries.
+        k: ``(B, H, S, D)`` keys, ``S > topk``.
+        topk: keys kept per query.
+        scale: score scale.
+        causal: query ``i`` sees key ``j`` only when ``j <= i + S - T``.
+        key_padding_mask: bool ``(B, S)``, True = real token.
+        mask: an extra boolean :class:`~attnkit.masks.Mask` over local indices.
+        score_bias: additive bias included in the scores before selection.
+        chunk: queries per step; the working set is ``(B, H, chunk, S)`` scores.
+
+    Returns:
+        ``logits (B, H, T, topk)``: the selected scores, ``-inf`` where fewer than ``topk``
+        keys are visible (those slots point at an arbitrary invisible key), and
+        ``idx (B, H, T, topk)`` int64 key indices. The order within a row is unspecified.
+    """
+    b, h, t_len, _ = q.shape
+    s_len = k.shape[2]
+    logits = q.new_empty(b, h, t_len, topk)
+    idx = torch.empty(b, h, t_len, topk, dtype=torch.long, device=q.device)
+    allowed = _allowed(causal, key_padding_mask, mask, t_len, s_len)
+    bh = (torch.arange(b, device=q.device).view(-1, 1, 1, 1), torch.arange(h, device=q.device).view(1, -1, 1, 1))
+    for start in range(0, t_len, chunk):
+        stop = min(start + chunk, t_len)
+        # under causal, no query of this chunk sees beyond the last one's position
+        visible = min(s_len, stop + s_len - t_len) if causal else s_len
+        if visible <= 0:
+            logits[:, :, start:stop] = float("-inf")
+            idx[:, :, start:stop] = 0
+            continue
+        scores = q[:, :, start:stop] @ k[:, :, :visible].transpose(-1, -2) * scale  # (B, H, c, visible)
+        kv_idx = torch.arange(visible, device=q.device).view(1, 1, 1, -1)
+        if score_bias is not None:
+            scores += _bias_at(score_bias, h, t_len, s_len, kv_idx.expand(1, 1, stop - start, -1), start)
+        if allowed is not None:
+            q_idx = torch.arange(start, stop, device=q.device).view(1, 1, -1, 1)
+            scores.masked_fill_(~allowed(bh[0], bh[1], q_idx, kv_idx), float("-inf"))
+        keep = min(topk, visible)
+        top_scores, top_idx = scores.topk(keep, dim=-1, sorted=False)
+        logits[:, :, start:stop, :keep] = top_scores
+        idx[:, :, start:stop, :keep] = top_idx
+        if keep < topk:  # a short causal prefix: fewer keys than slots
+            logits[:, :, start:stop, keep:] = float("-inf")
+            idx[:, :, start:stop, keep:] = 0
+    return logits, idx
