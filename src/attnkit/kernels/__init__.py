@@ -1,0 +1,1 @@
+"""Execution kernels shared by attention mechanisms."""
