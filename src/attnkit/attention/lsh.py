@@ -1,0 +1,161 @@
+"""Reformer LSH attention ("Reformer: The Efficient Transformer", Kitaev, Kaiser & Levskaya, 2020,
+arXiv:2001.04451).
+
+Every token is hashed ``n_hashes`` times with random rotations (angular LSH:
+``argmax([x R; -x R])``, the cross-polytope hash); in each round tokens are sorted by
+bucket, the buckets are cut into chunks of ``bucket_size`` tokens, and every chunk
+attends to itself and to the previous chunk of the same bucket
+(:mod:`attnkit.kernels.bucketed`). A key seen by a query in several rounds counts once
+(equivalent to the paper's ``-log(count)`` duplicate correction), so the output is
+exactly softmax attention over the union of the keys a query met in any round.
+
+Conventions:
+    * Hashing: queries and keys are hashed with the same rotations, each by its own
+      direction, so a query meets the keys it is most aligned with. With ``shared_qk``
+      (Reformer's shared-QK attention, keys = unit-normalised queries) both share one
+      placement. Padded keys go to a bucket of their own, so their content changes nothing.
+    * Self-token rule (``shared_qk`` only, where ``q · q̂`` would always win): a query
+      attends to its own key only when no other key is visible to it; e.g. the first
+      token under ``causal`` attends to itself.
+    * Randomness: the rotations come from ``torch.Generator().manual_seed(seed)`` at every
+      call, never the global RNG, so train, eval and a reversible layer's replay hash
+      identically.
+    * Causal without leaks: a token's bucket depends on its own vector only, and its slot
+      inside its chunk on the earlier tokens of its bucket only; within chunks, keys are
+      masked by original positions.
+    * Exact limit: ``bucket_size >= T`` (one bucket, one chunk) is full attention (with the
+      self-token rule under ``shared_qk``).
+
+Complexity ``O(n_hashes · T · bucket_size · D)`` time, ``O(n_hashes · T · bucket_size)``
+memory. Supports causal and key padding; no cross-attention, no incremental decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnkit.core.base import AttentionMechanism
+from attnkit.core.capabilities import Capabilities
+from attnkit.core.errors import check_non_negative_int, check_positive_int
+from attnkit.core.registry import register
+from attnkit.core.types import ScoreBias
+from attnkit.kernels.bucketed import bucket_layout, bucketed_attention
+from attnkit.masks.functions import Mask
+
+
+def lsh_buckets(x: Tensor, num_buckets: int, n_hashes: int, seed: int) -> Tensor:
+    """Angular LSH bucket ids.
+
+    Args:
+        x: ``(B, H, T, D)`` vectors to hash (only their direction matters).
+        num_buckets: buckets per round; even counts use the cross-polytope hash
+            ``argmax([xR; -xR])``, odd counts ``argmax(xR)``.
+        n_hashes: independent rounds.
+        seed: seeds the random rotations ``R`` (one ``D × ·`` Gaussian matrix per round,
+            shared by all heads).
+
+    Returns:
+        long ``(B, H, n_hashes, T)`` in ``[0, num_buckets)``.
+    """
+    b, h, t_len, d = x.shape
+    if num_buckets == 1:
+        return torch.zeros(b, h, n_hashes, t_len, dtype=torch.long, device=x.device)
+    cols = num_buckets // 2 if num_buckets % 2 == 0 else num_buckets
+    gen = torch.Generator().manual_seed(seed)
+    rotations = torch.randn(n_hashes, d, cols, generator=gen, dtype=torch.float32).to(x.device)
+    with torch.no_grad():
+        unit = torch.nn.functional.normalize(x.float(), dim=-1)
+        rotated = torch.einsum("bhtd,rdc->bhrtc", unit, rotations)
+        if num_buckets % 2 == 0:
+            rotated = torch.cat([rotated, -rotated], dim=-1)
+        return rotated.argmax(dim=-1)
+
+
+@register(
+    "lsh",
+    Capabilities(
+        exact=False,
+        causal=True,
+        key_padding=True,
+        cross_attention=False,
+        decoding=None,
+        complexity="O(N log N)",
+        family="hashing",
+        error_budget=0.45,
+        summary="Reformer LSH attention: multi-round angular hashing, chunked, duplicate-corrected",
+    ),
+    small_options={"bucket_size": 8, "n_hashes": 8},
+    benchmark_options={"bucket_size": 64, "n_hashes": 4},
+)
+class LSHAttention(AttentionMechanism):
+    """Reformer LSH attention.
+
+    Args:
+        bucket_size: tokens per chunk; each query sees at most ``2 * bucket_size`` keys per
+            round (its chunk and the previous chunk of its bucket). Reformer's chunk length.
+        n_hashes: hash rounds; more rounds, fewer missed keys (lower error, more time).
+        num_buckets: buckets per round; default ``max(1, T // bucket_size)``, so buckets
+            hold ``bucket_size`` tokens on average (``bucket_size >= T`` gives one bucket).
+        shared_qk: Reformer's shared-QK attention: keys are the unit-normalised queries
+            (pass the queries as ``k``) and the self-token rule applies.
+        seed: seeds the random rotations (same seed, same buckets, in train and eval).
+    """
+
+    def __init__(
+        self,
+        *,
+        bucket_size: int = 64,
+        n_hashes: int = 4,
+        num_buckets: int | None = None,
+        shared_qk: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.bucket_size = check_positive_int("bucket_size", bucket_size, example=64)
+        self.n_hashes = check_positive_int("n_hashes", n_hashes, example=4)
+        self.num_buckets = None if num_buckets is None else check_positive_int("num_buckets", num_buckets, example=64)
+        if not isinstance(shared_qk, bool):
+            raise ValueError(f"shared_qk must be a bool, got {shared_qk!r}")
+        self.shared_qk = shared_qk
+        self.seed = check_non_negative_int("seed", seed)
+
+    def buckets_for(self, length: int) -> int:
+        """Buckets per round used at sequence length ``length``."""
+        return self.num_buckets if self.num_buckets is not None else max(1, length // self.bucket_size)
+
+    def _attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool,
+        key_padding_mask: Tensor | None,
+        mask: Mask | None,
+        score_bias: ScoreBias | None,
+        **call_kwargs: Any,
+    ) -> Tensor:
+        if self.shared_qk:
+            if k is not q and (k.shape != q.shape or not torch.equal(k, q)):
+                raise ValueError(
+                    "shared_qk=True computes the keys from the queries: pass the queries as k (got a different k tensor)"
+                )
+            k = torch.nn.functional.normalize(q, dim=-1)
+        compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        q, k, v = q.to(compute), k.to(compute), v.to(compute)
+        num_buckets = self.buckets_for(q.shape[2])
+        q_ids = lsh_buckets(q, num_buckets, self.n_hashes, self.seed)
+        k_ids = None
+        if not self.shared_qk:
+            k_ids = lsh_buckets(k, num_buckets, self.n_hashes, self.seed)
+        if key_padding_mask is not None:
+            # Padded keys go to a bucket of their own past the real ones: whatever they
+            # contain, they never move a real key (nor attend to anything).
+            k_ids = torch.where(key_padding_mask[:, None, None, :], q_ids if k_ids is None else k_ids, num_buckets)
+        layout = bucket_layout(q_ids, num_buckets + (key_padding_mask is not None), self.bucket_size, k_ids)
+        return bucketed_attention(
+            q, k, v, layout, causal=causal, key_padding_mask=key_padding_mask, exclude_self=self.shared_qk
+        )

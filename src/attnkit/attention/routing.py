@@ -1,0 +1,200 @@
+"""Routing attention ("Efficient Content-Based Sparse Attention with Routing Transformers", Roy,
+Saffar, Vaswani & Grangier, TACL 2021, arXiv:2003.05997).
+
+Queries and keys are routed to their nearest centroid (cosine similarity; one set of
+``num_clusters`` centroids per head, shared by queries and keys), and every query attends
+to the keys of its own cluster: the tokens of a cluster are cut into windows of
+``window`` tokens and each query window meets the key window of the same rank and the one
+before it (:mod:`attnkit.kernels.bucketed`), so memory is ``O(T · window)``.
+
+Centroids: a buffer (in the state dict), initialised from ``seed`` as random unit vectors.
+They move by online k-means (an exponential moving average with ``decay``) computed on a
+no-grad path from the training-mode forward passes only: a training forward records the
+batch's cluster means; :meth:`RoutingAttention.update_centroids` (or
+:func:`update_routing_centroids` over a whole model, called after the optimizer step)
+applies them. Gradients never move the centroids, eval passes never record anything, and
+a replayed forward (activation checkpointing, reversible layers) routes identically
+because the forward itself never changes the centroids.
+
+Causal without leakage: a token's cluster depends only on its own query (or key) and the
+fixed centroids; its place inside its cluster's windows depends only on earlier tokens
+of the cluster (no top-k over the sequence, which would let later tokens push earlier
+ones out); within windows, keys are masked by original positions.
+
+With ``local=True`` (default) every query also sees its local window (its own
+``window`` consecutive positions and the previous ones), as the paper mixes local and
+routing attention; this is a second round of the bucketed core, and a key met both ways
+counts once.
+
+Exact limit: ``num_clusters=1`` with ``window >= T`` is full attention.
+Complexity ``O(T · window · D + T · num_clusters · D)``. Supports causal and key padding;
+no cross-attention, no incremental decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnkit.core.base import AttentionMechanism
+from attnkit.core.capabilities import Capabilities
+from attnkit.core.errors import check_non_negative_int, check_positive_int
+from attnkit.core.registry import register
+from attnkit.core.types import ScoreBias
+from attnkit.kernels.bucketed import bucket_layout, bucketed_attention
+from attnkit.masks.functions import Mask
+
+
+def _check_decay(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"decay must be a number in [0, 1), got {value!r} (set decay=0.999, say)")
+    return float(value)
+
+
+@register(
+    "routing",
+    Capabilities(
+        exact=False,
+        causal=True,
+        key_padding=True,
+        cross_attention=False,
+        decoding=None,
+        complexity="O(N^1.5)",
+        family="hashing",
+        error_budget=1.0,
+        summary="Routing Transformer: online k-means routing, attention within clusters",
+    ),
+    small_options={"num_clusters": 2, "window": 12, "local": True},
+    benchmark_options={"num_clusters": 4, "window": 256, "local": False},
+)
+class RoutingAttention(AttentionMechanism):
+    """Routing (k-means clustered) attention.
+
+    Args:
+        num_clusters: centroids per head (``k``).
+        window: tokens per attention window; each query sees at most ``2 * window`` keys
+            of its cluster (its window and the previous one).
+        local: also attend to the local window (the ``window`` consecutive positions
+            holding the query and the ``window`` before them), as the paper pairs routing
+            with local attention; keys met both ways count once, in one softmax.
+        decay: EMA decay of the centroid updates (``μ ← normalize(decay·μ + (1-decay)·mean)``).
+        seed: seeds the initial centroids.
+    """
+
+    centroids: Tensor
+
+    def __init__(
+        self,
+        *,
+        num_clusters: int = 4,
+        window: int = 256,
+        local: bool = True,
+        decay: float = 0.999,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.num_clusters = check_positive_int("num_clusters", num_clusters, example=4)
+        self.window = check_positive_int("window", window, example=256)
+        if not isinstance(local, bool):
+            raise ValueError(f"local must be a bool, got {local!r}")
+        self.local = local
+        self.decay = _check_decay(decay)
+        self.seed = check_non_negative_int("seed", seed)
+        # (H, num_clusters, D) once the head count and width are known (first call or a loaded state dict).
+        self.register_buffer("centroids", torch.empty(0))
+        self._pending: tuple[Tensor, Tensor] | None = None
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        stored = state_dict.get(prefix + "centroids")
+        if isinstance(stored, Tensor) and stored.shape != self.centroids.shape:
+            self.centroids = torch.empty_like(stored, device=self.centroids.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _centroids_for(self, heads: int, dim: int, device: torch.device) -> Tensor:
+        if self.centroids.numel() == 0:
+            gen = torch.Generator().manual_seed(self.seed)
+            init = torch.randn(heads, self.num_clusters, dim, generator=gen, dtype=torch.float32)
+            self.centroids = nn.functional.normalize(init, dim=-1).to(device)
+        if tuple(self.centroids.shape) != (heads, self.num_clusters, dim):
+            raise ValueError(
+                f"centroids were set up for (heads, clusters, head_dim) = {tuple(self.centroids.shape)}, "
+                f"got inputs with {heads} heads of width {dim}"
+            )
+        return self.centroids
+
+    def assign(self, x: Tensor) -> Tensor:
+        """Nearest centroid of every vector: ``x (B, H, T, D)`` -> long ``(B, H, T)`` (no gradient)."""
+        with torch.no_grad():
+            centroids = self._centroids_for(x.shape[1], x.shape[3], x.device)
+            unit = nn.functional.normalize(x.float(), dim=-1)
+            return torch.einsum("bhtd,hcd->bhtc", unit, centroids).argmax(dim=-1)
+
+    def _record(self, q: Tensor, k: Tensor, q_ids: Tensor, k_ids: Tensor, key_padding_mask: Tensor | None) -> None:
+        """Store this batch's per-cluster sums of unit queries and real unit keys (training only)."""
+        with torch.no_grad():
+            h, c, d = self.centroids.shape
+            real = torch.ones_like(k_ids, dtype=torch.bool)
+            if key_padding_mask is not None:
+                real = key_padding_mask[:, None, :].expand_as(k_ids)
+            sums = torch.zeros(h, c, d, device=q.device)
+            counts = torch.zeros(h, c, device=q.device)
+            for x, ids, keep in ((q, q_ids, torch.ones_like(real)), (k, k_ids, real)):
+                unit = nn.functional.normalize(x.float(), dim=-1) * keep.unsqueeze(-1)
+                one_hot = nn.functional.one_hot(ids, c).float() * keep.unsqueeze(-1)  # (B, H, T, C)
+                sums += torch.einsum("bhtc,bhtd->hcd", one_hot, unit)
+                counts += one_hot.sum(dim=(0, 2))
+            self._pending = (sums, counts)  # overwritten, not accumulated: a replayed forward records the same
+
+    @torch.no_grad()
+    def update_centroids(self) -> bool:
+        """Apply the EMA step recorded by the last training forward; return whether one was applied.
+
+        ``μ_c ← normalize(decay · μ_c + (1 - decay) · mean of the unit vectors routed to c)``
+        for every cluster that received a vector; the others stay put.
+        """
+        if self._pending is None:
+            return False
+        sums, counts = self._pending
+        self._pending = None
+        means = sums / counts.clamp(min=1.0).unsqueeze(-1)
+        moved = nn.functional.normalize(self.decay * self.centroids + (1.0 - self.decay) * means, dim=-1)
+        self.centroids.copy_(torch.where(counts.unsqueeze(-1) > 0, moved, self.centroids))
+        return True
+
+    def _attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool,
+        key_padding_mask: Tensor | None,
+        mask: Mask | None,
+        score_bias: ScoreBias | None,
+        **call_kwargs: Any,
+    ) -> Tensor:
+        compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        q, k, v = q.to(compute), k.to(compute), v.to(compute)
+        q_ids, k_ids = self.assign(q), self.assign(k)
+        if self.training:
+            self._record(q, k, q_ids, k_ids, key_padding_mask)
+        if key_padding_mask is not None:
+            # Padded keys get a cluster of their own past the real ones, so they never move a real key.
+            k_ids = torch.where(key_padding_mask[:, None, :], k_ids, self.num_clusters)
+        buckets = self.num_clusters + (key_padding_mask is not None)
+        q_ids, k_ids = q_ids.unsqueeze(2), k_ids.unsqueeze(2)  # (B, H, rounds, T)
+        if self.local:  # a second round where every token is in one bucket: chunks of consecutive positions
+            q_ids = torch.cat([q_ids, torch.zeros_like(q_ids)], dim=2)
+            k_ids = torch.cat([k_ids, torch.zeros_like(k_ids)], dim=2)
+        layout = bucket_layout(q_ids, buckets, self.window, k_ids)
+        return bucketed_attention(q, k, v, layout, causal=causal, key_padding_mask=key_padding_mask)
+
+
+def update_routing_centroids(model: nn.Module) -> int:
+    """Apply the pending centroid updates of every :class:`RoutingAttention` in ``model``.
+
+    Call it after each optimizer step of a training loop. Returns how many were updated.
+    """
+    return sum(int(m.update_centroids()) for m in model.modules() if isinstance(m, RoutingAttention))

@@ -1,0 +1,173 @@
+"""Sparse Sinkhorn attention ("Sparse Sinkhorn Attention", Tay, Bahri, Yang, Metzler & Juan,
+ICML 2020, arXiv:2002.11296).
+
+The sequence is cut into blocks of ``block_size`` tokens. A sort network scores every
+(query block ``i``, key block ``j``) pair; Sinkhorn normalisation (``sinkhorn_iters``
+alternating row/column normalisations in log space, at ``temperature``) turns the scores
+into a soft permutation ``P``; the *sorted block* ``i`` is ``Σ_j P_ij · block_j`` (keys
+and values). Every query block attends to its own block plus its sorted block
+(:mod:`attnkit.kernels.bucketed` with one chunk per block and the sorted block as extra
+keys). O(T · block_size · D + (T / block_size)² · block_size · D) time.
+
+Sort network (parameter-free, so it works at any length): the score of ``(i, j)`` is
+``q̄_i · k̄_j / sqrt(D)`` between the mean query of block ``i`` and the mean real key of
+block ``j``; the projections before the mechanism are what learns. A block is not its
+own sorted block (the diagonal is excluded), so with one block the result is exactly
+full attention.
+
+Causal variant: block ``i``'s sort scores use the mean query of block ``i - 1`` (every
+query of block ``i`` has already seen it) and only key blocks ``j < i``, so nothing from
+the future enters; the normalisation is then a row softmax, because a Sinkhorn column
+normalisation would mix later rows into earlier ones (``sinkhorn_iters`` applies to the
+bidirectional mode only). Block 0 attends to itself only. The own block is masked by
+original positions.
+
+Key padding: padded keys and values are zeroed before blocks are mixed and left out of
+the block means; a sorted-block slot holding no real key is masked.
+Supports causal and key padding; no cross-attention, no incremental decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnkit.core.base import AttentionMechanism
+from attnkit.core.capabilities import Capabilities
+from attnkit.core.errors import check_non_negative_int, check_positive_float, check_positive_int
+from attnkit.core.registry import register
+from attnkit.core.types import ScoreBias
+from attnkit.kernels.bucketed import bucket_layout, bucketed_attention
+from attnkit.masks.functions import Mask
+
+
+def sinkhorn_normalize(log_scores: Tensor, iters: int) -> Tensor:
+    """Sinkhorn-Knopp in log space: ``iters`` row then column normalisations.
+
+    Args:
+        log_scores: ``(..., n, n)``; ``-inf`` entries stay exactly 0 in the result. Every
+            row and column needs at least one finite entry.
+        iters: number of (row, column) rounds; 0 returns the row softmax.
+
+    Returns:
+        ``(..., n, n)`` nonnegative; rows sum to 1 (and columns approach 1 as ``iters`` grows).
+    """
+    x = log_scores
+    for _ in range(iters):
+        x = x - torch.logsumexp(x, dim=-1, keepdim=True)
+        x = x - torch.logsumexp(x, dim=-2, keepdim=True)
+    return torch.softmax(x, dim=-1)
+
+
+def _block_means(x: Tensor, weight: Tensor) -> Tensor:
+    """Weighted mean per block: ``x (..., nb, c, D)``, ``weight (..., nb, c)`` -> ``(..., nb, D)``."""
+    total = weight.sum(dim=-1, keepdim=True)
+    return (x * weight.unsqueeze(-1)).sum(dim=-2) / total.clamp(min=1.0)
+
+
+@register(
+    "sinkhorn",
+    Capabilities(
+        exact=False,
+        causal=True,
+        key_padding=True,
+        cross_attention=False,
+        decoding=None,
+        complexity="O(N·b + (N/b)^2·b)",
+        family="hashing",
+        error_budget=0.85,
+        summary="Sparse Sinkhorn attention: own block + a Sinkhorn-sorted block",
+    ),
+    small_options={"block_size": 8},
+    benchmark_options={"block_size": 64},
+)
+class SinkhornAttention(AttentionMechanism):
+    """Sparse Sinkhorn attention.
+
+    Args:
+        block_size: tokens per block (``b``); each query sees its block and one sorted block.
+        sinkhorn_iters: Sinkhorn normalisation rounds (bidirectional mode).
+        temperature: divides the sort scores; lower is closer to a hard permutation.
+    """
+
+    def __init__(self, *, block_size: int = 64, sinkhorn_iters: int = 8, temperature: float = 0.75) -> None:
+        super().__init__()
+        self.block_size = check_positive_int("block_size", block_size, example=64)
+        self.sinkhorn_iters = check_non_negative_int("sinkhorn_iters", sinkhorn_iters)
+        self.temperature = check_positive_float("temperature", temperature)
+
+    def sort_matrix(self, q_blocks: Tensor, k_blocks: Tensor, key_weight: Tensor, *, causal: bool) -> Tensor:
+        """The soft block permutation ``P (B, H, nb, nb)``; row ``i`` mixes the key blocks block ``i`` sees.
+
+        Args:
+            q_blocks: ``(B, H, nb, c, D)`` queries per block (empty slots zero).
+            k_blocks: ``(B, H, nb, c, D)`` keys per block.
+            key_weight: ``(B, H, nb, c)`` 1 for real keys, 0 for padded or empty slots.
+            causal: use the causal sort (see the module docstring).
+        """
+        nb, c, d = q_blocks.shape[-3:]
+        q_weight = torch.zeros_like(key_weight)
+        q_weight.view(-1)[:] = 1.0
+        q_mean = q_blocks.sum(dim=-2) / c  # empty slots are zero; the scale is shared by every row
+        k_mean = _block_means(k_blocks, key_weight)
+        i = torch.arange(nb, device=q_blocks.device)
+        if causal:
+            context = torch.cat([torch.zeros_like(q_mean[..., :1, :]), q_mean[..., :-1, :]], dim=-2)
+            allowed = i[None, :] < i[:, None]  # key block j strictly before query block i
+        else:
+            context = q_mean
+            allowed = i[None, :] != i[:, None]
+        scores = (context @ k_mean.transpose(-1, -2)) / (math.sqrt(d) * self.temperature)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        if causal:
+            has_block = allowed.any(dim=-1, keepdim=True)
+            safe = scores.masked_fill(~has_block, 0.0)
+            return torch.softmax(safe, dim=-1) * has_block
+        return sinkhorn_normalize(scores, self.sinkhorn_iters)
+
+    def _attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool,
+        key_padding_mask: Tensor | None,
+        mask: Mask | None,
+        score_bias: ScoreBias | None,
+        **call_kwargs: Any,
+    ) -> Tensor:
+        compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        q, k, v = q.to(compute), k.to(compute), v.to(compute)
+        b, h, t_len, _ = q.shape
+        c = self.block_size
+        layout = bucket_layout(torch.zeros(b, h, 1, t_len, dtype=torch.long, device=q.device), 1, c)
+        nb = layout.num_chunks
+        if nb == 1:
+            return bucketed_attention(
+                q, k, v, layout, causal=causal, key_padding_mask=key_padding_mask, look_back=False
+            )
+
+        pad = nb * c - t_len
+        real = torch.ones(b, t_len, dtype=q.dtype, device=q.device)
+        if key_padding_mask is not None:
+            real = key_padding_mask.to(q.dtype)
+        weight = torch.nn.functional.pad(real, (0, pad)).view(b, 1, nb, c).expand(b, h, nb, c)
+
+        def blocks(x: Tensor) -> Tensor:  # (B, H, T, E) -> (B, H, nb, c, E), padded keys zeroed
+            return torch.nn.functional.pad(x, (0, 0, 0, pad)).view(b, h, nb, c, x.shape[-1])
+
+        k_blocks = blocks(k) * weight.unsqueeze(-1)
+        v_blocks = blocks(v) * weight.unsqueeze(-1)
+        perm = self.sort_matrix(blocks(q), k_blocks, weight, causal=causal)  # (B, H, nb, nb)
+        sorted_k = torch.einsum("bhij,bhjcd->bhicd", perm, k_blocks)
+        sorted_v = torch.einsum("bhij,bhjcd->bhicd", perm, v_blocks)
+        with torch.no_grad():
+            visible = torch.einsum("bhij,bhjc->bhic", perm.detach(), weight) > 0
+        extra = (sorted_k.unsqueeze(2), sorted_v.unsqueeze(2), visible.unsqueeze(2))
+        return bucketed_attention(
+            q, k, v, layout, causal=causal, key_padding_mask=key_padding_mask, look_back=False, extra_keys=extra
+        )

@@ -1,0 +1,333 @@
+"""Tests of the hashing and clustering family (lsh, routing, sinkhorn) and the bucketed core.
+
+Independent references: brute-force Python loops rebuild which keys every query meets
+(from the bucket ids alone) and the float64 oracle attends over that mask.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.attention.lsh import LSHAttention, lsh_buckets
+from attnkit.attention.reference import reference_attention
+from attnkit.attention.routing import RoutingAttention, update_routing_centroids
+from attnkit.attention.sinkhorn import SinkhornAttention, sinkhorn_normalize
+from attnkit.kernels.bucketed import bucket_layout
+from tests.helpers import random_padding, relative_error, structured_qkv
+
+NAMES = ["lsh", "routing", "sinkhorn"]
+
+
+def brute_force_windows(q_ids: torch.Tensor, k_ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Which keys each query meets in one round, by the definition: same bucket, and the key's
+    rank among its bucket's keys falls in the query's chunk or the one before (ranks count
+    earlier tokens of the same bucket). ``q_ids``, ``k_ids``: ``(T,)``. Returns bool ``(T, T)``."""
+    t_len = q_ids.shape[0]
+    seen = torch.zeros(t_len, t_len, dtype=torch.bool)
+    for i in range(t_len):
+        q_rank = int((q_ids[:i] == q_ids[i]).sum())
+        for j in range(t_len):
+            if k_ids[j] != q_ids[i]:
+                continue
+            k_rank = int((k_ids[:j] == k_ids[j]).sum())
+            seen[i, j] = k_rank // chunk in (q_rank // chunk, q_rank // chunk - 1)
+    return seen
+
+
+def lsh_union_mask(module: LSHAttention, q: torch.Tensor, k: torch.Tensor, kpm: torch.Tensor | None) -> torch.Tensor:
+    """Bool ``(B, H, T, T)``: the keys a query meets in any hash round (padded keys are in no bucket)."""
+    b, h, t_len, _ = q.shape
+    nb = module.buckets_for(t_len)
+    q_ids = lsh_buckets(q, nb, module.n_hashes, module.seed)
+    k_ids = lsh_buckets(k, nb, module.n_hashes, module.seed)
+    if kpm is not None:
+        k_ids = k_ids.masked_fill(~kpm[:, None, None, :], -1)
+    union = torch.zeros(b, h, t_len, t_len, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            for r in range(module.n_hashes):
+                union[bi, hi] |= brute_force_windows(q_ids[bi, hi, r], k_ids[bi, hi, r], module.bucket_size)
+    return union
+
+
+# -- the bucketed core --------------------------------------------------------------------
+
+
+def test_layout_places_every_token_once_in_bucket_order() -> None:
+    g = torch.Generator().manual_seed(0)
+    q_ids = torch.randint(0, 4, (2, 3, 1, 29), generator=g)
+    k_ids = torch.randint(0, 4, (2, 3, 1, 29), generator=g)
+    layout = bucket_layout(q_ids, 4, 5, k_ids)
+    for place, ids in ((layout.queries, q_ids), (layout.keys, k_ids)):
+        slots = place.slot_of_token.reshape(-1, 29)
+        assert all(len(set(row.tolist())) == 29 for row in slots)  # a permutation into the slots
+        tok = place.token_of_slot.reshape(6, -1)
+        filled = place.slot_filled.reshape(6, -1)
+        flat_ids = ids.reshape(6, 29)
+        for n in range(6):
+            order = tok[n][filled[n]].tolist()
+            expected = sorted(range(29), key=lambda t, n=n: (int(flat_ids[n, t]), t))
+            assert order == expected
+            assert filled[n].sum() == 29
+    # Queries and keys of a bucket start at the same chunk.
+    c = layout.chunk_size
+    for n in range(6):
+        qf, kf = q_ids.reshape(6, 29)[n], k_ids.reshape(6, 29)[n]
+        q_slot, k_slot = layout.queries.slot_of_token.reshape(6, 29)[n], layout.keys.slot_of_token.reshape(6, 29)[n]
+        for bucket in range(4):
+            starts = [int(q_slot[qf == bucket].min()) // c] if (qf == bucket).any() else []
+            starts += [int(k_slot[kf == bucket].min()) // c] if (kf == bucket).any() else []
+            assert len(set(starts)) <= 1
+
+
+# -- lsh -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_lsh_equals_softmax_over_the_union_of_rounds(causal: bool, padded: bool) -> None:
+    """The duplicate correction makes multi-round LSH exactly softmax over the keys seen in any round."""
+    q, k, v = structured_qkv(2, 2, 23, 23, 8, seed=21, dtype=torch.float64, requires_grad=True)
+    kpm = random_padding(2, 23, seed=2, min_real=10) if padded else None
+    module = LSHAttention(bucket_size=3, n_hashes=3, seed=5)
+    out = module(q, k, v, causal=causal, key_padding_mask=kpm)
+    union = lsh_union_mask(module, q.detach(), k.detach(), kpm)
+    ref = reference_attention(q, k, v, causal=causal, key_padding_mask=kpm, mask=union)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    # Every gradient too.
+    w = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
+
+
+def self_rule_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """A token sees itself only when nothing else is visible to it (and its own key is real)."""
+    eye = torch.eye(allowed.shape[-1], dtype=torch.bool)
+    others = allowed & ~eye
+    alone = ~others.any(dim=-1, keepdim=True)
+    return others | (allowed & eye & alone)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_lsh_one_bucket_shared_qk_is_full_attention_with_the_self_rule(causal: bool, padded: bool) -> None:
+    q, _, v = structured_qkv(2, 2, 19, 19, 8, seed=22)
+    kpm = random_padding(2, 19, seed=3, min_real=6) if padded else None
+    module = attnkit.build_attention("lsh", bucket_size=32, n_hashes=2, shared_qk=True)
+    out = module(q, q, v, causal=causal, key_padding_mask=kpm)
+    allowed = torch.ones(2, 2, 19, 19, dtype=torch.bool)
+    if causal:
+        allowed &= torch.ones(19, 19, dtype=torch.bool).tril()
+    if kpm is not None:
+        allowed &= kpm[:, None, None, :]
+    keys = torch.nn.functional.normalize(q, dim=-1)
+    ref = reference_attention(q, keys, v, mask=self_rule_mask(allowed))
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+    if causal:  # the first token has nothing but itself
+        torch.testing.assert_close(out[:, :, 0], v[:, :, 0], atol=1e-6, rtol=0)
+
+
+def test_lsh_shared_qk_needs_the_queries_as_keys() -> None:
+    q, k, v = structured_qkv(1, 2, 10, 10, 8)
+    with pytest.raises(ValueError, match="shared_qk"):
+        attnkit.build_attention("lsh", shared_qk=True)(q, k, v)
+
+
+def test_lsh_more_hash_rounds_lower_error() -> None:
+    q, k, v = structured_qkv(1, 4, 96, 96, 16, seed=23)
+    ref = reference_attention(q, k, v)
+    errors = [relative_error(LSHAttention(bucket_size=8, n_hashes=n, seed=1)(q, k, v), ref) for n in (1, 2, 4, 8, 16)]
+    assert all(a > b for a, b in itertools.pairwise(errors)), errors
+    assert relative_error(LSHAttention(bucket_size=96, n_hashes=1)(q, k, v), ref) < 1e-6
+
+
+# -- routing ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_routing_one_cluster_is_full_attention(causal: bool, padded: bool) -> None:
+    q, k, v = structured_qkv(2, 2, 21, 21, 8, seed=24)
+    kpm = random_padding(2, 21, seed=4, min_real=5) if padded else None
+    out = attnkit.build_attention("routing", num_clusters=1, window=21)(q, k, v, causal=causal, key_padding_mask=kpm)
+    ref = reference_attention(q, k, v, causal=causal, key_padding_mask=kpm)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_routing_attends_within_clusters(causal: bool) -> None:
+    q, k, v = structured_qkv(1, 2, 26, 26, 8, seed=25, dtype=torch.float64)
+    module = RoutingAttention(num_clusters=3, window=4, local=False, seed=2).double()
+    out = module(q, k, v, causal=causal)
+    q_ids, k_ids = module.assign(q), module.assign(k)
+    seen = torch.stack([brute_force_windows(q_ids[0, h], k_ids[0, h], 4) for h in range(2)])[None]
+    torch.testing.assert_close(out, reference_attention(q, k, v, causal=causal, mask=seen), atol=1e-10, rtol=0)
+
+
+def test_routing_centroids_move_only_by_explicit_ema_updates_from_training() -> None:
+    q, k, v = structured_qkv(2, 2, 17, 17, 8, seed=26, requires_grad=True)
+    kpm = random_padding(2, 17, seed=6, min_real=8)
+    module = RoutingAttention(num_clusters=3, window=4, decay=0.9, seed=3)
+    module.eval()
+    module(q, k, v, key_padding_mask=kpm)
+    start = module.centroids.clone()
+    assert "centroids" in module.state_dict()
+    assert not module.update_centroids()  # eval recorded nothing
+    module.train()
+    out = module(q, k, v, key_padding_mask=kpm)
+    out.square().sum().backward()
+    assert torch.equal(module.centroids, start)  # neither the forward nor the gradients moved them
+    assert not module.centroids.requires_grad
+    # The EMA step by hand: unit queries (all) and unit real keys, per head and nearest centroid.
+    expected = start.clone()
+    for h in range(2):
+        for c in range(3):
+            vecs = []
+            for bi in range(2):
+                for t in range(17):
+                    qt, kt = q[bi, h, t].detach(), k[bi, h, t].detach()
+                    if int((start[h] @ (qt / qt.norm())).argmax()) == c:
+                        vecs.append(qt / qt.norm())
+                    if kpm[bi, t] and int((start[h] @ (kt / kt.norm())).argmax()) == c:
+                        vecs.append(kt / kt.norm())
+            if vecs:
+                moved = 0.9 * start[h, c] + 0.1 * torch.stack(vecs).mean(0)
+                expected[h, c] = moved / moved.norm()
+    assert update_routing_centroids(module) == 1
+    torch.testing.assert_close(module.centroids, expected, atol=1e-6, rtol=0)
+    assert not module.update_centroids()  # applied once
+
+
+def test_routing_state_dict_carries_centroids() -> None:
+    q, k, v = structured_qkv(1, 2, 15, 15, 8, seed=27)
+    a = RoutingAttention(num_clusters=3, window=4, seed=1)
+    a(q, k, v)
+    b = RoutingAttention(num_clusters=3, window=4, seed=2)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.centroids, b.centroids)
+    assert torch.equal(a(q, k, v), b(q, k, v))
+    with pytest.raises(ValueError, match="centroids were set up"):
+        a(*structured_qkv(1, 3, 15, 15, 8))
+
+
+# -- sinkhorn ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_sinkhorn_one_block_is_full_attention(causal: bool, padded: bool) -> None:
+    q, k, v = structured_qkv(2, 2, 21, 21, 8, seed=28)
+    kpm = random_padding(2, 21, seed=8, min_real=5) if padded else None
+    out = attnkit.build_attention("sinkhorn", block_size=32)(q, k, v, causal=causal, key_padding_mask=kpm)
+    ref = reference_attention(q, k, v, causal=causal, key_padding_mask=kpm)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+
+
+def test_sinkhorn_normalisation_is_doubly_stochastic() -> None:
+    scores = torch.randn(3, 6, 6, dtype=torch.float64)
+    scores = scores.masked_fill(torch.eye(6, dtype=torch.bool), float("-inf"))
+    p = sinkhorn_normalize(scores, 200)
+    torch.testing.assert_close(p.sum(-1), torch.ones(3, 6, dtype=torch.float64))
+    torch.testing.assert_close(p.sum(-2), torch.ones(3, 6, dtype=torch.float64), atol=1e-8, rtol=0)
+    assert torch.all(p.diagonal(dim1=-2, dim2=-1) == 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sinkhorn_matches_a_brute_force_loop(causal: bool) -> None:
+    """Each query: softmax over its own block's visible keys and the P-mixed sorted block."""
+    t_len, c, d = 14, 4, 6
+    q, k, v = structured_qkv(1, 1, t_len, t_len, d, seed=29, dtype=torch.float64)
+    kpm = torch.ones(1, t_len, dtype=torch.bool)
+    kpm[0, [2, 9, 13]] = False
+    module = SinkhornAttention(block_size=c, sinkhorn_iters=5).double()
+    out = module(q, k, v, causal=causal, key_padding_mask=kpm)
+    nb = 4
+    qb, kb, vb = (torch.nn.functional.pad(x[0, 0], (0, 0, 0, nb * c - t_len)).view(nb, c, d) for x in (q, k, v))
+    real = torch.nn.functional.pad(kpm[0].double(), (0, nb * c - t_len)).view(nb, c)
+    perm = module.sort_matrix(qb[None, None], (kb * real[..., None])[None, None], real[None, None], causal=causal)[0, 0]
+    for i in range(t_len):
+        blk = i // c
+        keys, vals = [], []
+        for j in range(blk * c, min(blk * c + c, t_len)):
+            if kpm[0, j] and (not causal or j <= i):
+                keys.append(k[0, 0, j])
+                vals.append(v[0, 0, j])
+        for s in range(c):
+            if float((perm[blk] * real[:, s]).sum()) > 0:
+                keys.append((perm[blk, :, None] * kb[:, s] * real[:, s, None]).sum(0))
+                vals.append((perm[blk, :, None] * vb[:, s] * real[:, s, None]).sum(0))
+        w = torch.softmax(torch.stack(keys) @ q[0, 0, i] / d**0.5, dim=0)
+        torch.testing.assert_close(out[0, 0, i], w @ torch.stack(vals), atol=1e-10, rtol=0)
+
+
+# -- the whole family ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_seed_same_output_in_train_eval_and_replay(name: str) -> None:
+    q, k, v = structured_qkv(2, 2, 45, 45, 8, seed=30)
+    spec = attnkit.get_spec(name)
+    module = attnkit.build_attention(name, **spec.small_options)
+    outs = []
+    for mode in ("train", "train", "eval", "train"):
+        module.train(mode == "train")
+        outs.append(module(q, k, v, causal=True))
+    twin = attnkit.build_attention(name, **spec.small_options)
+    twin.load_state_dict(module.state_dict())
+    outs.append(twin.eval()(q, k, v, causal=True))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("cut", [5, 40, 70])
+def test_no_leak_with_many_buckets(name: str, cut: int) -> None:
+    """Longer than the contract's length, with many buckets whose sizes depend on the future."""
+    opts = {"lsh": {"bucket_size": 4, "n_hashes": 3}, "routing": {"num_clusters": 5, "window": 4}}
+    module = attnkit.build_attention(name, **opts.get(name, {"block_size": 6}))
+    q, k, v = structured_qkv(1, 2, 83, 83, 8, seed=31, requires_grad=True)
+    out = module(q, k, v, causal=True)
+    future = torch.arange(83) > cut
+    with torch.no_grad():
+        q2, k2, v2 = (torch.where(future[None, None, :, None], -3.0 * t.flip(2), t) for t in (q, k, v))
+    assert torch.equal(module(q2, k2, v2, causal=True)[:, :, : cut + 1], out[:, :, : cut + 1])
+    out[:, :, : cut + 1].sum().backward()
+    for t in (q, k, v):
+        assert t.grad is not None and torch.all(t.grad[:, :, future] == 0)
+
+
+@pytest.mark.parametrize(
+    ("name", "option", "value"),
+    [
+        ("lsh", "bucket_size", 0),
+        ("lsh", "n_hashes", -1),
+        ("lsh", "shared_qk", "yes"),
+        ("routing", "num_clusters", 0),
+        ("routing", "decay", 1.0),
+        ("routing", "window", 2.5),
+        ("sinkhorn", "block_size", 0),
+        ("sinkhorn", "temperature", 0.0),
+        ("sinkhorn", "sinkhorn_iters", -1),
+    ],
+)
+def test_bad_options_name_the_argument(name: str, option: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"{option} must be"):
+        attnkit.build_attention(name, **{option: value})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_error_within_budget_on_other_seeds(name: str) -> None:
+    spec = attnkit.get_spec(name)
+    budget = spec.capabilities.error_budget
+    assert budget is not None
+    module = attnkit.build_attention(name, **spec.small_options).eval()
+    for seed in (40, 41, 42):
+        q, k, v = structured_qkv(2, 3, 37, 37, 16, seed=seed)
+        for causal in (False, True):
+            ref = reference_attention(q, k, v, causal=causal)
+            assert relative_error(module(q, k, v, causal=causal), ref) <= budget
