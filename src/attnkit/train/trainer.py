@@ -1,0 +1,331 @@
+"""The training loop: AdamW, warm-up + cosine, clipping, accumulation, mixed precision,
+periodic evaluation, best-model keeping, crash-safe checkpoints, resumption, DDP.
+
+Files under ``out_dir``::
+
+    train_config.json      the validated configuration
+    log.jsonl              one record per logged step: step, loss, lr, tokens_per_s, grad_norm,
+                           elapsed_s, and eval_* metrics on evaluation steps
+    checkpoints/step_*/    complete checkpoints (see attnkit.train.checkpoint)
+    best/                  the model with the best validation metric so far (+ metrics.json)
+    model/                 the final model (config.json, model.safetensors, tokenizer.json)
+
+Resumption is exact: the checkpoint holds the weights, the optimizer, the step, the Python
+and torch RNG states and the data position, so on CPU the continued loss curve is
+bit-identical to an uninterrupted run (with the same ``threads``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnkit.data.batching import BucketBatcher, eval_batches
+from attnkit.data.pipeline import TrainingData, build_data
+from attnkit.data.tasks import Batch
+from attnkit.train.checkpoint import latest_checkpoint, load_state, save_checkpoint, write_atomically
+from attnkit.train.config import TrainConfig
+from attnkit.train.distributed import DistributedContext, all_reduce_sum, barrier, init_distributed
+from attnkit.train.evaluate import evaluate
+from attnkit.train.modeling import forward, model_class, model_config, summed_loss
+from attnkit.train.schedule import learning_rate
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: biases, norms and other vectors are not decayed (AdamW practice)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Train one model on one task as described by a :class:`TrainConfig`.
+
+    Args:
+        config: the validated configuration.
+        context: the process's place in a distributed run (default: read from the environment).
+        resume: continue from the newest complete checkpoint in ``out_dir/checkpoints``.
+
+    Raises:
+        ValueError: for settings the machine cannot honour (fp16 without a GPU, a batch that
+            does not split over processes and accumulation steps) or an ``out_dir`` that
+            already holds checkpoints when ``resume`` is False.
+    """
+
+    def __init__(self, config: TrainConfig, *, context: DistributedContext | None = None, resume: bool = False) -> None:
+        self.config = config
+        self.context = context or init_distributed(config.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.out_dir = Path(config.out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        shards = config.grad_accum * self.context.world_size
+        if config.batch_size % shards:
+            raise ValueError(
+                f"batch_size={config.batch_size} must be divisible by grad_accum * processes = {shards} "
+                f"(grad_accum={config.grad_accum}, processes={self.context.world_size})"
+            )
+        if config.precision == "fp16" and self.context.device.type != "cuda":
+            raise ValueError("precision='fp16' needs a GPU; use precision='bf16' (or 'fp32') on CPU")
+        self.resume_from = latest_checkpoint(self.checkpoint_dir) if resume else None
+        if not resume and latest_checkpoint(self.checkpoint_dir) is not None:
+            raise ValueError(
+                f"{self.checkpoint_dir} already holds checkpoints; pass --resume to continue, or choose another out_dir"
+            )
+
+        random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        self.data: TrainingData = build_data(
+            config.task,
+            task_options=config.task_options,
+            seq_len=config.seq_len,
+            tokenizer=config.tokenizer,
+            tokenizer_vocab_size=config.tokenizer_vocab_size,
+            seed=config.seed,
+            tokenizer_dir=self.resume_from,
+        )
+        self.model_config = model_config(self.data, config.attention, config.attention_options, config.model)
+        self.model: nn.Module = model_class(self.data.kind)(self.model_config).to(self.context.device)
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.model, config.weight_decay), lr=config.lr, betas=config.betas
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
+        self.batcher = BucketBatcher(
+            self.data.stream("train"),
+            batch_size=config.batch_size,
+            bucket_batches=config.bucket_batches,
+            seed=config.seed,
+            pad_id=self.data.pad_id,
+            pad_to_multiple_of=config.pad_to_multiple_of,
+        )
+        self.step = 0
+        self.best: dict[str, Any] = {}
+        self._eval_batches: list[Batch] | None = None
+        self.wrapped: nn.Module = self.model
+        if self.context.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.context.device.index] if self.context.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(self.model, device_ids=ids)
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+
+    # ------------------------------------------------------------------ state
+
+    def _write_model(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)  # type: ignore[operator]
+        if self.data.tokenizer is not None:
+            self.data.tokenizer.save(directory)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights needed to continue exactly (``weights_only``-loadable)."""
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(),
+            "data": json.dumps(self.batcher.state_dict()),
+            "best": json.dumps(self.best),
+            "config": json.dumps(self.config.to_dict()),
+        }
+
+    def _load(self, checkpoint: Path) -> None:
+        state = load_state(checkpoint)
+        loaded = type(self.model).from_pretrained(checkpoint, map_location=self.context.device)  # type: ignore[attr-defined]
+        self.model.load_state_dict(loaded.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.batcher.load_state_dict(json.loads(state["data"]))
+        self.best = json.loads(state["best"])
+        self.step = int(state["step"])
+        _set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------ steps
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(self.context.device.type, dtype=dtype)
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One optimizer step on a global batch; returns its mean loss over all counted targets."""
+        ctx, cfg = self.context, self.config
+        total = max(batch.num_targets, 1)
+        micro_rows = batch.size // cfg.grad_accum
+        loss_sum = torch.zeros((), device=ctx.device)
+        self.model.train()
+        for i in range(cfg.grad_accum):
+            micro = batch.rows(slice(i * micro_rows, (i + 1) * micro_rows))
+            local = micro.rows(slice(ctx.rank, None, ctx.world_size)).to(ctx.device)
+            last = i == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not ctx.enabled else self.wrapped.no_sync()  # type: ignore[operator]
+            with sync:
+                with self._autocast():
+                    logits = forward(self.wrapped, local)
+                part = summed_loss(logits, local.labels)
+                # DDP averages gradients over processes; scaling by world_size / total makes the
+                # result the gradient of the mean loss over the whole global batch.
+                self.scaler.scale(part * (ctx.world_size / total)).backward()
+            loss_sum += part.detach()
+        lr = learning_rate(
+            self.step + 1,
+            lr=cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            max_steps=cfg.max_steps,
+            min_lr_ratio=cfg.min_lr_ratio,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss = float(all_reduce_sum(loss_sum, ctx)) / total
+        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
+
+    def evaluate(self, split: str = "validation", *, generate: bool = False) -> dict[str, Any]:
+        """Metrics of the current model on the fixed evaluation set of ``split``."""
+        if self._eval_batches is None or split != "validation":
+            examples = self.data.eval_examples(split, self.config.eval_examples)
+            size = self.config.eval_batch_size or self.config.batch_size
+            batches = eval_batches(examples, batch_size=size, pad_id=self.data.pad_id)
+            if split != "validation":
+                return evaluate(self.model, batches, self.data, device=self.context.device, generate=generate)
+            self._eval_batches = batches
+        return evaluate(self.model, self._eval_batches, self.data, device=self.context.device, generate=generate)
+
+    # ------------------------------------------------------------------ files
+
+    def _prepare_out_dir(self) -> Path:
+        log = self.out_dir / "log.jsonl"
+        if not self.context.is_main:
+            return log
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        if log.exists():
+            # Records written after the checkpoint we resume from belong to the lost future.
+            kept = [
+                line
+                for line in log.read_text().splitlines()
+                if line.strip() and self.resume_from is not None and json.loads(line)["step"] <= self.step
+            ]
+            tmp = log.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(log)
+        return log
+
+    def _keep_best(self, metrics: dict[str, Any]) -> None:
+        key, higher = ("accuracy", True) if self.data.kind == "classification" else ("loss", False)
+        value = metrics[key]
+        previous = self.best.get("value")
+        if previous is not None and (value <= previous if higher else value >= previous):
+            return
+        self.best = {"metric": key, "value": value, "step": self.step}
+
+        def write(directory: Path) -> None:
+            self._write_model(directory)
+            (directory / "metrics.json").write_text(json.dumps({"step": self.step, **metrics}, indent=2) + "\n")
+
+        write_atomically(self.out_dir / "best", write)
+
+    def _tensorboard(self) -> Any:
+        if not (self.config.tensorboard and self.context.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("attnkit train: tensorboard is not installed; logging to log.jsonl only", file=sys.stderr)
+            return None
+        return SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> dict[str, Any]:
+        """Train until ``max_steps``; returns the final validation metrics."""
+        from tqdm import tqdm
+
+        cfg, ctx = self.config, self.context
+        log_path = self._prepare_out_dir()
+        barrier(ctx)
+        writer = self._tensorboard()
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not (cfg.progress and ctx.is_main),
+            desc=f"train {self.data.name}",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        metrics: dict[str, Any] = {}
+        start = time.perf_counter()
+        with open(log_path, "a") if ctx.is_main else contextlib.nullcontext() as log:
+            while self.step < cfg.max_steps:
+                tick = time.perf_counter()
+                batch = next(self.batcher)
+                record: dict[str, Any] = {"step": self.step + 1, **self.train_step(batch)}
+                record["tokens_per_s"] = batch.num_tokens / max(time.perf_counter() - tick, 1e-9)
+                record["elapsed_s"] = time.perf_counter() - start
+                last = self.step == cfg.max_steps
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+                    if ctx.is_main:
+                        metrics = self.evaluate()
+                        record.update({f"eval_{k}": v for k, v in metrics.items()})
+                        self._keep_best(metrics)
+                    barrier(ctx)
+                if ctx.is_main and (self.step % cfg.log_every == 0 or "eval_loss" in record or last):
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    if writer is not None:
+                        for key, value in record.items():
+                            if key != "step":
+                                writer.add_scalar(key, value, self.step)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+                if self.step % cfg.checkpoint_every == 0 or last:
+                    self.save_checkpoint()
+        bar.close()
+        if writer is not None:
+            writer.close()
+        if ctx.is_main:
+            write_atomically(self.out_dir / "model", self._write_model)
+        barrier(ctx)
+        return metrics
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the current step (on the main process); returns its directory."""
+        path = None
+        if self.context.is_main:
+            path = save_checkpoint(
+                self.checkpoint_dir, self.step, self._write_model, self.state_dict(), keep=self.config.keep_checkpoints
+            )
+        barrier(self.context)
+        return path
