@@ -1,0 +1,273 @@
+"""Run the arena: every stage over every mechanism, cell by cell, resumable.
+
+Stages, in order: efficiency sweeps, fidelity, quality training. Each cell is looked up
+in the :class:`~attnkit.arena.cells.CellCache` first and stored as soon as it is
+measured, so an interrupted run (Ctrl-C, a killed job) picks up where it stopped. Budget
+stops are decisions, not measurements: they are recomputed from the stored cells on
+every run, so raising a budget resumes a sweep where it was cut.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import attnkit
+from attnkit.arena.cells import CellCache, cell_key, machine_fingerprint
+from attnkit.arena.config import FIDELITY_INPUTS, MODES, ArenaConfig
+from attnkit.arena.efficiency import budget_stop, efficiency_params, measure_efficiency
+from attnkit.arena.fidelity import fidelity_params, measure_fidelity
+from attnkit.arena.memory import PeakMemoryMeter
+from attnkit.arena.quality import quality_options, quality_params, task_is_causal, train_quality_cell
+from attnkit.core.base import AttentionMechanism
+
+BASELINE = "full"
+
+
+def resolve_mechanisms(requested: tuple[str, ...] | list[str]) -> list[str]:
+    """Requested names (or every registered one), validated, with the ``full`` baseline first.
+
+    Raises:
+        ValueError: an unknown name (the message suggests the closest registered one).
+    """
+    names = list(requested) or attnkit.list_attention()
+    for name in names:
+        attnkit.get_spec(name)
+    return [BASELINE, *[n for n in dict.fromkeys(names) if n != BASELINE]]
+
+
+def causal_modes(name: str) -> list[bool]:
+    """``[False, True]`` where the mechanism has a causal mode, else ``[False]``."""
+    return [False, True] if attnkit.attention_capabilities(name).causal else [False]
+
+
+def check_device(device: str) -> None:
+    """Raise a ``ValueError`` saying what to do when ``device`` is not usable here."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but CUDA is not available here; use --device cpu")
+
+
+@dataclass
+class ArenaRun:
+    """Everything an arena run produced, before assembly into ``results.json``.
+
+    Attributes:
+        config: the settings.
+        mechanisms: measured names, baseline first.
+        efficiency: one row per efficiency cell (measured, cached or stopped).
+        fidelity: one row per fidelity cell.
+        quality: one row per quality cell.
+        seconds: wall time of this invocation.
+        cache_hits: cells reused from an earlier run.
+        cache_misses: cells measured now.
+    """
+
+    config: ArenaConfig
+    mechanisms: list[str]
+    efficiency: list[dict[str, Any]] = field(default_factory=list)
+    fidelity: list[dict[str, Any]] = field(default_factory=list)
+    quality: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+
+class CellRunner:
+    """Cache-or-measure for one run, with a shared progress bar.
+
+    Args:
+        cache: where cells are read and written.
+        machine: :func:`machine_fingerprint`, added to machine-bound cells' keys.
+        bar: the progress bar advanced once per cell.
+    """
+
+    def __init__(self, cache: CellCache, machine: dict[str, Any], bar: tqdm) -> None:
+        self.cache, self.machine, self.bar = cache, machine, bar
+
+    def get(
+        self,
+        kind: str,
+        name: str,
+        options: dict[str, Any],
+        params: dict[str, Any],
+        compute: Callable[[], dict[str, Any]],
+        *,
+        machine_bound: bool = True,
+    ) -> dict[str, Any]:
+        """The row of one cell: stored result if present, else ``compute()`` (then stored).
+
+        ``machine_bound`` cells (timings) are keyed on this machine; others (errors,
+        trained accuracies) are reproducible anywhere with the same settings.
+        """
+        full_params = {**params, "machine": self.machine} if machine_bound else params
+        key = cell_key(kind, name, options, full_params)
+        self.bar.set_postfix_str(f"{kind} {name} {_describe(params)}", refresh=True)
+        result = self.cache.get(key)
+        if result is None:
+            started = time.perf_counter()
+            result = compute()
+            result["cell_seconds"] = round(time.perf_counter() - started, 3)
+            self.cache.put(key, result)
+            result = {**result, "cached": False}
+        else:
+            result = {**result, "cached": True}
+        self.bar.update(1)
+        return {"mechanism": name, **params, **result}
+
+
+def _describe(params: dict[str, Any]) -> str:
+    parts = [f"L={params['length']}" if "length" in params else ""]
+    for key in ("task", "input", "mode"):
+        if key in params:
+            parts.append(str(params[key]))
+    if params.get("causal"):
+        parts.append("causal")
+    return " ".join(p for p in parts if p)
+
+
+def build_seeded(name: str, options: dict[str, Any], seed: int) -> AttentionMechanism | str:
+    """Build ``name`` after seeding torch; a construction error comes back as its message."""
+    torch.manual_seed(seed)  # random features, hashes and projections are reproducible
+    try:
+        return attnkit.build_attention(name, **options)
+    except (ValueError, TypeError) as err:
+        return f"{type(err).__name__}: {err}"
+
+
+def run_arena(
+    config: ArenaConfig,
+    out_dir: Path | str,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    stages: tuple[str, ...] = ("efficiency", "fidelity", "quality"),
+) -> ArenaRun:
+    """Measure every mechanism of ``config`` and return the rows (cells cached under ``out_dir``).
+
+    Args:
+        config: what to measure.
+        out_dir: the report folder; cells go to ``out_dir/cells``.
+        resume: reuse cells stored by earlier runs with identical settings.
+        progress: show a progress bar (on stderr).
+        stages: which of ``"efficiency"``, ``"fidelity"``, ``"quality"`` to run.
+
+    Raises:
+        ValueError: an unknown mechanism or stage, or an unavailable device.
+    """
+    for stage in stages:
+        if stage not in ("efficiency", "fidelity", "quality"):
+            raise ValueError(f"stages must be among 'efficiency', 'fidelity', 'quality', got {stage!r}")
+    check_device(config.device)
+    names = resolve_mechanisms(config.mechanisms)
+    run = ArenaRun(config, names)
+    cache = CellCache(Path(out_dir), enabled=resume)
+    started = time.perf_counter()
+    total = _planned_cells(config, names, stages)
+    with tqdm(total=total, desc="arena", unit="cell", disable=not progress, dynamic_ncols=True) as bar:
+        cells = CellRunner(cache, machine_fingerprint(config.device), bar)
+        if "efficiency" in stages:
+            run.efficiency = list(_efficiency_rows(config, names, cells))
+        if "fidelity" in stages:
+            run.fidelity = list(_fidelity_rows(config, names, cells))
+        if "quality" in stages:
+            run.quality = list(_quality_rows(config, names, cells))
+        bar.set_postfix_str("done")
+    run.seconds = time.perf_counter() - started
+    run.cache_hits, run.cache_misses = cache.hits, cache.misses
+    return run
+
+
+def _planned_cells(config: ArenaConfig, names: list[str], stages: tuple[str, ...]) -> int:
+    total = 0
+    for name in names:
+        n_causal = len(causal_modes(name))
+        if "efficiency" in stages:
+            total += n_causal * len(MODES) * len(config.lengths)
+        if "fidelity" in stages:
+            total += n_causal * len(FIDELITY_INPUTS)
+        if "quality" in stages:
+            total += len(config.tasks)
+    return total
+
+
+def efficiency_sweep(
+    config: ArenaConfig, name: str, causal: bool, mode: str, cells: CellRunner, module: AttentionMechanism | str
+) -> Iterator[dict[str, Any]]:
+    """One mechanism's rows over ``config.lengths``, stopping at the budget (a ``stopped`` row says why)."""
+    meter = PeakMemoryMeter(config.device)
+    options = attnkit.get_spec(name).benchmark_options
+    done: list[dict[str, Any]] = []
+    for index, length in enumerate(config.lengths):
+        reason = budget_stop(config, mode, done, length)
+        if reason is not None:
+            for skipped in config.lengths[index:]:
+                cells.bar.update(1)
+                yield {
+                    "mechanism": name,
+                    "length": skipped,
+                    "causal": causal,
+                    "mode": mode,
+                    "status": "stopped",
+                    "reason": reason,
+                }
+            return
+        params = efficiency_params(config, length, causal, mode)
+
+        def compute(length: int = length) -> dict[str, Any]:
+            if isinstance(module, str):
+                return {"status": "error", "error": module}
+            module.train(mode == "fwd+bwd")
+            return measure_efficiency(module, config, length, causal, mode, meter)
+
+        row = cells.get("efficiency", name, options, params, compute)
+        done.append(row)
+        yield row
+
+
+def _efficiency_rows(config: ArenaConfig, names: list[str], cells: CellRunner) -> Iterator[dict[str, Any]]:
+    for name in names:
+        module = build_seeded(name, attnkit.get_spec(name).benchmark_options, config.seed)
+        for causal in causal_modes(name):
+            for mode in MODES:
+                yield from efficiency_sweep(config, name, causal, mode, cells, module)
+        del module
+
+
+def _fidelity_rows(config: ArenaConfig, names: list[str], cells: CellRunner) -> Iterator[dict[str, Any]]:
+    for name in names:
+        options = attnkit.get_spec(name).benchmark_options
+        for input_kind in FIDELITY_INPUTS:
+            for causal in causal_modes(name):
+                params = fidelity_params(config, input_kind, causal)
+                compute = partial(fidelity_cell, name, options, config, input_kind, causal)
+                yield cells.get("fidelity", name, options, params, compute, machine_bound=False)
+
+
+def fidelity_cell(
+    name: str, options: dict[str, Any], config: ArenaConfig, input_kind: str, causal: bool
+) -> dict[str, Any]:
+    """Build ``name`` (seeded) and measure one fidelity cell; construction errors become error rows."""
+    module = build_seeded(name, options, config.seed)
+    if isinstance(module, str):
+        return {"status": "error", "error": module}
+    return measure_fidelity(module, config, input_kind, causal)
+
+
+def _quality_rows(config: ArenaConfig, names: list[str], cells: CellRunner) -> Iterator[dict[str, Any]]:
+    for name in names:
+        options = quality_options(name, config)
+        for task in config.tasks:
+            params = quality_params(config, task)
+            if task_is_causal(task) and not attnkit.attention_capabilities(name).causal:
+                cells.bar.update(1)
+                yield {"mechanism": name, **params, "status": "n/a", "reason": "no causal mode"}
+                continue
+            compute = partial(train_quality_cell, name, options, task, config)
+            yield cells.get("quality", name, options, params, compute, machine_bound=False)

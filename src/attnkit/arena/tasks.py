@@ -1,0 +1,145 @@
+"""The arena's quality tasks, sized for a CPU budget, on :mod:`attnkit.data`'s generators.
+
+Every task yields ``(tokens, targets, padding)`` batches: ``tokens (B, T)`` long,
+``targets`` ``(B, T)`` (per token, ``-100`` where nothing is scored) or ``(B,)``
+(per sequence), ``padding (B, T)`` bool (True = real token) or None. Batches are
+generated once per process and shared by every mechanism (memoised), from disjoint
+train and validation splits, so all mechanisms see exactly the same data.
+
+- ``mqar``: :class:`attnkit.data.tasks.MQAR` with ``task_length // 3`` pairs over
+  ``2 x pairs`` keys and values, every pair queried once in random order. The answer
+  slots after the queries are dropped (each query is scored with its value), so
+  bidirectional mechanisms sit the same task without reading the answer next door.
+- ``listops``: :class:`attnkit.data.tasks.ListOps` (LRA recipe) with expressions of
+  ``task_length // 4`` to ``task_length`` tokens and depth at most 6.
+- ``lm``: next-byte prediction on the standard library's source files
+  (:func:`attnkit.data.sources.stdlib_files`; train and validation files are disjoint).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnkit.data.sources import stdlib_files
+from attnkit.data.tasks import IGNORE_INDEX, Task, make_task
+
+Batch = tuple[Tensor, Tensor, Tensor | None]
+
+#: Bytes of text read for the language-modelling task (train, validation).
+LM_BYTES = {"train": 2_000_000, "validation": 300_000}
+
+
+@dataclass(frozen=True)
+class QualityTask:
+    """A task the quality stage trains on.
+
+    Attributes:
+        name: ``"mqar"``, ``"listops"`` or ``"lm"``.
+        length: longest sequence.
+        vocab_size: input vocabulary.
+        num_outputs: classes of the head.
+        causal: needs causal attention.
+        pooled: one label per sequence (else per token).
+        metric: ``"accuracy"`` or ``"bits_per_char"``.
+        learning_rate: AdamW learning rate that trains the tiny model within the budget.
+    """
+
+    name: str
+    length: int
+    vocab_size: int
+    num_outputs: int
+    causal: bool
+    pooled: bool
+    metric: str
+    learning_rate: float
+
+    def batches(self, split: str, count: int, batch_size: int, seed: int) -> list[Batch]:
+        """``count`` batches of ``split`` (``"train"`` or ``"validation"``), the same for the same arguments."""
+        return _batches(self, split, count, batch_size, seed)
+
+
+def get_task(name: str, *, length: int) -> QualityTask:
+    """The task ``name`` at sequence length ``length``.
+
+    Raises:
+        ValueError: unknown task, or a length too short for it.
+    """
+    if length < 32:
+        raise ValueError(f"task_length must be at least 32 for the quality tasks, got {length}")
+    if name == "mqar":
+        vocab = _mqar_task(length).vocab_size  # answers are value tokens: the head predicts input ids
+        return QualityTask("mqar", length, vocab, vocab, False, False, "accuracy", 1e-2)
+    if name == "listops":
+        return QualityTask("listops", length, _listops_task(length).vocab_size, 10, False, True, "accuracy", 3e-3)
+    if name == "lm":
+        return QualityTask("lm", length, 256, 256, True, False, "bits_per_char", 3e-3)
+    raise ValueError(f"task must be one of 'mqar', 'listops', 'lm', got {name!r}")
+
+
+def _mqar_task(length: int) -> Task:
+    pairs = max(2, length // 3)  # pairs (2 tokens each) + one query per pair fill the length
+    return make_task("mqar", num_pairs=pairs, num_keys=2 * pairs, num_values=2 * pairs)
+
+
+def _listops_task(length: int) -> Task:
+    return make_task("listops", min_length=length // 4, max_length=length, max_depth=6)
+
+
+@functools.lru_cache(maxsize=16)
+def _batches(task: QualityTask, split: str, count: int, batch_size: int, seed: int) -> list[Batch]:
+    if task.name == "lm":
+        return _lm_batches(task.length, split, count, batch_size, seed)
+    source = _mqar_task(task.length) if task.name == "mqar" else _listops_task(task.length)
+    out = []
+    for i in range(count):
+        b = source.batch(batch_size, seed=seed, split=split, start=i * batch_size)
+        padding = None if bool(b.attention_mask.all()) else b.attention_mask
+        tokens, labels = b.input_ids, b.labels
+        if task.name == "mqar":
+            tokens, labels = _queries_only(tokens, labels)
+        out.append((tokens, labels, padding))
+    return out
+
+
+def _queries_only(tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop the answer slots of MQAR's ``... q1 a1 q2 a2`` tail: ``... q1 q2``, each scored with its value.
+
+    The answer would otherwise sit right next to its query, where any bidirectional
+    mechanism reads it; without it, causal and bidirectional mechanisms sit the same task.
+    """
+    scored = labels != IGNORE_INDEX  # (B, T): the query positions
+    first = int(scored.int().argmax(dim=1).min())  # where the queries start (same in every row)
+    keep = torch.ones(tokens.shape[1], dtype=torch.bool)
+    keep[first + 1 :: 2] = False  # the answer slots
+    return tokens[:, keep], labels[:, keep]
+
+
+@functools.lru_cache(maxsize=2)
+def _corpus(split: str) -> Tensor:
+    """Up to ``LM_BYTES[split]`` bytes of standard-library source as a long tensor."""
+    chunks, size = [], 0
+    for path in stdlib_files(split):
+        data = path.read_bytes()
+        chunks.append(data)
+        size += len(data)
+        if size >= LM_BYTES[split]:
+            break
+    text = b"".join(chunks)[: LM_BYTES[split]]
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+
+
+def _lm_batches(length: int, split: str, count: int, batch_size: int, seed: int) -> list[Batch]:
+    text = _corpus(split)
+    if len(text) <= length + 1:
+        raise ValueError(f"the corpus is too short for task_length={length}; use a shorter task length")
+    gen = torch.Generator().manual_seed(seed)
+    out: list[Batch] = []
+    for _ in range(count):
+        starts = torch.randint(len(text) - length - 1, (batch_size,), generator=gen)
+        windows = torch.stack([text[s : s + length + 1] for s in starts.tolist()])  # (B, T + 1)
+        out.append((windows[:, :-1], windows[:, 1:], None))
+    return out
