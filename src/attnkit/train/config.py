@@ -230,7 +230,10 @@ def _check_model(data: dict[str, Any], err: _Errors) -> None:
             **model,
         )
     except (ValueError, TypeError) as exc:
-        raise err("model", f"is invalid: {exc}") from exc
+        # TransformerConfig messages start with the field name: point at that key's line.
+        first = str(exc).split(" ", 1)[0]
+        key = f"model.{first}" if first in model else "attention" if first.startswith("attention") else "model"
+        raise err(key, f"is invalid: {exc}") from exc
 
 
 def _build(data: dict[str, Any], source: str, text: str | None) -> TrainConfig:

@@ -41,7 +41,8 @@ from attnkit.train.schedule import learning_rate
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only: biases, norms and other vectors are not decayed (AdamW practice)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
@@ -301,7 +302,7 @@ class Trainer:
                         record.update({f"eval_{k}": v for k, v in metrics.items()})
                         self._keep_best(metrics)
                     barrier(ctx)
-                if ctx.is_main and (self.step % cfg.log_every == 0 or "eval_loss" in record or last):
+                if log is not None and (self.step % cfg.log_every == 0 or "eval_loss" in record or last):
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     if writer is not None:

@@ -1,0 +1,120 @@
+"""Training configs: JSON/TOML parsing, overrides, and errors naming the file, key and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from attnkit.train.config import TrainConfig, apply_overrides, load_config, parse_override
+
+GOOD_TOML = """\
+task = "listops"
+out_dir = "runs/x"
+attention = "full"
+max_steps = 10
+batch_size = 4
+
+[task_options]
+min_length = 10
+max_length = 40
+
+[model]
+dim = 32
+depth = 1
+heads = 2
+"""
+
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_toml_and_json_give_the_same_config(tmp_path: Path) -> None:
+    import tomllib
+
+    toml_path = _write(tmp_path, "c.toml", GOOD_TOML)
+    json_path = _write(tmp_path, "c.json", json.dumps(tomllib.loads(GOOD_TOML), indent=2))
+    a, b = load_config(toml_path), load_config(json_path)
+    assert a == b
+    assert a.task_options == {"min_length": 10, "max_length": 40} and a.model["dim"] == 32
+    assert TrainConfig.from_dict(a.to_dict()) == a
+
+
+def test_overrides_reach_into_tables(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, "c.toml", GOOD_TOML), ["max_steps=99", "model.dim=64", "attention=full"])
+    assert config.max_steps == 99 and config.model["dim"] == 64
+    assert parse_override("out_dir=runs/a=b") == (["out_dir"], "runs/a=b")
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=[1, 2]"]) == {"a": {"b": 1, "c": [1, 2]}}
+    with pytest.raises(ValueError, match="must look like key=value"):
+        parse_override("max_steps")
+
+
+@pytest.mark.parametrize(
+    ("replace", "message"),
+    [
+        (("max_steps = 10", "max_steps = 0"), r"c.toml, line 4: key 'max_steps' must be a positive integer, got 0"),
+        (("max_steps = 10", 'max_steps = "ten"'), r"line 4: key 'max_steps' must be a positive integer, got 'ten'"),
+        (
+            ("batch_size = 4", "batchsize = 4"),
+            r"line 5: key 'batchsize' is not a training option \(did you mean 'batch_size'\?\)",
+        ),
+        (
+            ('task = "listops"', 'task = "lisops"'),
+            r"line 1: key 'task' must be one of listops, .* or an existing data path",
+        ),
+        (("dim = 32", "dim = 33"), r"line 12: key 'model.dim' is invalid: dim must be divisible by heads"),
+        (
+            ("depth = 1", "deepth = 1"),
+            r"line 13: key 'model.deepth' is not a TransformerConfig field \(did you mean 'depth'\?\)",
+        ),
+        (
+            ("min_length = 10", "min_length = 100"),
+            r"key 'task_options' is invalid for task 'listops': min_length must be <= max_length",
+        ),
+        (('attention = "full"', 'attention = "ful"'), r"key '(model|attention)' is invalid: .*ful"),
+    ],
+)
+def test_bad_values_name_file_key_and_line(tmp_path: Path, replace: tuple[str, str], message: str) -> None:
+    path = _write(tmp_path, "c.toml", GOOD_TOML.replace(*replace))
+    with pytest.raises(ValueError, match=message):
+        load_config(path)
+
+
+def test_syntax_errors_carry_the_parser_line(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"c.toml: invalid TOML: .*line 2"):
+        load_config(_write(tmp_path, "c.toml", 'task = "copy"\nout_dir = \n'))
+    with pytest.raises(ValueError, match=r"c.json, line 3, column \d+: invalid JSON"):
+        load_config(_write(tmp_path, "c.json", '{\n "task": "copy",\n "out_dir" "x"\n}'))
+    with pytest.raises(ValueError, match="must end in .toml or .json"):
+        load_config(_write(tmp_path, "c.yaml", "task: copy"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ValueError, match="missing required key 'out_dir'"):
+        load_config(_write(tmp_path, "d.json", '{"task": "copy"}'))
+
+
+def test_data_decided_model_fields_and_batch_split_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="key 'model.vocab_size' is set from the data"):
+        load_config(_write(tmp_path, "c.toml", GOOD_TOML + "vocab_size = 9\n"))
+    with pytest.raises(ValueError, match="key 'grad_accum' must divide batch_size=4, got 3"):
+        load_config(_write(tmp_path, "c.toml", GOOD_TOML), ["grad_accum=3"])
+    with pytest.raises(ValueError, match="key 'precision' must be one of 'fp32', 'bf16', 'fp16', got 'fp8'"):
+        load_config(_write(tmp_path, "c.toml", GOOD_TOML), ["precision=fp8"])
+
+
+def test_relative_data_path_resolves_against_the_config(tmp_path: Path) -> None:
+    (tmp_path / "data.jsonl").write_text('{"text": "hello", "label": 1}\n')
+    path = _write(tmp_path, "c.json", json.dumps({"task": "data.jsonl", "out_dir": "x"}))
+    assert load_config(path).task == str(tmp_path / "data.jsonl")
+
+
+def test_shipped_configs_are_valid() -> None:
+    root = Path(__file__).resolve().parents[2] / "configs"
+    paths = sorted(root.glob("*.toml")) + sorted(root.glob("*.json"))
+    assert paths, "configs/ should hold example configs"
+    for path in paths:
+        load_config(path, ["attention=full", "attention_options={}"])
