@@ -89,7 +89,7 @@ def test_syntax_errors_carry_the_parser_line(tmp_path: Path) -> None:
         load_config(_write(tmp_path, "c.toml", 'task = "copy"\nout_dir = \n'))
     with pytest.raises(ValueError, match=r"c.json, line 3, column \d+: invalid JSON"):
         load_config(_write(tmp_path, "c.json", '{\n "task": "copy",\n "out_dir" "x"\n}'))
-    with pytest.raises(ValueError, match="must end in .toml or .json"):
+    with pytest.raises(ValueError, match=r"must end in \.toml or \.json"):
         load_config(_write(tmp_path, "c.yaml", "task: copy"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
@@ -98,7 +98,7 @@ def test_syntax_errors_carry_the_parser_line(tmp_path: Path) -> None:
 
 
 def test_data_decided_model_fields_and_batch_split_are_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="key 'model.vocab_size' is set from the data"):
+    with pytest.raises(ValueError, match=r"key 'model\.vocab_size' is set from the data"):
         load_config(_write(tmp_path, "c.toml", GOOD_TOML + "vocab_size = 9\n"))
     with pytest.raises(ValueError, match="key 'grad_accum' must divide batch_size=4, got 3"):
         load_config(_write(tmp_path, "c.toml", GOOD_TOML), ["grad_accum=3"])
