@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per harness measurement (after warm-up)")
-    parser.add_argument("--pairs", type=int, default=11, help="SDPA/full pairs per paired cell")
+    parser.add_argument("--pairs", type=int, default=9, help="SDPA/full pairs per paired cell")
     parser.add_argument("--skip-harness", action="store_true", help="only the paired measurement")
     parser.add_argument("--paired-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 import attnkit
+import attnkit.attention.topk as topk_module
 from attnkit.attention.reference import dense_score_bias, reference_attention
 from attnkit.attention.topk import select_topk
 from attnkit.core.types import ScoreBias
@@ -79,6 +80,13 @@ def selected_oracle(q: Tensor, k: Tensor, v: Tensor, topk: int, **kwargs: object
     )
 
 
+@pytest.fixture(params=["dense", "gather"])
+def products(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the per-chunk products as dense GEMMs, then as row gathers/scatters."""
+    monkeypatch.setattr(topk_module, "_DENSE_RATIO", 10**9 if request.param == "dense" else 0)
+    return str(request.param)
+
+
 def random_qkv(
     t_len: int, s_len: int, *, seed: int, dtype: torch.dtype = torch.float32, batch: int = 2, heads: int = 3
 ):
@@ -93,7 +101,7 @@ def random_qkv(
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("lengths", [(23, 23), (9, 31), (31, 9)])
 def test_exact_softmax_over_the_selected_keys(
-    dtype: torch.dtype, causal: bool, padded: bool, lengths: tuple[int, int]
+    dtype: torch.dtype, causal: bool, padded: bool, lengths: tuple[int, int], products: str
 ) -> None:
     t_len, s_len = lengths
     q, k, v = random_qkv(t_len, s_len, seed=t_len * 100 + s_len)
@@ -187,7 +195,7 @@ def test_ties_keep_an_exact_softmax() -> None:
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, mask=selected), atol=1e-5, rtol=0)
 
 
-def test_chunk_size_does_not_change_the_result() -> None:
+def test_chunk_size_does_not_change_the_result(products: str) -> None:
     q, k, v = structured_qkv(2, 2, 29, 29, 8, seed=12)
     outs = [attnkit.build_attention("topk", topk=5, chunk_size=c)(q, k, v, causal=True) for c in (1, 4, 29, 1000)]
     for out in outs[1:]:
@@ -195,7 +203,7 @@ def test_chunk_size_does_not_change_the_result() -> None:
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_gradients_equal_the_oracle_over_the_selection(causal: bool) -> None:
+def test_gradients_equal_the_oracle_over_the_selection(causal: bool, products: str) -> None:
     q, k, v = (t.requires_grad_(True) for t in random_qkv(13, 13, seed=13, dtype=torch.float64))
     kpm = random_padding(2, 13, seed=13, min_real=7)
     out = attnkit.build_attention("topk", topk=4, chunk_size=5)(q, k, v, causal=causal, key_padding_mask=kpm)
@@ -210,7 +218,7 @@ def test_gradients_equal_the_oracle_over_the_selection(causal: bool) -> None:
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_gradcheck_with_keys_dropped(causal: bool) -> None:
+def test_gradcheck_with_keys_dropped(causal: bool, products: str) -> None:
     q, k, v = (t.requires_grad_(True) for t in random_qkv(7, 10, seed=14, dtype=torch.float64, batch=1, heads=2))
     kpm = torch.tensor([[True] * 8 + [False] * 2])
     module = attnkit.build_attention("topk", topk=3, chunk_size=3)
@@ -219,7 +227,7 @@ def test_gradcheck_with_keys_dropped(causal: bool) -> None:
     )
 
 
-def test_learned_bias_gets_the_oracle_gradient() -> None:
+def test_learned_bias_gets_the_oracle_gradient(products: str) -> None:
     q, k, v = random_qkv(11, 11, seed=15, dtype=torch.float64)
     t5 = T5RelativeBias(3, num_buckets=8, max_distance=8).double()
     with torch.no_grad():
@@ -233,6 +241,20 @@ def test_learned_bias_gets_the_oracle_gradient() -> None:
     (want,) = torch.autograd.grad(ref.square().sum(), t5.bias.weight)
     assert want.abs().sum() > 0
     torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("cut", [3, 17])
+def test_causality_is_exact_in_both_product_modes(cut: int, products: str) -> None:
+    q, k, v = (t.requires_grad_(True) for t in structured_qkv(2, 2, 23, 23, 8, seed=17))
+    module = attnkit.build_attention("topk", topk=5, chunk_size=7)
+    out = module(q, k, v, causal=True)
+    future = torch.arange(23) > cut
+    with torch.no_grad():
+        q2, k2, v2 = (torch.where(future[None, None, :, None], 7.0 * torch.randn_like(t), t) for t in (q, k, v))
+    assert torch.equal(module(q2, k2, v2, causal=True)[:, :, : cut + 1], out[:, :, : cut + 1])
+    out[:, :, : cut + 1].sum().backward()
+    for t in (q, k, v):
+        assert t.grad is not None and torch.all(t.grad[:, :, future] == 0)
 
 
 def test_decoding_with_a_bias_equals_recompute() -> None:

