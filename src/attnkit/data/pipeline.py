@@ -61,6 +61,11 @@ class TrainingData:
         assert self.tokenizer is not None
         if self._jsonl is not None:
             dataset = JsonlDataset(self._jsonl, self.tokenizer, split=split, max_length=self._seq_len)
+            if len(dataset) == 0:
+                raise ValueError(
+                    f"{self._jsonl}: no records in the {split!r} split (records go to train/validation/test by "
+                    "a hash of the line, 80/10/10, unless they carry a 'split' field)"
+                )
             return ShuffledStream(dataset, seed=self.seed, loop=loop, shuffle=split == "train")
         assert self._files is not None
         files = self._files[split] if split in self._files else self._files["all"]
