@@ -30,6 +30,7 @@ from attnkit.models import (
     TransformerConfig,
     load_pretrained,
 )
+from attnkit.train import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,8 @@ __all__ = [
     "MechanismSpec",
     "MultiHeadAttention",
     "SequenceClassifier",
+    "TrainConfig",
+    "Trainer",
     "TransformerConfig",
     "__version__",
     "accepted_options",
