@@ -35,6 +35,9 @@ from torch import Tensor
 
 #: Log-scale given to padded keys: exp(NEG - anything finite) underflows to exactly 0.
 NEG = -1e30
+#: Chunks per group of the inter-chunk pass: the group's (GROUP, F, Dv) partial sums are the only
+#: state-sized temporaries, so memory stays O(F·Dv) per head whatever the length.
+GROUP = 16
 
 
 @dataclass
@@ -108,32 +111,42 @@ def _chunked(
     out = scores @ vc  # (n, BH, C, E)
     del scores
 
-    # inter-chunk: a running (F, E) state, one chunk at a time
-    kv = kv0.reshape(bh, feat, e_dim).clone() if kv0 is not None else q.new_zeros(bh, feat, e_dim)
-    ref = ref0.reshape(bh).clone() if ref0 is not None else q.new_full((bh,), NEG)
-    has_state = kv0 is not None
-    last = n if need_state else n - 1
-    for c in range(n):
-        if has_state:
-            if bc is not None:
-                out[c].add_((qc[c] @ kv).mul_((ref[:, None] + bc[c]).exp()[..., None]))
-            else:
-                out[c].baddbmm_(qc[c], kv)
-        if c >= last:
-            break
-        kt = kc[c].transpose(1, 2)  # (BH, F, C)
-        if ac is not None:
-            new_ref = torch.maximum(ref, ac[c].amax(dim=-1))
-            kv.mul_((ref - new_ref).exp()[:, None, None])
-            kt = kt * (ac[c] - new_ref[:, None]).exp()[:, None, :]
-            ref = new_ref
-        kv.baddbmm_(kt, vc[c])
-        has_state = True
+    # inter-chunk: a running (F, E) state carried across groups of GROUP chunks; inside a group the
+    # state each chunk reads is a weighted sum of the carried state and the earlier chunks' sums
+    kv = kv0.reshape(bh, feat, e_dim) if kv0 is not None else q.new_zeros(bh, feat, e_dim)
+    ref = ref0.reshape(bh) if ref0 is not None else q.new_full((bh,), NEG)
+    for g0 in range(0, n, GROUP):
+        g1 = min(n, g0 + GROUP)
+        keys = kc[g0:g1]  # (g, BH, C, F)
+        if ac is not None and bc is not None:
+            # reference after each chunk: running max of the key log-scales (never a later chunk's)
+            refs = torch.maximum(ac[g0:g1].amax(dim=-1).cummax(dim=0).values, ref)  # (g, BH)
+            keys = keys * (ac[g0:g1] - refs[..., None]).exp()[..., None]
+            refs_all = torch.cat([ref[None], refs]).T  # (BH, g + 1): [carried, after chunk 0, ...]
+            # weight of sum j in the state read after position c: exp(ref_j - ref_c) <= 1, j <= c
+            weights = (refs_all[:, None, :] - refs_all[:, :, None]).clamp_(max=0.0).exp_()
+            weights = weights * _lower(g1 - g0, q)  # (BH, g + 1, g + 1)
+        else:
+            weights = _lower(g1 - g0, q)
+        sums = keys.transpose(-1, -2) @ vc[g0:g1]  # (g, BH, F, E)
+        sums = torch.cat([kv[None], sums]).reshape(g1 - g0 + 1, bh, feat * e_dim).transpose(0, 1)
+        states = (weights @ sums).reshape(bh, g1 - g0 + 1, feat, e_dim)  # states[:, c]: before chunk c
+        reads = qc[g0:g1] @ states[:, :-1].transpose(0, 1)  # (g, BH, C, E)
+        if ac is not None and bc is not None:
+            reads.mul_((refs_all.T[:-1, :, None] + bc[g0:g1]).exp()[..., None])
+            ref = refs_all[:, -1].contiguous()
+        out[g0:g1] += reads
+        kv = states[:, -1]
 
     out = out.transpose(0, 1).reshape(bsz, heads, n * chunk, e_dim)[:, :, :t_len]
     if not need_state:
         return out, None, None
-    return out, kv.reshape(bsz, heads, feat, e_dim), (ref.reshape(bsz, heads) if a is not None else None)
+    return out, kv.reshape(bsz, heads, feat, e_dim).clone(), (ref.reshape(bsz, heads) if a is not None else None)
+
+
+def _lower(g: int, like: Tensor) -> Tensor:
+    """``(g + 1, g + 1)`` lower-triangular ones: the state before chunk ``c`` sums entries ``0..c``."""
+    return torch.ones(g + 1, g + 1, dtype=like.dtype, device=like.device).tril()
 
 
 def _flip(x: Tensor | None) -> Tensor | None:

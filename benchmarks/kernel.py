@@ -1,0 +1,165 @@
+"""Kernel and low-rank family (issue 5): linear, performer, linformer, nystrom vs SDPA and the open implementations.
+
+Protocol (shared harness): B=1, H=8, D=64, fp32, 2 threads, every measurement in a fresh
+process, forward and forward+backward, median time and peak memory, ratios from one run.
+Settings are matched to the anchors: 256 random features, proj_len 256, 64 landmarks
+(6 pseudo-inverse iterations), elu+1 linear attention.
+
+Anchors (installed in ``.venv-bench`` only):
+
+- ``performer-pytorch`` ``FastAttention(64, nb_features=256, causal=...)`` on ``(B, H, L, D)``
+  tensors, exactly like ours. Its causal mode has no CPU kernel and falls back to its own
+  chunked cumulative-sum code.
+- ``linear-attention-transformer`` ``linear_attn`` / ``causal_linear_attn`` (bucket 64) on
+  ``(B, H, L, D)`` tensors (its feature maps are softmax-based, the cost is the same kind).
+- ``linformer`` ``LinformerSelfAttention(k=256)`` and ``nystrom-attention``
+  ``NystromAttention(num_landmarks=64, residual=False)``: whole layers with input/output
+  projections, so their ``to_q/to_k/to_v/to_qkv/to_out`` linears are replaced by identities
+  and the layer gets the head-concatenated ``(B, L, H·D)`` tensor; what is timed is then the
+  attention itself, as for ours.
+- ``pytorch-fast-transformers`` does not build here (its setup requires CUDA), so it has no row.
+
+Run (about 20 minutes)::
+
+    flock /tmp/attnkit-bench.lock .venv-bench/bin/python -m benchmarks.kernel
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks.common import qkv
+from benchmarks.harness import RESULTS, Case, run_suite
+
+BENCH_PY = ".venv-bench/bin/python"
+
+
+def performer_anchor(length: int, causal: bool) -> Callable[[], torch.Tensor]:
+    """``performer_pytorch.FastAttention`` with 256 orthogonal features."""
+    from performer_pytorch import FastAttention
+
+    module = FastAttention(64, nb_features=256, causal=causal)
+    q, k, v = qkv(length)
+    return lambda: module(q, k, v)
+
+
+def linear_anchor(length: int, causal: bool) -> Callable[[], torch.Tensor]:
+    """``linear_attention_transformer`` (non-causal ``linear_attn``, causal ``causal_linear_attn``)."""
+    from linear_attention_transformer.linear_attention_transformer import causal_linear_attn, linear_attn
+
+    q, k, v = qkv(length)
+    if causal:
+        return lambda: causal_linear_attn(q, k, v, bucket_size=64)
+    return lambda: linear_attn(q, k, v)
+
+
+def _heads_last(length: int, width: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(1, length, width, generator=g).requires_grad_(True)
+
+
+def linformer_anchor(length: int, causal: bool) -> Callable[[], torch.Tensor]:
+    """``linformer.LinformerSelfAttention(k=256)``, projections replaced by identities."""
+    from linformer import LinformerSelfAttention
+
+    module = LinformerSelfAttention(dim=512, seq_len=length, k=256, heads=8)
+    module.to_q = module.to_k = module.to_v = module.to_out = nn.Identity()
+    x = _heads_last(length, 512)
+    return lambda: module(x)
+
+
+def nystrom_anchor(length: int, causal: bool) -> Callable[[], torch.Tensor]:
+    """``nystrom_attention.NystromAttention(num_landmarks=64, pinv_iterations=6, residual=False)``."""
+    from nystrom_attention import NystromAttention
+
+    module = NystromAttention(dim=512, dim_head=64, heads=8, num_landmarks=64, pinv_iterations=6, residual=False)
+    module.to_qkv = nn.Identity()  # the input already holds q, k and v side by side
+    module.to_out = nn.Identity()
+    x = _heads_last(length, 3 * 512)
+    return lambda: module(x)
+
+
+def cases(lengths: list[int]) -> list[Case]:
+    """The suite: SDPA, our four mechanisms, the anchors."""
+    ours = "benchmarks.common:attnkit_mechanism"
+    return [
+        Case("sdpa", "benchmarks.common:sdpa", role="sdpa"),
+        Case("attnkit linear", ours, {"name": "linear"}),
+        Case("attnkit performer", ours, {"name": "performer", "nb_features": 256}),
+        Case(
+            "attnkit linformer",
+            ours,
+            {"name": "linformer", "proj_len": 256, "max_len": max(lengths)},
+            bidirectional_only=True,
+        ),
+        Case("attnkit nystrom", ours, {"name": "nystrom", "num_landmarks": 64}, bidirectional_only=True),
+        Case("performer-pytorch", "benchmarks.kernel:performer_anchor", role="anchor", python=BENCH_PY),
+        Case("linear-attention-transformer", "benchmarks.kernel:linear_anchor", role="anchor", python=BENCH_PY),
+        Case(
+            "linformer", "benchmarks.kernel:linformer_anchor", role="anchor", python=BENCH_PY, bidirectional_only=True
+        ),
+        Case(
+            "nystrom-attention",
+            "benchmarks.kernel:nystrom_anchor",
+            role="anchor",
+            python=BENCH_PY,
+            bidirectional_only=True,
+        ),
+    ]
+
+
+#: each of ours and the anchor of the same mechanism (the harness's "fastest anchor" mixes mechanisms)
+MATCHED = {
+    "attnkit linear": "linear-attention-transformer",
+    "attnkit performer": "performer-pytorch",
+    "attnkit linformer": "linformer",
+    "attnkit nystrom": "nystrom-attention",
+}
+
+
+def matched_table(rows: list[dict[str, Any]]) -> str:
+    """Ours vs the same mechanism's anchor, per cell: speed-up (anchor time / ours) and memory ratio."""
+    cell = {(r["label"], r["length"], r["causal"], r["mode"]): r for r in rows if r["status"] == "ok"}
+    lines = [
+        "| mechanism | causal | mode | length | ours ms | anchor ms | speed-up vs anchor | ours vs SDPA | "
+        "peak MB ours / anchor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["label"], r["mode"], r["causal"], r["length"])):
+        if r["label"] not in MATCHED or r["status"] != "ok":
+            continue
+        anchor = cell.get((MATCHED[r["label"]], r["length"], r["causal"], r["mode"]))
+        speed = f"{anchor['median_s'] / r['median_s']:.2f}x" if anchor else "anchor failed"
+        r["speedup_vs_same_anchor"] = anchor["median_s"] / r["median_s"] if anchor else None
+        lines.append(
+            f"| {r['label']} | {'yes' if r['causal'] else 'no'} | {r['mode']} | {r['length']} | "
+            f"{r['median_s'] * 1e3:.1f} | {anchor['median_s'] * 1e3 if anchor else float('nan'):.1f} | {speed} | "
+            f"{r.get('vs_sdpa', float('nan')):.3f} | {r['peak_mb']:.0f} / {anchor['peak_mb'] if anchor else float('nan'):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
+    args = parser.parse_args()
+    rows = run_suite("kernel", cases(args.lengths), lengths=args.lengths, repeats=args.repeats, modes=args.modes)
+    table = matched_table(rows)
+    md = RESULTS / "kernel.md"
+    md.write_text(md.read_text() + "\n## Each mechanism vs its own anchor\n\n" + table + "\n")
+    data = json.loads((RESULTS / "kernel.json").read_text())
+    data["rows"] = rows
+    (RESULTS / "kernel.json").write_text(json.dumps(data, indent=1))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
