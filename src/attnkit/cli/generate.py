@@ -116,8 +116,12 @@ def run(args: argparse.Namespace) -> int:
             "use a LanguageModel or EncoderDecoder checkpoint"
         )
     cfg = model.config
-    tokenizer = None if args.ids else _load_tokenizer(model_dir, cfg.vocab_size)
-    prompts = [_parse_ids(t) for t in args.ids] if args.ids else [tokenizer.encode(t) for t in args.prompt]
+    tokenizer: Any = None
+    if args.ids:
+        prompts = [_parse_ids(t) for t in args.ids]
+    else:
+        tokenizer = _load_tokenizer(model_dir, cfg.vocab_size)
+        prompts = [tokenizer.encode(t) for t in args.prompt]
     if isinstance(model, LanguageModel) and cfg.bos_token_id is not None:
         prompts = [[cfg.bos_token_id, *p] for p in prompts]
     if any(not p for p in prompts):
