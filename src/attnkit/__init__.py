@@ -8,7 +8,11 @@ Quick use::
     mha = attnkit.MultiHeadAttention(512, 8, attention="full", rotary=True)
 """
 
+from attnkit.attention.linear import LinearAttention
+from attnkit.attention.linformer import LinformerAttention
 from attnkit.attention.multi_head import AttentionCache, MultiHeadAttention
+from attnkit.attention.nystrom import NystromAttention
+from attnkit.attention.performer import PerformerAttention
 from attnkit.attention.reference import reference_attention
 from attnkit.core.base import AttentionMechanism, KVState
 from attnkit.core.capabilities import Capabilities
@@ -21,6 +25,7 @@ from attnkit.core.registry import (
     list_attention,
     register,
 )
+from attnkit.kernels.prefix import PrefixState
 from attnkit.masks import Mask, causal_mask, full_mask, key_padding_mask, materialize
 from attnkit.models import (
     Encoder,
@@ -42,9 +47,14 @@ __all__ = [
     "EncoderDecoder",
     "KVState",
     "LanguageModel",
+    "LinearAttention",
+    "LinformerAttention",
     "Mask",
     "MechanismSpec",
     "MultiHeadAttention",
+    "NystromAttention",
+    "PerformerAttention",
+    "PrefixState",
     "SequenceClassifier",
     "TrainConfig",
     "Trainer",
