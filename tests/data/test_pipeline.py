@@ -149,3 +149,17 @@ def test_bad_jsonl_names_file_and_line(tmp_path: Path, lines: list[str], message
     with pytest.raises(ValueError, match=message) as info:
         JsonlDataset(path, ByteTokenizer(), split="train", max_length=8)
     assert str(path) in str(info.value)
+
+
+def test_build_data_for_a_small_text_folder_splits_by_window(tmp_path: Path) -> None:
+    from attnkit.data.pipeline import build_data
+
+    (tmp_path / "a.txt").write_text("".join(f"line {i}\n" for i in range(400)))
+    data = build_data(str(tmp_path), seq_len=16)
+    assert data.kind == "lm" and data.vocab_size == 260 and data.max_length == 16
+    train = {e.input_ids for e in data.eval_examples("train", 1000)}
+    valid = {e.input_ids for e in data.eval_examples("validation", 1000)}
+    assert train and valid and not train & valid
+    assert len(train) + len(valid) < 4000 / 16 + 2  # windows of one file, no overlap between splits
+    with pytest.raises(ValueError, match="task_options only apply to synthetic tasks"):
+        build_data(str(tmp_path), task_options={"min_length": 3})

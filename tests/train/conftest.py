@@ -24,6 +24,7 @@ def tiny_config(out_dir: Path, **overrides: Any) -> dict[str, Any]:
         "checkpoint_every": 3,
         "bucket_batches": 2,
         "threads": 1,
+        "device": "cpu",  # bit-identity and DDP parity are CPU guarantees
         "progress": False,
         "model": dict(TINY_MODEL),
     }

@@ -78,3 +78,13 @@ def test_text_corpus_language_model_reports_bpc(tmp_path: Path) -> None:
     metrics = trainer.evaluate()
     assert metrics["bpc"] == pytest.approx(metrics["loss"] / 0.6931471805599453)
     assert (tmp_path / "run" / "model" / "tokenizer.json").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_training_on_gpu_with_mixed_precision(tmp_path: Path, precision: str) -> None:
+    trainer = _run(tmp_path, device="cuda", precision=precision, max_steps=3, eval_every=3)
+    assert next(trainer.model.parameters()).is_cuda
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert "eval_accuracy" in records[-1]
