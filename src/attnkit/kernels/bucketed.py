@@ -28,6 +28,7 @@ Memory is ``O(R · T · chunk)`` for the scores (never ``T × S``); time ``O(R �
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -148,11 +149,20 @@ def bucket_layout(
     return ChunkLayout(shaped_queries, shaped_keys, continues.reshape(*lead, num_chunks), chunk_size)
 
 
-def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """``x (B, H, T, D)`` gathered at ``index (B, H, R, L)`` -> ``(B, H, R, L, D)``."""
-    b, h, r, length = index.shape
-    src = x.unsqueeze(2).expand(b, h, r, x.shape[2], x.shape[3])
-    return src.gather(3, index.unsqueeze(-1).expand(b, h, r, length, x.shape[3]))
+def _rows(token_of_slot: Tensor, tokens_per_sequence: int) -> Tensor:
+    """Flat row ids into ``x.reshape(B·H·T, D)`` for ``token_of_slot (B, H, R, L)``: ``(B·H·R·L,)``."""
+    b, h = token_of_slot.shape[:2]
+    base = torch.arange(b * h, device=token_of_slot.device).view(b, h, 1, 1) * tokens_per_sequence
+    return (token_of_slot + base).reshape(-1)
+
+
+def _windows(src: Tensor, chunk: int) -> Tensor:
+    """Overlapping ``2 · chunk``-row windows of ``src ((G + 1) · chunk, D)``, one per chunk, as a view.
+
+    Window ``g`` holds chunk ``g`` of the buffer (the previous chunk) then chunk ``g + 1`` (its own).
+    """
+    groups = src.shape[0] // chunk - 1
+    return src.as_strided((groups, 2 * chunk, src.shape[1]), (chunk * src.shape[1], src.shape[1], 1))
 
 
 def _with_look_back(x: Tensor, continues: Tensor, fill: bool | int | None = None) -> Tensor:
@@ -175,52 +185,105 @@ def _lookup(table: Tensor, tok: Tensor, rounds: slice) -> Tensor:
     return table.gather(3, flat).reshape(part.shape)
 
 
-def _seen_in_earlier_rounds(layout: ChunkLayout, q_tok: Tensor, k_tok: Tensor, look_back: bool) -> Tensor:
-    """True where key ``k_tok`` was already in query ``q_tok``'s window in an earlier round.
+def _block_seen_in_earlier_rounds(
+    blocked: Tensor, layout: ChunkLayout, q_tok: Tensor, k_tok: Tensor, look_back: bool
+) -> None:
+    """Block (in place) every key already in the query's window in an earlier round.
 
-    ``q_tok (B, H, R, nc, c, 1)`` and ``k_tok (B, H, R, nc, 1, K)`` are token ids; returns a
-    bool tensor broadcast to ``(B, H, R, nc, c, K)``.
+    ``blocked (B, H, R, nc, c, K)``; ``q_tok (B, H, R, nc, c, 1)`` and ``k_tok (B, H, R, nc, 1, K)``
+    are token ids. In round ``r'`` key ``j`` is in query ``i``'s window iff its chunk is the
+    query's chunk, or the one before it when that chunk continues the same bucket.
     """
     c = layout.chunk_size
     rounds = layout.chunk_continues.shape[2]
-    q_chunk = layout.queries.slot_of_token // c  # (B, H, R, T)
-    k_chunk = layout.keys.slot_of_token // c
-    seen = torch.zeros(q_tok.shape[:3] + torch.broadcast_shapes(q_tok.shape[3:], k_tok.shape[3:]), dtype=torch.bool)
-    seen = seen.to(q_tok.device)
+    q_chunk = (layout.queries.slot_of_token // c).int()  # (B, H, R, T)
+    k_chunk = (layout.keys.slot_of_token // c).int()
     for earlier in range(rounds - 1):
         later = slice(earlier + 1, rounds)
-
         q_then, k_then = q_chunk[:, :, earlier : earlier + 1], k_chunk[:, :, earlier : earlier + 1]
-        gq, gk = _lookup(q_then, q_tok, later), _lookup(k_then, k_tok, later)
-        hit = gk == gq
+        behind = _lookup(q_then, q_tok, later) - _lookup(k_then, k_tok, later)  # chunks the key lies behind
         if look_back:
-            cont = layout.chunk_continues[:, :, earlier : earlier + 1].gather(3, q_then)  # per query token
-            hit = hit | ((gk == gq - 1) & _lookup(cont, q_tok, later))
-        seen[:, :, later] |= hit
-    return seen
+            cont = layout.chunk_continues[:, :, earlier : earlier + 1].gather(3, q_then.long()).int()
+            hit = (behind >= 0) & (behind <= _lookup(cont, q_tok, later))
+        else:
+            hit = behind == 0
+        blocked[:, :, later] |= hit
 
 
-def _masked_softmax_attention(scores: Tensor, allowed: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax of ``scores`` over ``allowed`` keys applied to ``values``; empty rows give zeros.
+def _scores(q: Tensor, k: Tensor, blocked: Tensor, self_pair: Tensor | None, scale: float) -> Tensor:
+    """Masked scores ``(..., c, K)``: ``-inf`` where blocked, :data:`SELF_SCORE` on self pairs."""
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    s.masked_fill_(blocked, float("-inf"))
+    if self_pair is not None:
+        s.masked_fill_(self_pair, SELF_SCORE)
+    return s
 
-    Args:
-        scores: ``(..., c, K)``.
-        allowed: bool, broadcastable to ``scores``.
-        values: ``(..., K, Dv)``.
 
-    Returns:
-        ``out (..., c, Dv)`` and the log-sum-exp ``(..., c)`` (``-inf`` on empty rows).
+class _ChunkAttention(torch.autograd.Function):
+    """Softmax attention per chunk over unblocked keys, returning the output and log-sum-exp.
+
+    Keys and values come either as ``(G, K, D)`` or, with ``chunk > 0``, as a flat buffer of
+    ``G + 1`` chunks read through overlapping windows (previous + own chunk) without a copy.
+    Saves only the inputs, the boolean masks and ``(out, lse)``; the backward recomputes the
+    probabilities (FlashAttention-style), so no float ``(c × K)`` tensor outlives a pass.
     """
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    probs = torch.exp(scores - row_max)  # exactly 0 on masked keys
-    denom = probs.sum(dim=-1, keepdim=True)
-    has_key = denom > 0
-    safe = torch.where(has_key, denom, torch.ones_like(denom))
-    out = (probs @ values) / safe
-    lse = torch.where(has_key, row_max + torch.log(safe), torch.full_like(denom, float("-inf")))
-    return out, lse.squeeze(-1)
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: Tensor,
+        k_src: Tensor,
+        v_src: Tensor,
+        blocked: Tensor,
+        self_pair: Tensor | None,
+        scale: float,
+        chunk: int,
+    ) -> tuple[Tensor, Tensor]:
+        k, v = (_windows(k_src, chunk), _windows(v_src, chunk)) if chunk else (k_src, v_src)
+        p = _scores(q, k, blocked, self_pair, scale)
+        row_max = p.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        p.sub_(row_max).exp_()  # exactly 0 on blocked keys
+        denom = p.sum(dim=-1, keepdim=True)
+        has_key = denom > 0
+        safe = torch.where(has_key, denom, torch.ones_like(denom))
+        out = torch.matmul(p, v).div_(safe)
+        lse = torch.where(has_key, row_max + torch.log(safe), torch.full_like(denom, float("-inf"))).squeeze(-1)
+        ctx.save_for_backward(q, k_src, v_src, blocked, self_pair, out, lse)
+        ctx.scale, ctx.chunk = scale, chunk
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, d_out: Tensor, d_lse: Tensor | None) -> tuple[Tensor | None, ...]:
+        q, k_src, v_src, blocked, self_pair, out, lse = ctx.saved_tensors
+        chunk = ctx.chunk
+        k, v = (_windows(k_src, chunk), _windows(v_src, chunk)) if chunk else (k_src, v_src)
+        p = _scores(q, k, blocked, self_pair, ctx.scale)
+        lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1)
+        p.sub_(lse_safe).exp_()  # the normalised probabilities; 0 on blocked keys and empty rows
+        d_v = torch.matmul(p.transpose(-1, -2), d_out)
+        delta = (d_out * out).sum(dim=-1, keepdim=True)
+        if d_lse is not None:
+            delta = delta - d_lse.unsqueeze(-1)
+        d_s = torch.matmul(d_out, v.transpose(-1, -2)).sub_(delta).mul_(p)
+        del p
+        if self_pair is not None:
+            d_s.masked_fill_(self_pair, 0.0)  # the self score is a constant
+        d_s.mul_(ctx.scale)
+        d_q = torch.matmul(d_s, k)
+        d_k = torch.matmul(d_s.transpose(-1, -2), q)
+        if chunk:
+            d_k, d_v = _fold_windows(d_k, chunk), _fold_windows(d_v, chunk)
+        return d_q, d_k, d_v, None, None, None, None
+
+
+def _fold_windows(grad: Tensor, chunk: int) -> Tensor:
+    """Adjoint of :func:`_windows`: ``(G, 2 · chunk, D)`` -> ``((G + 1) · chunk, D)``."""
+    groups, _, dim = grad.shape
+    out = grad.new_zeros(groups + 1, chunk, dim)
+    out[:-1] += grad[:, :chunk]
+    out[1:] += grad[:, chunk:]
+    return out.view(-1, dim)
 
 
 def bucketed_attention(
@@ -250,57 +313,70 @@ def bucketed_attention(
         look_back: each chunk also sees the previous chunk of the same bucket.
         extra_keys: ``(keys (B, H, R, nc, E, D), values (B, H, R, nc, E, Dv), visible
             bool (B, H, R, nc, E))``: keys every chunk sees in addition (Sinkhorn's sorted
-            block). They carry no position: the caller guarantees they respect causality.
+            block); only without ``look_back``. They carry no position: the caller
+            guarantees they respect causality.
         scale: score scale, default ``1/sqrt(D)``.
 
     Returns:
         ``(B, H, T, Dv)``: for every query, softmax attention over the union of the keys
         visible to it in any round; zeros where no key is visible.
     """
+    if look_back and extra_keys is not None:
+        raise ValueError("extra_keys needs look_back=False")
     b, h, t_len, d = q.shape
+    d_v = v.shape[-1]
     rounds, c, nc = layout.chunk_continues.shape[2], layout.chunk_size, layout.num_chunks
+    groups = b * h * rounds * nc
     scale = d**-0.5 if scale is None else scale
-    q_idx, k_idx = layout.queries.token_of_slot, layout.keys.token_of_slot  # (B, H, R, L)
 
-    qs = _gather_tokens(q, q_idx).reshape(b, h, rounds, nc, c, d)
-    ks = _gather_tokens(k, k_idx).reshape(b, h, rounds, nc, c, d)
-    vs = _gather_tokens(v, k_idx).reshape(b, h, rounds, nc, c, v.shape[-1])
-    query_tok = q_idx.reshape(b, h, rounds, nc, c)
-    key_tok = k_idx.reshape(b, h, rounds, nc, c)
+    q_rows = _rows(layout.queries.token_of_slot, t_len)
+    k_rows = _rows(layout.keys.token_of_slot, t_len)
+    if look_back:  # one leading dummy chunk: the (masked) look-back of the very first chunk
+        k_rows = torch.cat([k_rows[:c], k_rows])
+    qs = q.reshape(-1, d).index_select(0, q_rows).view(groups, c, d)
+    ks = k.reshape(-1, d).index_select(0, k_rows)
+    vs = v.reshape(-1, d_v).index_select(0, k_rows)
+
+    query_tok = layout.queries.token_of_slot.reshape(b, h, rounds, nc, c)
+    key_tok = layout.keys.token_of_slot.reshape(b, h, rounds, nc, c)
     key_ok = layout.keys.slot_filled.reshape(b, h, rounds, nc, c)
     if key_padding_mask is not None:
         real = key_padding_mask[:, None, None, :].expand(b, h, rounds, t_len)
-        key_ok = key_ok & real.gather(3, k_idx).reshape(b, h, rounds, nc, c)
+        key_ok = key_ok & real.gather(3, layout.keys.token_of_slot).reshape(key_ok.shape)
     if look_back:
-        ks = _with_look_back(ks, layout.chunk_continues)
-        vs = _with_look_back(vs, layout.chunk_continues)
         key_tok = _with_look_back(key_tok, layout.chunk_continues)
         key_ok = _with_look_back(key_ok, layout.chunk_continues, fill=False)
 
-    scores = (qs @ ks.transpose(-1, -2)) * scale  # (B, H, R, nc, c, K)
-    allowed = key_ok.unsqueeze(-2)  # (B, H, R, nc, 1, K)
     q_pos, k_pos = query_tok.unsqueeze(-1), key_tok.unsqueeze(-2)
-    if causal:
-        allowed = allowed & (k_pos <= q_pos)
+    shape = (b, h, rounds, nc, c, key_tok.shape[-1])
+    blocked = (~key_ok).unsqueeze(-2).expand(shape)
+    blocked = (blocked | (k_pos > q_pos)) if causal else blocked.contiguous()
     if rounds > 1:
-        allowed = allowed & ~_seen_in_earlier_rounds(layout, q_pos, k_pos, look_back)
-    if exclude_self:
-        scores = torch.where(k_pos == q_pos, torch.full_like(scores, SELF_SCORE), scores)
+        _block_seen_in_earlier_rounds(blocked, layout, q_pos, k_pos, look_back)
+    self_pair = ((k_pos == q_pos) & ~blocked) if exclude_self else None
     if extra_keys is not None:
         ek, ev, e_ok = extra_keys
-        extra_scores = (qs @ ek.transpose(-1, -2)) * scale  # (B, H, R, nc, c, E)
-        allowed = torch.cat([allowed.expand_as(scores), e_ok.unsqueeze(-2).expand_as(extra_scores)], dim=-1)
-        scores = torch.cat([scores, extra_scores], dim=-1)
-        vs = torch.cat([vs, ev], dim=-2)
-    out, lse = _masked_softmax_attention(scores, allowed, vs)
+        extra = ek.shape[-2]
+        ks = torch.cat([ks.view(groups, c, d), ek.reshape(groups, extra, d)], dim=1)
+        vs = torch.cat([vs.view(groups, c, d_v), ev.reshape(groups, extra, d_v)], dim=1)
+        blocked = torch.cat([blocked, (~e_ok).unsqueeze(-2).expand(*shape[:-1], extra)], dim=-1)
+        if self_pair is not None:
+            self_pair = torch.nn.functional.pad(self_pair, (0, extra))
+    elif not look_back:
+        ks, vs = ks.view(groups, c, d), vs.view(groups, c, d_v)
+    flat_self = None if self_pair is None else self_pair.reshape(groups, c, -1)
+    out, lse = _ChunkAttention.apply(
+        qs, ks, vs, blocked.reshape(groups, c, -1), flat_self, scale, c if look_back else 0
+    )
 
     # Back to token order: (B, H, R, T, Dv) and (B, H, R, T).
-    slots = layout.queries.slot_of_token
-    out = out.reshape(b, h, rounds, nc * c, -1)
-    out = out.gather(3, slots.unsqueeze(-1).expand(-1, -1, -1, -1, out.shape[-1]))
+    length = nc * c
+    sequence = torch.arange(b * h * rounds, device=q.device).view(b, h, rounds, 1)  # (B, H, R) -> B·H·R·L rows
+    slot_rows = (layout.queries.slot_of_token + sequence * length).reshape(-1)
+    out = out.reshape(-1, d_v).index_select(0, slot_rows).view(b, h, rounds, t_len, d_v)
     if rounds == 1:
         return out[:, :, 0]
-    lse = lse.reshape(b, h, rounds, nc * c).gather(3, slots)
+    lse = lse.reshape(-1).index_select(0, slot_rows).view(b, h, rounds, t_len)
     return combine_rounds(out, lse)
 
 

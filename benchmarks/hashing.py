@@ -1,0 +1,201 @@
+"""Benchmark suite of the hashing family (issue 4): lsh, routing, sinkhorn vs SDPA and the open implementations.
+
+Anchors (``.venv-bench`` only, never package dependencies), at matched settings:
+
+* ``reformer-pytorch`` ``LSHAttention`` and HF transformers ``LSHSelfAttention`` against
+  attnkit ``lsh``: bucket 64, 4 hashes, ``T / 64`` buckets. HF's module also runs its
+  query-key and value projections (512 → 512 each), which attnkit's mechanism leaves to
+  :class:`~attnkit.MultiHeadAttention`.
+* ``routing-transformer`` ``KmeansAttention`` against attnkit ``routing``: window 256 with
+  ``T / 256`` clusters (the anchor's own language-model setting, where its top-window
+  membership covers every token on average), and the table's "4 clusters, window 256".
+* ``sinkhorn-transformer`` ``SinkhornAttention`` / ``SinkhornCausalAttention`` against
+  attnkit ``sinkhorn``: block 64.
+
+Run (about 20 minutes)::
+
+    flock /tmp/attnkit-bench.lock .venv-bench/bin/python -m benchmarks.hashing
+
+``--error-only`` writes just the error-budget table ``benchmarks/results/hashing_error.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from benchmarks.common import qkv
+from benchmarks.harness import RESULTS, Case, run_suite
+
+BENCH_PY = ".venv-bench/bin/python"
+HEADS, DIM = 8, 64
+
+
+def ours(length: int, causal: bool, *, name: str, **options: Any) -> Callable[[], torch.Tensor]:
+    """An attnkit mechanism; ``clusters_per_length=True`` sets ``num_clusters = length // window``."""
+    import attnkit
+
+    if options.pop("clusters_per_length", False):
+        options["num_clusters"] = max(1, length // options["window"])
+    module = attnkit.build_attention(name, **options)
+    q, k, v = qkv(length)
+    return lambda: module(q, k, v, causal=causal)
+
+
+def reformer_lsh(length: int, causal: bool, *, bucket_size: int = 64, n_hashes: int = 4) -> Callable[[], torch.Tensor]:
+    """``reformer_pytorch.LSHAttention`` (shared-QK) on ``(B·H, T, D)``."""
+    from reformer_pytorch import LSHAttention
+
+    attn = LSHAttention(bucket_size=bucket_size, n_hashes=n_hashes, causal=causal)
+    q, _, v = qkv(length)
+
+    def run() -> torch.Tensor:
+        return attn(q.reshape(HEADS, length, DIM), v.reshape(HEADS, length, DIM))[0]
+
+    return run
+
+
+def hf_reformer_lsh(
+    length: int, causal: bool, *, bucket_size: int = 64, n_hashes: int = 4
+) -> Callable[[], torch.Tensor]:
+    """HF transformers ``LSHSelfAttention`` (with its q/k and v projections) on ``(1, T, H·D)``."""
+    from transformers import ReformerConfig
+    from transformers.models.reformer.modeling_reformer import LSHSelfAttention
+
+    config = ReformerConfig(
+        hidden_size=HEADS * DIM,
+        num_attention_heads=HEADS,
+        attention_head_size=DIM,
+        lsh_attn_chunk_length=bucket_size,
+        num_hashes=n_hashes,
+        num_buckets=max(2, length // bucket_size),
+        lsh_num_chunks_before=1,
+        lsh_num_chunks_after=0,
+        is_decoder=causal,
+        lsh_attention_probs_dropout_prob=0.0,
+        max_position_embeddings=length,
+        hash_seed=0,
+    )
+    attn = LSHSelfAttention(config)
+    x = torch.randn(1, length, HEADS * DIM, requires_grad=True)
+    return lambda: attn(x)[0]
+
+
+def routing_kmeans(
+    length: int, causal: bool, *, window: int = 256, num_clusters: int | None = None
+) -> Callable[[], torch.Tensor]:
+    """``routing_transformer.KmeansAttention``; ``num_clusters`` default ``length // window``."""
+    from routing_transformer.routing_transformer import KmeansAttention
+
+    clusters = num_clusters if num_clusters is not None else max(1, length // window)
+    attn = KmeansAttention(clusters, window, HEADS, DIM, causal=causal)
+    q, k, v = qkv(length)
+    return lambda: attn(q, k, v)[0]
+
+
+def sinkhorn_anchor(length: int, causal: bool, *, block_size: int = 64) -> Callable[[], torch.Tensor]:
+    """``sinkhorn_transformer`` ``SinkhornAttention`` (``SinkhornCausalAttention`` when causal)."""
+    from sinkhorn_transformer.sinkhorn_transformer import SinkhornAttention, SinkhornCausalAttention
+
+    if causal:
+        attn: torch.nn.Module = SinkhornCausalAttention(block_size, HEADS * DIM, DIM, HEADS, length)
+    else:
+        attn = SinkhornAttention(block_size, HEADS * DIM, DIM, HEADS, length, sinkhorn_iter=8)
+    q, k, v = qkv(length)
+    return lambda: attn(q, k, v)
+
+
+def cases() -> list[Case]:
+    """Every implementation of the suite."""
+    lsh = {"bucket_size": 64, "n_hashes": 4}
+    anchor = {"role": "anchor", "python": BENCH_PY}
+    return [
+        Case("sdpa", "benchmarks.common:sdpa", role="sdpa"),
+        Case("attnkit lsh (b64, 4 hashes)", "benchmarks.hashing:ours", {"name": "lsh", **lsh}),
+        Case("reformer-pytorch LSHAttention", "benchmarks.hashing:reformer_lsh", lsh, **anchor),
+        Case("HF ReformerLSHSelfAttention", "benchmarks.hashing:hf_reformer_lsh", lsh, **anchor),
+        Case(
+            "attnkit routing (w256, T/256 clusters)",
+            "benchmarks.hashing:ours",
+            {"name": "routing", "window": 256, "clusters_per_length": True, "local": False},
+        ),
+        Case(
+            "routing-transformer Kmeans (w256, T/256)", "benchmarks.hashing:routing_kmeans", {"window": 256}, **anchor
+        ),
+        Case(
+            "attnkit routing (w256, 4 clusters)",
+            "benchmarks.hashing:ours",
+            {"name": "routing", "window": 256, "num_clusters": 4, "local": False},
+        ),
+        Case(
+            "routing-transformer Kmeans (w256, 4)",
+            "benchmarks.hashing:routing_kmeans",
+            {"window": 256, "num_clusters": 4},
+            **anchor,
+        ),
+        Case("attnkit sinkhorn (b64)", "benchmarks.hashing:ours", {"name": "sinkhorn", "block_size": 64}),
+        Case("sinkhorn-transformer (b64)", "benchmarks.hashing:sinkhorn_anchor", {"block_size": 64}, **anchor),
+    ]
+
+
+def error_table(seeds: tuple[int, ...] = (1, 3, 40, 41, 42)) -> str:
+    """Relative Frobenius error vs the float64 reference on structured inputs, as markdown."""
+    import attnkit
+    from attnkit.attention.reference import reference_attention
+    from attnkit.inputs import structured_qkv
+
+    def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+        return float((out.double() - ref).norm() / ref.norm())
+
+    settings: list[tuple[str, dict[str, Any], int]] = []
+    for name in ("lsh", "routing", "sinkhorn"):
+        settings.append((name, dict(attnkit.get_spec(name).small_options), 37))
+    for hashes in (1, 2, 4, 8):
+        settings.append(("lsh", {"bucket_size": 32, "n_hashes": hashes}, 512))
+    settings += [
+        ("routing", {"num_clusters": 4, "window": 32, "local": False}, 512),
+        ("routing", {"num_clusters": 4, "window": 32, "local": True}, 512),
+        ("sinkhorn", {"block_size": 32}, 512),
+    ]
+    lines = [
+        "# hashing family: error vs the float64 reference",
+        "",
+        "Relative Frobenius error ‖out − ref‖ / ‖ref‖ on `attnkit.inputs.structured_qkv` (B=2, H=3, D=16),",
+        f"max and mean over seeds {list(seeds)} and causal ∈ {{False, True}}. Budgets are the registered",
+        "`error_budget`s, enforced by the contract suite at the small options (T=37).",
+        "",
+        "| mechanism | options | T | max error | mean error | budget |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, options, length in settings:
+        module = attnkit.build_attention(name, **options).eval()
+        errors = []
+        for seed in seeds:
+            q, k, v = structured_qkv(2, 3, length, length, 16, seed=seed)
+            for causal in (False, True):
+                errors.append(rel(module(q, k, v, causal=causal), reference_attention(q, k, v, causal=causal)))
+        budget = attnkit.attention_capabilities(name).error_budget
+        shown = ", ".join(f"{k}={v}" for k, v in options.items())
+        lines.append(
+            f"| {name} | {shown} | {length} | {max(errors):.3f} | {sum(errors) / len(errors):.3f} | {budget} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--error-only", action="store_true", help="write only hashing_error.md")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "hashing_error.md").write_text(error_table())
+    if not args.error_only:
+        run_suite("hashing", cases(), lengths=args.lengths, repeats=args.repeats, max_seconds_per_step=40.0)
+
+
+if __name__ == "__main__":
+    main()
