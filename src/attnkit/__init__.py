@@ -10,10 +10,13 @@ Quick use::
 
 from attnkit.attention.linear import LinearAttention
 from attnkit.attention.linformer import LinformerAttention
+from attnkit.attention.lsh import LSHAttention
 from attnkit.attention.multi_head import AttentionCache, MultiHeadAttention
 from attnkit.attention.nystrom import NystromAttention
 from attnkit.attention.performer import PerformerAttention
 from attnkit.attention.reference import reference_attention
+from attnkit.attention.routing import RoutingAttention, update_routing_centroids
+from attnkit.attention.sinkhorn import SinkhornAttention
 from attnkit.core.base import AttentionMechanism, KVState
 from attnkit.core.capabilities import Capabilities
 from attnkit.core.registry import (
@@ -46,6 +49,7 @@ __all__ = [
     "Encoder",
     "EncoderDecoder",
     "KVState",
+    "LSHAttention",
     "LanguageModel",
     "LinearAttention",
     "LinformerAttention",
@@ -55,7 +59,9 @@ __all__ = [
     "NystromAttention",
     "PerformerAttention",
     "PrefixState",
+    "RoutingAttention",
     "SequenceClassifier",
+    "SinkhornAttention",
     "TrainConfig",
     "Trainer",
     "TransformerConfig",
@@ -72,4 +78,5 @@ __all__ = [
     "materialize",
     "reference_attention",
     "register",
+    "update_routing_centroids",
 ]
