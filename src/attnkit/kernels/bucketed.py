@@ -1,28 +1,32 @@
 """Bucketed attention: sort tokens by a bucket id, cut each bucket into chunks, attend within chunks.
 
 The shared core of the hashing and clustering family (Reformer LSH, Routing k-means,
-Sinkhorn sorting). Each mechanism only decides *which bucket* every token goes to
-(a hash, a nearest centroid, a block index) and, for Sinkhorn, which extra keys every
-chunk sees; this module does the rest:
+Sinkhorn sorting). Each mechanism only decides *which bucket* every query and every key
+goes to (a hash, a nearest centroid, a block index) and, for Sinkhorn, which extra keys
+every chunk sees; this module does the rest:
 
-1. :func:`bucket_layout` places the tokens of every round in *bucket-aligned chunks*:
-   the tokens of bucket ``b`` keep their original order and fill
-   ``ceil(n_b / chunk_size)`` chunks of their own (the last one padded with empty slots).
-   A token's slot is ``chunk_size * first_chunk_of(b) + rank`` where ``rank`` counts the
-   *earlier* tokens of the same bucket, so a token's place inside its chunk depends on
-   earlier tokens only. That is what makes the causal mode leak-free and bit-stable:
-   changing later tokens moves later tokens, never the slots of earlier ones.
-2. :func:`bucketed_attention` lets every chunk of queries attend to its own chunk of
-   keys, plus the previous chunk *of the same bucket* (``look_back``), plus optional
-   per-chunk extra keys, under exact masks evaluated on ORIGINAL positions: causal order,
-   key padding, and an optional self-token rule (a token attends to itself only when no
-   other key is visible). With several rounds (``R`` hash rounds), a key already visible
-   to a query in an earlier round is masked in later rounds, so every distinct key counts
+1. :func:`bucket_layout` places the queries and keys of every round in *bucket-aligned
+   chunks*: the tokens of bucket ``b`` keep their original order and fill chunks of their
+   own (as many as the larger of its query and key counts needs; the last one padded with
+   empty slots), and query chunk ``m`` of a bucket faces key chunk ``m`` of that bucket.
+   A token's offset inside its bucket's chunks is its ``rank``, the number of *earlier*
+   tokens of the same bucket. That is what makes the causal mode leak-free and
+   bit-stable: changing later tokens can shift where a bucket starts, but never which
+   earlier tokens share a chunk nor their offsets inside it.
+2. :func:`bucketed_attention` lets every chunk of queries attend to its key chunk, plus
+   the previous key chunk *of the same bucket* (``look_back``), plus optional per-chunk
+   extra keys, under exact masks evaluated on ORIGINAL positions: causal order, key
+   padding, and an optional self-token rule (a token attends to itself only when no other
+   key is visible). With several rounds (``R`` hash rounds), a key already visible to a
+   query in an earlier round is masked in later rounds, so every distinct key counts
    once: this equals Reformer's ``-log(count)`` duplicate correction, and the rounds
    combined by their log-sum-exp give exactly softmax over the union of keys seen.
    Rows with no visible key output zeros.
 
-Memory is ``O(R · T · chunk)`` for the scores (never ``T × S``); time ``O(R · T · chunk · D)``.
+The chunk attention has its own autograd (probabilities recomputed in the backward, the
+look-back read through overlapping views instead of copies), so memory is the gathered
+``q, k, v`` plus boolean masks and one transient ``R · T · 2·chunk`` float buffer: never
+``T × S``. Time ``O(R · T · chunk · D)``.
 """
 
 from __future__ import annotations
