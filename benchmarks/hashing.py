@@ -42,7 +42,8 @@ def ours(length: int, causal: bool, *, name: str, **options: Any) -> Callable[[]
         options["num_clusters"] = max(1, length // options["window"])
     module = attnkit.build_attention(name, **options)
     q, k, v = qkv(length)
-    return lambda: module(q, k, v, causal=causal)
+    keys = q if options.get("shared_qk") else k
+    return lambda: module(q, keys, v, causal=causal)
 
 
 def reformer_lsh(length: int, causal: bool, *, bucket_size: int = 64, n_hashes: int = 4) -> Callable[[], torch.Tensor]:
@@ -115,6 +116,11 @@ def cases() -> list[Case]:
     return [
         Case("sdpa", "benchmarks.common:sdpa", role="sdpa"),
         Case("attnkit lsh (b64, 4 hashes)", "benchmarks.hashing:ours", {"name": "lsh", **lsh}),
+        Case(
+            "attnkit lsh shared-QK (b64, 4 hashes)",
+            "benchmarks.hashing:ours",
+            {"name": "lsh", "shared_qk": True, **lsh},
+        ),
         Case("reformer-pytorch LSHAttention", "benchmarks.hashing:reformer_lsh", lsh, **anchor),
         Case("HF ReformerLSHSelfAttention", "benchmarks.hashing:hf_reformer_lsh", lsh, **anchor),
         Case(
