@@ -6,10 +6,12 @@ Independent references: brute-force Python loops rebuild which keys every query 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnkit
 from attnkit.attention.lsh import LSHAttention, lsh_buckets
@@ -331,3 +333,55 @@ def test_error_within_budget_on_other_seeds(name: str) -> None:
         for causal in (False, True):
             ref = reference_attention(q, k, v, causal=causal)
             assert relative_error(module(q, k, v, causal=causal), ref) <= budget
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reversible_recompute_replays_the_same_buckets(name: str) -> None:
+    """Reversible layers rerun the forward in backward: gradients must equal ordinary autograd's."""
+    config = attnkit.TransformerConfig(
+        vocab_size=23, dim=16, depth=2, heads=2, attention=name, attention_options=attnkit.get_spec(name).small_options
+    )
+    torch.manual_seed(0)
+    model = attnkit.LanguageModel(dataclasses.replace(config, reversible=True)).train()
+    ids = torch.randint(0, 23, (2, 29), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for recompute in (True, False):
+        for _, stack in model.named_stacks():
+            stack.recompute = recompute
+        model.zero_grad()
+        model(ids).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for key in grads[0]:
+        torch.testing.assert_close(grads[0][key], grads[1][key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_memory_never_holds_a_t_by_s_matrix(name: str, causal: bool) -> None:
+    """Forward and backward at T=1024 (one head): no tensor comes near T² elements."""
+    t_len = 1024
+    opts = {"lsh": {"bucket_size": 16, "n_hashes": 2}, "routing": {"num_clusters": 8, "window": 16}}
+    module = attnkit.build_attention(name, **opts.get(name, {"block_size": 16}))
+    q, k, v = structured_qkv(1, 1, t_len, t_len, 8, seed=32, requires_grad=True)
+    kpm = torch.ones(1, t_len, dtype=torch.bool)
+    kpm[0, -100:] = False
+    with _LargestTensor() as probe:
+        module(q, k, v, causal=causal, key_padding_mask=kpm).sum().backward()
+    # Scores are (rounds x slots x 2*chunk): ~2 * 1.6T * 32 here; T^2 would be 16x more.
+    assert probe.largest < t_len * t_len / 4, probe.largest
