@@ -135,7 +135,7 @@ def decide(constraints: Constraints, candidates: list[Candidate]) -> Advice:
     rest = sorted((v for v in verdicts if not v.eligible), key=lambda v: (len(v.reasons), v.candidate.time_ms or 1e30))
     advice = Advice(constraints, winner.candidate.name if winner else None, [*eligible, *rest])
     if winner is None:
-        advice.closest = _closest(rest)
+        advice.closest = _closest(constraints, rest)
     return advice
 
 
@@ -160,8 +160,9 @@ def _judge(c: Constraints, cand: Candidate) -> Verdict:
     return v
 
 
-def _closest(rejected: list[Verdict]) -> list[tuple[str, str]]:
-    """Mechanisms that fail only numeric limits, ordered by how far the limits must move."""
+def _closest(c: Constraints, rejected: list[Verdict]) -> list[tuple[str, str]]:
+    """Mechanisms that fail only numeric limits, ordered by how far (relatively) the limits must move."""
+    limits = {"max_error": c.max_error, "memory_gb": c.memory_gb}
     options = []
     for v in rejected:
         if len(v.needs) != len(v.reasons):  # also fails a capability or could not run
@@ -170,7 +171,7 @@ def _closest(rejected: list[Verdict]) -> list[tuple[str, str]]:
         for limit, needed in v.needs.items():
             flag = "--max-error" if limit == "max_error" else "--memory-gb"
             relax.append(f"{flag} {needed * 1.05:.3g}")  # 5% head-room over the measured value
-        cost = sum(needed for needed in v.needs.values())
+        cost = max(needed / (limits[limit] or 1.0) for limit, needed in v.needs.items())
         options.append((len(v.needs), cost, v.candidate.name, "relax " + " and ".join(relax)))
     options.sort()
     return [(name, text) for _, _, name, text in options[:3]]

@@ -67,13 +67,13 @@ class ArenaConfig:
     fidelity_length: int = 1024
     fidelity_heads: int = 4
     tasks: tuple[str, ...] = TASKS
-    train_steps: int = 100
+    train_steps: int = 120
     eval_batches: int = 4
     model_dim: int = 64
     model_depth: int = 2
     model_heads: int = 4
     task_length: int = 64
-    batch_size: int = 32
+    batch_size: int = 16
     device: str = "cpu"
     seed: int = 0
     preset_name: str = "default"
@@ -132,7 +132,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "step_budget_s": 2.0,
         "fidelity_length": 512,
         "tasks": TASKS,
-        "train_steps": 40,
+        "train_steps": 60,
         "eval_batches": 2,
         "model_dim": 32,
         "model_depth": 2,

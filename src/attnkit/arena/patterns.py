@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 import attnkit
+from attnkit.attention.reference import reference_attention
 from attnkit.inputs import structured_qkv
 from attnkit.masks.functions import materialize
 
@@ -60,9 +61,28 @@ def attention_picture(name: str, *, causal: bool, length: int = PATTERN_LENGTH, 
         else:
             matrix = materialize(mask, 1, 1, length, length)[0, 0]
         return PatternPicture(name, causal, matrix.float(), "pattern")
+    return PatternPicture(name, causal, effective_weights(module, causal=causal, length=length, seed=seed), "effective weights")
+
+
+def effective_weights(module: torch.nn.Module, *, causal: bool, length: int = PATTERN_LENGTH, seed: int = 0) -> Tensor:
+    """``|A|`` with ``A (length, length)`` read off ``module`` by feeding identity values.
+
+    ``module`` is any callable ``(q, k, v, causal=...)`` whose output is linear in ``v``;
+    ``q`` and ``k`` are locally correlated, one head of width ``length``.
+    """
     q, k, _ = structured_qkv(1, 1, length, length, length, seed=seed)
     identity = torch.eye(length).view(1, 1, length, length)  # v = I  =>  out = attention weights
     torch.manual_seed(seed)
     with torch.no_grad():
         weights = module(q, k, identity, causal=causal)[0, 0]
-    return PatternPicture(name, causal, weights.abs().float(), "effective weights")
+    return weights.abs().float()
+
+
+def exact_weights(*, causal: bool, length: int = PATTERN_LENGTH, seed: int = 0) -> PatternPicture:
+    """Exact softmax weights on the same inputs: what the approximations are aiming at."""
+
+    def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
+        return reference_attention(q, k, v, causal=causal)
+
+    matrix = effective_weights(softmax_attention, causal=causal, length=length, seed=seed)  # type: ignore[arg-type]
+    return PatternPicture("exact softmax", causal, matrix, "reference weights")

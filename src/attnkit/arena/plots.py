@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
-from attnkit.arena.patterns import attention_picture
+from attnkit.arena.patterns import PATTERN_LENGTH, PatternPicture, attention_picture, exact_weights
 from attnkit.arena.results import TASK_METRICS
 from attnkit.arena.runner import BASELINE
 
@@ -127,38 +127,50 @@ def plot_pareto(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_patterns(doc: dict[str, Any], path: Path) -> None:
-    """A grid with each mechanism's pattern (exact) or effective weights (approximate), both modes."""
-    mechs = doc["mechanisms"]
-    per_row = 4
-    nrows = max(1, -(-len(mechs) // per_row))
-    fig, axes = plt.subplots(nrows, 2 * per_row, figsize=(2.0 * 2 * per_row, 2.3 * nrows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i, mech in enumerate(mechs):
-        for j, causal in enumerate((False, True)):
-            ax = axes[i // per_row][2 * (i % per_row) + j]
-            mode = "causal" if causal else "bidir"
+def _pattern_panels(doc: dict[str, Any]) -> list[tuple[str, bool, PatternPicture | str]]:
+    """(label, causal, picture or the reason there is none) for the reference and every mechanism."""
+    panels: list[tuple[str, bool, PatternPicture | str]] = [
+        ("exact softmax", causal, exact_weights(causal=causal)) for causal in (False, True)
+    ]
+    for mech in doc["mechanisms"]:
+        for causal in (False, True):
             if causal and not mech["causal"]:
-                ax.text(0.5, 0.5, f"{mech['name']}\nno causal mode", ha="center", va="center", fontsize=7)
+                panels.append((mech["name"], causal, "no causal mode"))
                 continue
             try:
-                pic = attention_picture(mech["name"], causal=causal)
+                panels.append((mech["name"], causal, attention_picture(mech["name"], causal=causal)))
             except (RuntimeError, ValueError, TypeError) as err:
-                ax.text(0.5, 0.5, f"{mech['name']}\n{str(err)[:60]}", ha="center", va="center", fontsize=6, wrap=True)
-                continue
-            matrix = pic.matrix / pic.matrix.amax(dim=-1, keepdim=True).clamp(min=1e-12)  # per-row scale
-            ax.imshow(matrix.numpy(), cmap="Blues" if pic.kind == "pattern" else "magma_r", vmin=0, vmax=1)
-            ax.set_title(f"{mech['name']} ({mode})\n{pic.kind}", fontsize=7)
-            ax.axis("on")
-            ax.set_xticks([])
-            ax.set_yticks([])
+                panels.append((mech["name"], causal, str(err)[:60]))
+    return panels
+
+
+def plot_patterns(doc: dict[str, Any], path: Path) -> None:
+    """A grid with each mechanism's pattern (exact) or effective weights (approximate), both modes."""
+    panels = _pattern_panels(doc)
+    per_row = 8  # 4 mechanisms x (bidirectional, causal)
+    nrows = -(-len(panels) // per_row)
+    fig, axes = plt.subplots(nrows, per_row, figsize=(2.0 * per_row, 2.45 * nrows + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (label, causal, pic) in zip(axes.flat, panels):
+        mode = "causal" if causal else "bidir"
+        if isinstance(pic, str):
+            ax.text(0.5, 0.5, f"{label} ({mode})\n{pic}", ha="center", va="center", fontsize=7, wrap=True)
+            continue
+        matrix = pic.matrix / pic.matrix.amax(dim=-1, keepdim=True).clamp(min=1e-12)  # per-row scale
+        cmap = {"pattern": "Blues", "reference weights": "Greens"}.get(pic.kind, "magma_r")
+        ax.imshow(matrix.numpy(), cmap=cmap, vmin=0, vmax=1)
+        ax.set_title(f"{label} · {mode}\n{pic.kind}", fontsize=7.5)
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.suptitle(
-        "rows = queries, columns = keys (64 tokens, small_options); blue = declared pattern of exact mechanisms, "
-        "dark = weight read off with identity values (approximate ones), each row scaled to its maximum",
+        f"What each mechanism attends to: rows = queries, columns = keys ({PATTERN_LENGTH} locally correlated tokens, "
+        "small_options), each row scaled to its maximum.\ngreen = exact softmax weights (the target); blue = declared "
+        "pattern of exact mechanisms; dark red = weights read off approximate ones with identity values",
         fontsize=9,
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.45 * nrows + 0.6)), h_pad=1.2)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

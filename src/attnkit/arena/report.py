@@ -26,18 +26,25 @@ def _length(n: int | None) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bool = False) -> str:
-    """Rows of strings as an aligned text table, or a markdown table."""
+def format_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bool = False, align: str = ""
+) -> str:
+    """Rows of strings as an aligned text table, or a markdown table.
+
+    ``align`` has one letter per column, ``l`` or ``r``; by default the first column is
+    left-aligned and the others (numbers) right-aligned.
+    """
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(lines)
+    align = align or "l" + "r" * (len(header) - 1)
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
-    out.append("  ".join("-" * w for w in widths))
-    for r in rows:
-        out.append("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths))))
-    return "\n".join(out)
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(x.ljust(w) if a == "l" else x.rjust(w) for x, w, a in zip(cells, widths, align)).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
 def leaderboard_table(doc: dict[str, Any], *, markdown: bool = False) -> str:

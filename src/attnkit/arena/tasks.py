@@ -6,10 +6,13 @@ Every task yields ``(tokens, targets, padding)`` batches: ``tokens (B, T)`` long
 generated once per process and shared by every mechanism (memoised), from disjoint
 train and validation splits, so all mechanisms see exactly the same data.
 
-- ``mqar``: :class:`attnkit.data.tasks.MQAR` with ``task_length // 3`` pairs over
-  ``2 x pairs`` keys and values, every pair queried once in random order. The answer
-  slots after the queries are dropped (each query is scored with its value), so
-  bidirectional mechanisms sit the same task without reading the answer next door.
+- ``mqar``: :class:`attnkit.data.tasks.MQAR` with ``task_length // 8`` pairs over
+  ``2 x pairs`` keys and values, every pair queried once in random order: ``3 x pairs``
+  tokens (24 at the default length 64; measured: larger vocabularies, more pairs or
+  filler gaps push the exact model's learning step past the budget, and a task no
+  mechanism learns ranks nothing). The answer slots after the queries are dropped (each
+  query is scored with its value), so bidirectional mechanisms sit the same task
+  without reading the answer next door.
 - ``listops``: :class:`attnkit.data.tasks.ListOps` (LRA recipe) with expressions of
   ``task_length // 4`` to ``task_length`` tokens and depth at most 6.
 - ``lm``: next-byte prediction on the standard library's source files
@@ -81,7 +84,7 @@ def get_task(name: str, *, length: int) -> QualityTask:
 
 
 def _mqar_task(length: int) -> Task:
-    pairs = max(2, length // 3)  # pairs (2 tokens each) + one query per pair fill the length
+    pairs = max(4, length // 8)  # 2 tokens per pair + 1 per query: 3 x pairs tokens in all
     return make_task("mqar", num_pairs=pairs, num_keys=2 * pairs, num_values=2 * pairs)
 
 

@@ -103,7 +103,7 @@ def render(advice: Any) -> str:
     ]
     mode = "fwd+bwd" if c.training else "fwd"
     header = ["mechanism", f"{mode} ms", "peak GB", "error", "how", "verdict"]
-    lines.append(format_table(header, rows))
+    lines.append(format_table(header, rows, align="lrrrll"))
     lines.append("\nerror: relative error vs exact attention on locally correlated inputs (arena fidelity length).")
     return "\n".join(lines)
 
