@@ -17,6 +17,7 @@ from attnkit.attention.performer import PerformerAttention
 from attnkit.attention.reference import reference_attention
 from attnkit.attention.routing import RoutingAttention, update_routing_centroids
 from attnkit.attention.sinkhorn import SinkhornAttention
+from attnkit.attention.topk import TopKAttention, select_topk
 from attnkit.core.base import AttentionMechanism, KVState
 from attnkit.core.capabilities import Capabilities
 from attnkit.core.registry import (
@@ -62,6 +63,7 @@ __all__ = [
     "RoutingAttention",
     "SequenceClassifier",
     "SinkhornAttention",
+    "TopKAttention",
     "TrainConfig",
     "Trainer",
     "TransformerConfig",
@@ -78,5 +80,6 @@ __all__ = [
     "materialize",
     "reference_attention",
     "register",
+    "select_topk",
     "update_routing_centroids",
 ]
