@@ -15,12 +15,16 @@ How it runs (queries in chunks of ``chunk_size``):
    selected scores ``(B, H, T, k)``. Under ``causal`` a chunk only looks at the key prefix
    its last query can see.
 2. :class:`_SelectedSoftmax`, an autograd function: softmax over the ``k`` selected scores
-   and the weighted sum of the gathered values; it saves only the ``(B, H, T, k)``
-   probabilities and indices, and its backward gathers and scatters per chunk.
+   and the weighted sum of their values; it saves only the ``(B, H, T, k)`` probabilities
+   and indices, and its backward works chunk by chunk from them. Per chunk, the products
+   with keys and values run as row gathers/scatters of the ``k`` selected keys when ``k``
+   is small next to the chunk's keys, and otherwise as dense GEMMs over the chunk's
+   scattered ``(B, H, chunk, S)`` weights (cheaper on CPU once ``k`` is a sizable share).
 
 Memory: ``O(T·k)`` saved for backward plus an ``O(chunk·S)`` working set; the ``T×S``
 score matrix never exists at once. Time: the selection is ``O(T·S·D)`` (every score must
-be seen to find the largest), everything after it ``O(T·k·D)``.
+be seen to find the largest) plus ``torch.topk``; the softmax, the value product and the
+backward are ``O(T·k·D)`` on the gather path.
 
 Conventions: ``True`` masks mean "may attend"; causal queries are aligned to the end of
 the keys; a query with no visible key outputs zeros. Ties at the ``k``-th score are broken
