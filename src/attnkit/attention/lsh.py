@@ -87,7 +87,7 @@ def lsh_buckets(x: Tensor, num_buckets: int, n_hashes: int, seed: int) -> Tensor
         error_budget=0.45,
         summary="Reformer LSH attention: multi-round angular hashing, chunked, duplicate-corrected",
     ),
-    small_options={"bucket_size": 8, "n_hashes": 8},
+    small_options={"bucket_size": 8, "n_hashes": 8, "num_buckets": 4},
     benchmark_options={"bucket_size": 64, "n_hashes": 4},
 )
 class LSHAttention(AttentionMechanism):
@@ -97,8 +97,9 @@ class LSHAttention(AttentionMechanism):
         bucket_size: tokens per chunk; each query sees at most ``2 * bucket_size`` keys per
             round (its chunk and the previous chunk of its bucket). Reformer's chunk length.
         n_hashes: hash rounds; more rounds, fewer missed keys (lower error, more time).
-        num_buckets: buckets per round; default ``max(1, T // bucket_size)``, so buckets
-            hold ``bucket_size`` tokens on average (``bucket_size >= T`` gives one bucket).
+        num_buckets: buckets per round; default ``max(1, T // (2 * bucket_size))``: buckets
+            hold about ``2 * bucket_size`` tokens, so a query meets most of its bucket per round
+            and the bucket-aligned chunks stay mostly full (``2 * bucket_size > T`` gives one bucket).
         shared_qk: Reformer's shared-QK attention: keys are the unit-normalised queries
             (pass the queries as ``k``) and the self-token rule applies.
         seed: seeds the random rotations (same seed, same buckets, in train and eval).
@@ -124,7 +125,7 @@ class LSHAttention(AttentionMechanism):
 
     def buckets_for(self, length: int) -> int:
         """Buckets per round used at sequence length ``length``."""
-        return self.num_buckets if self.num_buckets is not None else max(1, length // self.bucket_size)
+        return self.num_buckets if self.num_buckets is not None else max(1, length // (2 * self.bucket_size))
 
     def _attend(
         self,

@@ -214,9 +214,9 @@ def _block_seen_in_earlier_rounds(
         blocked[:, :, later] |= hit
 
 
-def _scores(q: Tensor, k: Tensor, blocked: Tensor, self_pair: Tensor | None, scale: float) -> Tensor:
-    """Masked scores ``(..., c, K)``: ``-inf`` where blocked, :data:`SELF_SCORE` on self pairs."""
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+def _scores(q: Tensor, k: Tensor, blocked: Tensor, self_pair: Tensor | None) -> Tensor:
+    """Masked scores ``(..., c, K)`` of pre-scaled ``q``: ``-inf`` where blocked, :data:`SELF_SCORE` on self pairs."""
+    s = torch.matmul(q, k.transpose(-1, -2))
     s.masked_fill_(blocked, float("-inf"))
     if self_pair is not None:
         s.masked_fill_(self_pair, SELF_SCORE)
@@ -244,7 +244,8 @@ class _ChunkAttention(torch.autograd.Function):
         chunk: int,
     ) -> tuple[Tensor, Tensor]:
         k, v = (_windows(k_src, chunk), _windows(v_src, chunk)) if chunk else (k_src, v_src)
-        p = _scores(q, k, blocked, self_pair, scale)
+        q = q * scale  # (G, c, D): cheaper than scaling the (G, c, K) scores
+        p = _scores(q, k, blocked, self_pair)
         row_max = p.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         p.sub_(row_max).exp_()  # exactly 0 on blocked keys
@@ -262,7 +263,7 @@ class _ChunkAttention(torch.autograd.Function):
         q, k_src, v_src, blocked, self_pair, out, lse = ctx.saved_tensors
         chunk = ctx.chunk
         k, v = (_windows(k_src, chunk), _windows(v_src, chunk)) if chunk else (k_src, v_src)
-        p = _scores(q, k, blocked, self_pair, ctx.scale)
+        p = _scores(q, k, blocked, self_pair)
         lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1)
         p.sub_(lse_safe).exp_()  # the normalised probabilities; 0 on blocked keys and empty rows
         d_v = torch.matmul(p.transpose(-1, -2), d_out)
@@ -273,9 +274,8 @@ class _ChunkAttention(torch.autograd.Function):
         del p
         if self_pair is not None:
             d_s.masked_fill_(self_pair, 0.0)  # the self score is a constant
-        d_s.mul_(ctx.scale)
-        d_q = torch.matmul(d_s, k)
-        d_k = torch.matmul(d_s.transpose(-1, -2), q)
+        d_q = torch.matmul(d_s, k).mul_(ctx.scale)
+        d_k = torch.matmul(d_s.transpose(-1, -2), q)  # q is the scaled query
         if chunk:
             d_k, d_v = _fold_windows(d_k, chunk), _fold_windows(d_v, chunk)
         return d_q, d_k, d_v, None, None, None, None
