@@ -125,6 +125,7 @@ def test_encoder_decoder_beam_equals_exhaustive_search() -> None:
     model = EncoderDecoder(CFG.replace(bos_token_id=1)).eval()
     src = torch.tensor([[2, 3, 1, 2]])
     out = model.generate(src, 3, num_beams=16, length_penalty=0.0)[0].tolist()
+    assert model.generate(src, 3, num_beams=16, length_penalty=0.0, use_cache=False)[0].tolist() == out
     memory = model.encode(src)
 
     seqs = all_continuations(3)
