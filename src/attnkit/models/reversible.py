@@ -50,7 +50,7 @@ def coupled_forward(branches: Sequence[nn.Module], a: Tensor, b: Tensor, inputs:
     """The reversible coupling with ordinary autograd (generation, and the parity reference).
 
     Args:
-        branches: ``(branch, cache)`` pairs are formed from ``caches`` (one per branch, or None).
+        branches: the residual branches, in order.
         a: ``(B, T, dim)`` first stream.
         b: ``(B, T, dim)`` second stream.
         inputs: the layers' side inputs.
