@@ -84,7 +84,7 @@ class LinearAttention(AttentionMechanism):
         """``φ(x)`` for ``x (…, D)``, computed in float32 at least."""
         x = upcast(x)
         if self.feature_map == "elu+1":
-            return F.elu(x) + 1.0
+            return F.elu(x).add_(1.0)
         if self.feature_map == "relu":
             return F.relu(x)
         return x

@@ -41,6 +41,13 @@ def replace_causal_reason(reasons: list[str], explanation: str) -> list[str]:
     return [explanation if r.startswith("causal=True is not supported") else r for r in reasons]
 
 
+def _project(proj: Tensor, x: Tensor) -> Tensor:
+    """``proj (k, S) @ x (B, H, S, D)`` as one GEMM over all heads: ``(B, S, H·D)`` is wider than ``(S, D)``."""
+    b, h, s, d = x.shape
+    stacked = x.transpose(1, 2).reshape(b, s, h * d)  # (B, S, H·D)
+    return (proj @ stacked).view(b, -1, h, d).transpose(1, 2)  # (B, H, k, D)
+
+
 @register(
     "linformer",
     Capabilities(
@@ -120,8 +127,7 @@ class LinformerAttention(AttentionMechanism):
             real = key_padding_mask[:, None, :, None]
             k = k.masked_fill(~real, 0.0)
             v = v.masked_fill(~real, 0.0)
-        keys = proj_k @ k  # (B, H, k, D)
-        values = proj_v @ v  # (B, H, k, Dv)
+        keys, values = _project(proj_k, k), _project(proj_v, v)
 
         # A slot is empty when no real key has a nonzero weight in it (either projection).
         weight = proj_k.detach().abs() + proj_v.detach().abs()  # (k, S)

@@ -43,20 +43,25 @@ NO_CAUSAL_REASON = (
 )
 
 
-def segment_means(x: Tensor, real: Tensor, segments: int) -> tuple[Tensor, Tensor]:
+def segment_means(x: Tensor, real: Tensor | None, segments: int) -> tuple[Tensor, Tensor | None]:
     """Means of ``segments`` consecutive runs of ``x``, counting only real positions.
 
     Args:
         x: ``(B, H, L, D)``.
-        real: bool ``(B, L)``, positions that count.
+        real: bool ``(B, L)``, positions that count (None: all of them).
         segments: ``m``; runs have ``ceil(L / m)`` positions (the tail is padded).
 
     Returns:
-        ``(B, H, m, D)`` means (zeros for empty runs) and bool ``(B, m)``: the run has a real position.
+        ``(B, H, m, D)`` means (zeros for empty runs) and bool ``(B, m)``: the run has a real
+        position (None when every run is full).
     """
     b, h, length, d = x.shape
     run = math.ceil(length / segments)
     pad = run * segments - length
+    if real is None and pad == 0:
+        return x.reshape(b, h, segments, run, d).mean(dim=3), None
+    if real is None:
+        real = torch.ones(b, length, dtype=torch.bool, device=x.device)
     weight = F.pad(real.to(x.dtype), (0, pad))  # (B, m·run)
     xs = F.pad(x, (0, 0, 0, pad)) * weight[:, None, :, None]
     sums = xs.reshape(b, h, segments, run, d).sum(dim=3)
@@ -64,8 +69,10 @@ def segment_means(x: Tensor, real: Tensor, segments: int) -> tuple[Tensor, Tenso
     return sums / counts.clamp(min=1.0)[:, None, :, None], counts > 0
 
 
-def masked_softmax(scores: Tensor, allowed: Tensor) -> Tensor:
-    """Softmax over the last dim where ``allowed``; rows with nothing allowed are zeros (finite gradients)."""
+def masked_softmax(scores: Tensor, allowed: Tensor | None) -> Tensor:
+    """Softmax over the last dim where ``allowed`` (None: everywhere); rows with nothing allowed are zeros."""
+    if allowed is None:
+        return torch.softmax(scores, dim=-1)
     row_ok = allowed.any(dim=-1, keepdim=True)
     scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~row_ok, 0.0)
     return torch.softmax(scores, dim=-1) * row_ok
@@ -84,6 +91,12 @@ def iterative_pinv(a: Tensor, iterations: int) -> Tensor:
         az = a @ z
         z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
     return z
+
+
+def _both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a & b
 
 
 @register(
@@ -137,24 +150,18 @@ class NystromAttention(AttentionMechanism):
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:
-        b, _, t_len, d = q.shape
-        s_len = k.shape[2]
+        d = q.shape[-1]
         m = self.num_landmarks
         q = q * d**-0.5
-        real_q = torch.ones(b, t_len, dtype=torch.bool, device=q.device)
-        real_k = (
-            key_padding_mask
-            if key_padding_mask is not None
-            else torch.ones(b, s_len, dtype=torch.bool, device=q.device)
-        )
-        q_land, q_ok = segment_means(q, real_q, m)  # (B, H, m, D), (B, m)
-        k_land, k_ok = segment_means(k, real_k, m)
+        q_land, q_ok = segment_means(q, None, m)  # (B, H, m, D), (B, m) or None
+        k_land, k_ok = segment_means(k, key_padding_mask, m)
 
-        k_cols = k_ok[:, None, None, :]  # landmark keys that exist
+        # masks (None = nothing to mask): landmark keys that exist, landmark queries that exist, real keys
+        k_cols = k_ok[:, None, None, :] if k_ok is not None else None
+        q_rows = q_ok[:, None, :, None] if q_ok is not None else None
+        real_k = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
         kernel_1 = masked_softmax(q @ k_land.transpose(-1, -2), k_cols)  # (B, H, T, m)
-        kernel_2 = masked_softmax(q_land @ k_land.transpose(-1, -2), k_cols & q_ok[:, None, :, None])  # (B, H, m, m)
-        kernel_3 = masked_softmax(
-            q_land @ k.transpose(-1, -2), real_k[:, None, None, :] & q_ok[:, None, :, None]
-        )  # (B, H, m, S)
+        kernel_2 = masked_softmax(q_land @ k_land.transpose(-1, -2), _both(k_cols, q_rows))  # (B, H, m, m)
+        kernel_3 = masked_softmax(q_land @ k.transpose(-1, -2), _both(real_k, q_rows))  # (B, H, m, S)
         # right to left: never an (N, N) or (N, m)·(m, N) product
         return kernel_1 @ (iterative_pinv(kernel_2, self.pinv_iterations) @ (kernel_3 @ v))

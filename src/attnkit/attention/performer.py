@@ -38,7 +38,7 @@ from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_choice, check_non_negative_int, check_positive_float, check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import ScoreBias
-from attnkit.kernels.prefix import PrefixState, kernel_attention, kernel_decode, upcast
+from attnkit.kernels.prefix import NEG, PrefixState, kernel_attention, kernel_decode, upcast
 from attnkit.masks.functions import Mask
 
 
@@ -70,6 +70,15 @@ def random_projection(
     return (rows * norms).to(dtype)
 
 
+def softmax_kernel_exponent(x: Tensor, projection: Tensor) -> Tensor:
+    """``W x - ‖x‖²/2``, the log of the FAVOR+ features (without ``1/√m``), for ``x (…, D)`` already scaled.
+
+    Returns:
+        ``(…, m)``.
+    """
+    return (x @ projection.T).sub_(0.5 * x.square().sum(dim=-1, keepdim=True))
+
+
 def softmax_kernel_features(x: Tensor, projection: Tensor) -> tuple[Tensor, Tensor]:
     """Positive random features of the softmax kernel, split into a bounded part and a log-scale.
 
@@ -82,9 +91,9 @@ def softmax_kernel_features(x: Tensor, projection: Tensor) -> tuple[Tensor, Tens
         ``features · exp(log_scale) = exp(W x - ‖x‖²/2)``: the FAVOR+ map without its
         ``1/√m`` factor, which cancels in normalised attention.
     """
-    exponent = x @ projection.T - 0.5 * x.square().sum(dim=-1, keepdim=True)  # (…, m)
-    log_scale = exponent.amax(dim=-1).detach()
-    return (exponent - log_scale[..., None]).exp(), log_scale
+    exponent = softmax_kernel_exponent(x, projection)
+    log_scale = exponent.detach().amax(dim=-1)
+    return exponent.sub_(log_scale[..., None]).exp_(), log_scale
 
 
 @dataclass
@@ -207,7 +216,10 @@ class PerformerAttention(AttentionMechanism):
     ) -> Tensor:
         self._maybe_redraw()
         q_feat, _ = self.features(q)  # a query's own log-scale cancels in its normalised output
-        k_feat, k_log_scale = self.features(k)
+        if causal or self.kernel == "relu":
+            k_feat, k_log_scale = self.features(k)
+        else:
+            k_feat, k_log_scale = self._global_key_features(k, key_padding_mask), None
         return kernel_attention(
             q_feat,
             k_feat,
@@ -217,6 +229,16 @@ class PerformerAttention(AttentionMechanism):
             key_log_scale=k_log_scale,
             chunk_size=self.chunk_size,
         )
+
+    def _global_key_features(self, k: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        # Bidirectional: one stabiliser per (batch, head), the maximum over its real keys and
+        # features; it cancels on normalising and saves a pass over the (S, m) features.
+        x = upcast(k) * k.shape[-1] ** -0.25
+        exponent = softmax_kernel_exponent(x, self.projection(x.shape[-1], device=x.device, dtype=x.dtype))
+        if key_padding_mask is not None:
+            exponent = exponent.masked_fill(~key_padding_mask[:, None, :, None], NEG)
+        top = exponent.detach().amax(dim=(-2, -1), keepdim=True)
+        return exponent.sub_(top).exp_()
 
     def new_state(self) -> PerformerState:
         """An empty recurrent state ``Σ φ(k) [v, 1]ᵀ``: O(m·D) per head whatever the context."""

@@ -263,21 +263,6 @@ def recurrent_step(
     return q @ outer
 
 
-def bidirectional_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, key_log_scale: Tensor | None = None) -> Tensor:
-    """Unnormalised non-causal linear attention ``q (Σ_s k_s e^{a_s - max a} v_sᵀ)``.
-
-    Args:
-        q: ``(B, H, T, F)``; k: ``(B, H, S, F)``; v: ``(B, H, S, E)``.
-        key_log_scale: ``(B, H, S)`` detached key log-scales (padded keys at :data:`NEG`), or None.
-
-    Returns:
-        ``(B, H, T, E)``; the common factor ``exp(-max a)`` per (batch, head) cancels on normalising.
-    """
-    if key_log_scale is not None:
-        k = k * (key_log_scale - key_log_scale.amax(dim=-1, keepdim=True)).exp()[..., None]
-    return q @ (k.transpose(-1, -2) @ v)
-
-
 def kernel_attention(
     q: Tensor,
     k: Tensor,
@@ -306,11 +291,17 @@ def kernel_attention(
     """
     t_len, s_len, dv = q.shape[2], k.shape[2], v.shape[-1]
     k, v, key_log_scale = _drop_padded(k, v, key_log_scale, key_padding_mask)
+    if not causal:
+        if key_log_scale is not None:
+            k = k * (key_log_scale - key_log_scale.amax(dim=-1, keepdim=True)).exp()[..., None]
+        kv = k.transpose(-1, -2) @ v  # (B, H, F, Dv)
+        if not normalize:
+            return q @ kv
+        # the normaliser rides along as one more (tiny) column instead of a ones column in v
+        return normalise(q @ torch.cat([kv, k.sum(dim=-2)[..., None]], dim=-1), dv)
     if normalize:
         v = torch.cat([v, v.new_ones((*v.shape[:-1], 1))], dim=-1)
-    if not causal:
-        out = bidirectional_linear_attention(q, k, v, key_log_scale=key_log_scale)
-    elif t_len <= s_len:
+    if t_len <= s_len:
         # queries sit at the last T positions: give the first S - T positions empty queries
         q_full = F.pad(q, (0, 0, s_len - t_len, 0))
         out = causal_linear_attention(q_full, k, v, key_log_scale=key_log_scale, chunk_size=chunk_size)[0]
@@ -367,9 +358,14 @@ def kernel_decode(
 
 def normalise(out: Tensor, dv: int) -> Tensor:
     """Split ``(…, Dv + 1)`` sums into numerator and normaliser; zeros where the normaliser is not positive."""
-    num, den = out[..., :dv], out[..., dv:]
-    ok = den > 0
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+    return out[..., :dv] / _safe_denominator(out[..., dv:])
+
+
+def _safe_denominator(den: Tensor) -> Tensor:
+    # With non-negative features a zero normaliser means every weight is zero, so the numerator
+    # is exactly zero too: dividing it by 1 gives the zeros of a query that sees no key. (A
+    # reciprocal would overflow for tiny but positive normalisers.)
+    return torch.where(den > 0, den, torch.ones_like(den))
 
 
 def upcast(x: Tensor) -> Tensor:
