@@ -28,9 +28,6 @@ from attnkit.arena.fidelity import fidelity_params
 from attnkit.arena.runner import CellRunner, build_seeded, efficiency_sweep, fidelity_cell
 from attnkit.core.errors import check_positive_float, check_positive_int
 
-#: Lengths the advisor measures on its way up to the requested one (reusing arena cells).
-LADDER = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
-
 
 @dataclass(frozen=True)
 class Constraints:
@@ -179,10 +176,14 @@ def _closest(c: Constraints, rejected: list[Verdict]) -> list[tuple[str, str]]:
 
 # -- measuring ----------------------------------------------------------------------------
 def advisor_config(constraints: Constraints, base: ArenaConfig | None = None) -> ArenaConfig:
-    """The arena settings the advisor measures with: ``base`` (default preset) on the ladder up to ``length``."""
+    """The arena settings the advisor measures with: ``base`` (the default preset) with its
+    lengths below ``length`` (cached by an arena run, or cheap) and then ``length`` itself.
+
+    The shorter lengths feed the budget projection: a mechanism projected past the step or
+    memory budget at ``length`` is not run there, its numbers are extrapolated instead.
+    """
     base = base or ArenaConfig.preset("default")
-    ladder = (*(n for n in LADDER if n < constraints.length), constraints.length)
-    return base.with_(lengths=ladder[-4:])
+    return base.with_(lengths=(*(n for n in base.lengths if n < constraints.length), constraints.length))
 
 
 def measure_candidates(

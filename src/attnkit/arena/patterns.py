@@ -61,7 +61,9 @@ def attention_picture(name: str, *, causal: bool, length: int = PATTERN_LENGTH, 
         else:
             matrix = materialize(mask, 1, 1, length, length)[0, 0]
         return PatternPicture(name, causal, matrix.float(), "pattern")
-    return PatternPicture(name, causal, effective_weights(module, causal=causal, length=length, seed=seed), "effective weights")
+    return PatternPicture(
+        name, causal, effective_weights(module, causal=causal, length=length, seed=seed), "effective weights"
+    )
 
 
 def effective_weights(module: torch.nn.Module, *, causal: bool, length: int = PATTERN_LENGTH, seed: int = 0) -> Tensor:

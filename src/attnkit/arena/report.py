@@ -163,6 +163,18 @@ def _problems(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def reproduce_command(cfg: dict[str, Any]) -> str:
+    """The ``attnkit arena`` command line for a preset (settings beyond it live in results.json)."""
+    parts = ["attnkit arena"]
+    if cfg["preset_name"] != "default":
+        parts.append(f"--{cfg['preset_name']}")
+    if cfg["mechanisms"]:
+        parts.append("--mechanisms " + ",".join(cfg["mechanisms"]))
+    if cfg["device"] != "cpu":
+        parts.append(f"--device {cfg['device']}")
+    return " ".join(parts)
+
+
 def write_report(doc: dict[str, Any], out_dir: Path | str) -> Path:
     """Write ``report.md`` (leaderboard, plots, every table, stops and errors); returns its path."""
     meta, cfg = doc["meta"], doc["meta"]["config"]
@@ -172,6 +184,9 @@ def write_report(doc: dict[str, Any], out_dir: Path | str) -> Path:
         f"{meta['date']} · {meta['device']} ({meta['processor']}, {meta['threads']} threads) · torch {meta['torch']} · "
         f"attnkit {meta['attnkit']} · preset `{cfg['preset_name']}` · {meta['seconds']:.0f} s "
         f"({meta['cells_measured']} cells measured, {meta['cells_reused']} reused)",
+        "",
+        f"Reproduce with `{reproduce_command(cfg)}` (every setting is in `results.json` under `meta.config`; "
+        "cells cached in the output folder are reused, so a rerun only measures what is missing).",
         "",
         "## Leaderboard",
         "",

@@ -2,10 +2,15 @@
 
 Deliberately tiny (two layers of width 64 by default) so that ~16 mechanisms x 3 tasks
 train in a few minutes on a laptop CPU. Every layer is an
-:class:`attnkit.MultiHeadAttention` with the mechanism under test; positions are learned
-absolute embeddings, which work with every mechanism (rotary would too, but ALiBi/T5
-biases are not supported by all). The head is per token (MQAR, language modelling) or
-a masked mean over real tokens (ListOps classification).
+:class:`attnkit.MultiHeadAttention` with the mechanism under test, with rotary and
+learned absolute positions (both work with every mechanism). The head is per token
+(MQAR, language modelling) or a masked mean over real tokens (ListOps).
+
+Why not :class:`attnkit.models.Encoder`: the embeddings here add a width-2 causal
+convolution ("token shift", the short convolution of H3/Based that Zoology pairs with
+attention for associative recall). With it one attention layer can find "the token
+after key k", and the exact model learns MQAR within the arena's 120-step budget; the
+library's encoder of the same size stays at chance in that budget (measured: 11% vs 84%).
 """
 
 from __future__ import annotations
