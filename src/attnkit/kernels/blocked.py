@@ -1,0 +1,358 @@
+"""The blocked CPU core shared by every pattern-based sparse mechanism.
+
+A sparse pattern is *data*, a :class:`GatherPattern`: queries are cut into groups of
+``group_size`` consecutive positions (or given explicitly, e.g. Longformer's global
+rows), each group lists the key positions it may look at (``kv_index``), and an exact
+element mask (:class:`~attnkit.masks.Mask`) removes the listed keys a particular query
+must not see (window edges, causality). The core then, one chunk of groups at a time:
+
+1. gathers the listed keys/values of each group: ``(B, H, c, W, D)``;
+2. scores ``(B, H, c, group, W)`` with one batched matmul, adds an optional score bias,
+   masks, and takes a numerically stable softmax (rows with nothing visible give zeros);
+3. mixes the gathered values with a second batched matmul.
+
+Cost is ``O(T·W·D)`` time and ``O(T·D + chunk·W)`` working memory: the dense ``T×S``
+matrix never exists. :class:`_GatheredSoftmax` is a custom autograd function in the
+style of FlashAttention (Dao et al. 2022, arXiv:2205.14135): the forward keeps only the
+output and the per-row log-sum-exp; the backward recomputes each chunk's probabilities
+and scatters key/value gradients back with ``index_add_``.
+
+Conventions (as everywhere in attnkit): ``True`` = may attend; query ``i`` of ``T`` sits at
+absolute position ``i + S - T``; the element mask receives *local* indices like every
+:class:`Mask`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnkit.core.types import ScoreBias
+from attnkit.masks.functions import Mask
+
+#: Target number of scores in one chunk's ``(B, H, c, group, W)`` working set (16 MiB of fp32).
+_CHUNK_SCORES = 1 << 22
+
+
+@dataclass(frozen=True)
+class GatherPattern:
+    """Which keys each group of queries gathers, as index tensors.
+
+    Attributes:
+        group_size: queries per group.
+        kv_index: int64 ``(Bk, Hk, G, W)`` key positions gathered for each of the ``G``
+            groups (``Bk`` in {1, B}, ``Hk`` in {1, H}); ``-1`` marks an empty slot. A group
+            must not list a key twice.
+        element_mask: exact visibility of a listed key for a particular query, in local
+            indices ``(b, h, q_idx, kv_idx)``; None when every listed key is visible.
+        q_index: int64 ``(Bq, 1, G, group_size)`` query positions of each group (``-1`` = empty
+            slot), or None for consecutive groups ``0..T-1`` (the last one padded).
+    """
+
+    group_size: int
+    kv_index: Tensor
+    element_mask: Mask | None = None
+    q_index: Tensor | None = None
+
+    @property
+    def num_groups(self) -> int:
+        """Number of query groups ``G``."""
+        return self.kv_index.shape[2]
+
+
+def consecutive_groups(q_len: int, group_size: int) -> int:
+    """Number of groups covering ``q_len`` consecutive queries."""
+    return -(-q_len // group_size)
+
+
+def span_pattern(
+    q_len: int,
+    kv_len: int,
+    group_size: int,
+    *,
+    before: int,
+    after: int,
+    element_mask: Mask | None,
+    device: torch.device | None = None,
+) -> GatherPattern:
+    """Consecutive query groups that each gather one contiguous span of keys.
+
+    Group ``g`` covers absolute query positions ``p0 .. p0 + group_size - 1`` with
+    ``p0 = g·group_size + S - T`` and gathers keys ``p0 - before .. p0 + group_size - 1 + after``
+    (clipped to ``[0, S)``): the shape of every sliding-window pattern.
+    """
+    groups = consecutive_groups(q_len, group_size)
+    start = torch.arange(groups, device=device) * group_size + (kv_len - q_len) - before
+    keys = start[:, None] + torch.arange(group_size + before + after, device=device)
+    keys = torch.where((keys >= 0) & (keys < kv_len), keys, -1)
+    return GatherPattern(group_size, keys[None, None], element_mask)
+
+
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """Rows of ``x (B, H, L, D)`` at ``index (Bk, Hk, c, W)`` (values in ``[0, L)``) -> ``(B, H, c, W, D)``."""
+    b, h, length, dim = x.shape
+    flat = _flat_index(index, b, h, length)
+    return x.reshape(-1, dim).index_select(0, flat).view(b, h, *index.shape[2:], dim)
+
+
+def _flat_index(index: Tensor, b: int, h: int, length: int) -> Tensor:
+    base = (
+        torch.arange(b, device=index.device).view(b, 1, 1, 1) * h
+        + torch.arange(h, device=index.device).view(1, h, 1, 1)
+    ) * length
+    return (index + base).reshape(-1)
+
+
+class _Plan:
+    """Per-call index and mask tensors for each chunk of groups (no autograd)."""
+
+    def __init__(
+        self,
+        pattern: GatherPattern,
+        q_len: int,
+        kv_len: int,
+        batch: int,
+        heads: int,
+        width: int,
+        key_padding_mask: Tensor | None,
+        device: torch.device,
+    ) -> None:
+        groups = pattern.num_groups
+        per_group = batch * heads * pattern.group_size * width
+        self.chunk = max(1, _CHUNK_SCORES // max(1, per_group))
+        self.bounds = [(c0, min(groups, c0 + self.chunk)) for c0 in range(0, groups, self.chunk)]
+        self.kv_index: list[Tensor] = []
+        self.allowed: list[Tensor] = []
+        kv_all = pattern.kv_index.to(device)
+        if pattern.q_index is None:
+            q_all = torch.arange(groups * pattern.group_size, device=device).view(1, 1, groups, pattern.group_size)
+        else:
+            q_all = pattern.q_index.to(device)
+        q_valid_all = (q_all >= 0) & (q_all < q_len)
+        for c0, c1 in self.bounds:
+            kv = kv_all[:, :, c0:c1]
+            valid = (kv >= 0) & (kv < kv_len)
+            kv = torch.where(valid, kv, kv_len)  # slot ``kv_len`` is an all-zero row
+            allowed = valid[..., None, :]  # (Bk, Hk, c, 1, W)
+            if key_padding_mask is not None:
+                pad = torch.cat([key_padding_mask, key_padding_mask.new_zeros(batch, 1)], dim=1)
+                kb = torch.arange(batch, device=device).view(batch, 1, 1, 1)
+                allowed = allowed & pad[kb, kv][..., None, :]
+            qi = q_all[:, :, c0:c1]
+            allowed = allowed & q_valid_all[:, :, c0:c1, :, None]
+            if pattern.element_mask is not None:
+                bi = torch.arange(batch, device=device).view(batch, 1, 1, 1, 1)
+                hi = torch.arange(heads, device=device).view(1, heads, 1, 1, 1)
+                allowed = allowed & pattern.element_mask(
+                    bi, hi, qi.clamp(0, q_len - 1)[..., :, None], kv.clamp(max=kv_len - 1)[..., None, :]
+                )
+            self.kv_index.append(kv)
+            self.allowed.append(allowed)
+
+
+class _GatheredSoftmax(torch.autograd.Function):
+    """Softmax attention of grouped queries over gathered keys; backward recomputes per chunk."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        bias: Tensor | None,
+        plan: _Plan,
+        scale: float,
+    ) -> tuple[Tensor, Tensor]:
+        # q: (B, H, G, group, D); k: (B, H, S + 1, D), v: (B, H, S + 1, Dv) with a zero last row;
+        # bias: (Bb, H, G, group, W) or None.
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        lse = q.new_empty(q.shape[:-1])
+        for i, (c0, c1) in enumerate(plan.bounds):
+            kc = _gather_rows(k, plan.kv_index[i])
+            scores = _scores(q[:, :, c0:c1], kc, plan.allowed[i], _chunk(bias, c0, c1), scale)
+            probs, lse[:, :, c0:c1] = _softmax(scores)
+            out[:, :, c0:c1] = probs @ _gather_rows(v, plan.kv_index[i])
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.plan, ctx.scale = plan, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        b, h = q.shape[:2]
+        dbias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[3] else None
+        grad_out = grad_out.contiguous()
+        # dL/ds_ij = p_ij (dp_ij - Σ_j' p_ij' dp_ij' + dlse_i), with Σ_j' p_ij' dp_ij' = rowsum(dO ∘ O)
+        delta = (grad_out * out).sum(-1) - grad_lse  # (B, H, G, group)
+        dq = torch.empty_like(q)
+        dk = torch.zeros_like(k)
+        dv = torch.zeros_like(v)
+        for i, (c0, c1) in enumerate(plan.bounds):
+            kc = _gather_rows(k, plan.kv_index[i])
+            vc = _gather_rows(v, plan.kv_index[i])
+            qc, do = q[:, :, c0:c1], grad_out[:, :, c0:c1]
+            scores = _scores(qc, kc, plan.allowed[i], _chunk(bias, c0, c1), ctx.scale)
+            probs = torch.exp(scores - lse[:, :, c0:c1, :, None])  # masked entries: exp(-inf) = 0
+            flat = _flat_index(plan.kv_index[i], b, h, k.shape[2])
+            dv.view(-1, dv.shape[-1]).index_add_(0, flat, (probs.transpose(-1, -2) @ do).reshape(-1, dv.shape[-1]))
+            dscores = probs * (do @ vc.transpose(-1, -2) - delta[:, :, c0:c1, :, None])
+            if dbias is not None:
+                dbias[:, :, c0:c1] = dscores.sum(0, keepdim=True) if dbias.shape[0] == 1 else dscores
+            dscores = dscores.mul_(ctx.scale)
+            dq[:, :, c0:c1] = dscores @ kc
+            dk.view(-1, dk.shape[-1]).index_add_(0, flat, (dscores.transpose(-1, -2) @ qc).reshape(-1, dk.shape[-1]))
+        return dq, dk, dv, dbias, None, None
+
+
+def _chunk(x: Tensor | None, c0: int, c1: int) -> Tensor | None:
+    return None if x is None else x[:, :, c0:c1]
+
+
+def _scores(qc: Tensor, kc: Tensor, allowed: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """Masked, biased scores ``(B, H, c, group, W)`` of queries ``qc`` against gathered keys ``kc``."""
+    scores = (qc @ kc.transpose(-1, -2)).mul_(scale)
+    if bias is not None:
+        scores = scores.add_(bias)
+    return scores.masked_fill_(~allowed, float("-inf"))
+
+
+def _softmax(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """In place: probabilities ``(B, H, c, group, W)`` and the log-sum-exp per row (+inf when empty)."""
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    probs = torch.exp_(scores.sub_(row_max))
+    norm = probs.sum(dim=-1, keepdim=True)
+    empty = norm == 0
+    probs = probs.div_(torch.where(empty, torch.ones_like(norm), norm))
+    log_norm = torch.where(empty, torch.full_like(norm, float("inf")), row_max + norm.log())
+    return probs, log_norm.squeeze(-1)
+
+
+def gathered_attention_with_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: GatherPattern,
+    *,
+    key_padding_mask: Tensor | None = None,
+    score_bias: ScoreBias | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Like :func:`gathered_attention`, also returning each row's log-sum-exp ``(B, H, T)``.
+
+    The log-sum-exp (``-inf`` for a row that saw nothing) lets :func:`merge_attention` join
+    parts computed over different groupings (e.g. a window part and a global-token part).
+
+    Args:
+        q: ``(B, H, T, D)`` queries.
+        k: ``(B, H, S, D)`` keys.
+        v: ``(B, H, S, Dv)`` values.
+        pattern: the groups and the keys each gathers.
+        key_padding_mask: bool ``(B, S)``, True = real token.
+        score_bias: additive bias ``(h, q_pos, kv_pos)`` evaluated on the gathered positions
+            only (queries end-aligned: ``q_pos = i + S - T``); learned biases get gradients.
+        scale: score scale, default ``1/sqrt(D)``.
+
+    Returns:
+        ``out (B, H, T, Dv)`` (zeros for a query that sees no key or belongs to no group) and
+        ``lse (B, H, T)``. Low-precision inputs are computed and returned in float32.
+    """
+    b, h, t_len, dim = q.shape
+    s_len = k.shape[2]
+    if q.dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    scale = scale if scale is not None else 1.0 / math.sqrt(dim)
+    size = pattern.group_size
+    groups = pattern.num_groups
+    plan = _Plan(pattern, t_len, s_len, b, h, pattern.kv_index.shape[-1], key_padding_mask, q.device)
+    # one zero row at position S for empty key slots
+    k_ext = torch.cat([k, k.new_zeros(b, h, 1, dim)], dim=2)
+    v_ext = torch.cat([v, v.new_zeros(b, h, 1, v.shape[-1])], dim=2)
+    if pattern.q_index is None:
+        q_index = torch.arange(groups * size, device=q.device).view(1, 1, groups, size)
+        padded = torch.nn.functional.pad(q, (0, 0, 0, groups * size - t_len))
+        grouped = padded.view(b, h, groups, size, dim)
+    else:
+        q_index = pattern.q_index.to(q.device)
+        slots = torch.where(q_index >= 0, q_index, t_len)
+        q_ext = torch.cat([q, q.new_zeros(b, h, 1, dim)], dim=2)
+        grouped = _gather_rows(q_ext, slots.expand(-1, h, -1, -1)).view(b, h, groups, size, dim)
+    bias = None
+    if score_bias is not None:
+        # Evaluated on the gathered positions only, inside autograd so learned biases (T5) train.
+        heads = torch.arange(h, device=q.device).view(1, h, 1, 1, 1)
+        q_pos = (q_index.clamp(min=0) + (s_len - t_len))[..., None]
+        kv_pos = pattern.kv_index.to(q.device).clamp(min=0)[..., None, :]
+        bias = torch.as_tensor(score_bias(heads, q_pos, kv_pos)).to(q.dtype)
+        bias = bias.expand(bias.shape[0], h, groups, size, bias.shape[-1])
+    out, lse = _GatheredSoftmax.apply(grouped, k_ext, v_ext, bias, plan, scale)
+    out = out.view(b, h, groups * size, v.shape[-1])
+    # +inf marks "nothing visible" inside the kernel; outside, such a row carries no mass.
+    lse = lse.view(b, h, groups * size)
+    lse = torch.where(lse == float("inf"), torch.full_like(lse, float("-inf")), lse)
+    if pattern.q_index is None:
+        return out[:, :, :t_len], lse[:, :, :t_len]
+    dest = torch.where(q_index >= 0, q_index, t_len).reshape(q_index.shape[0], 1, -1)
+    full_lse = lse.new_full((b, h, t_len + 1), float("-inf")).scatter(2, dest.expand(b, h, -1), lse)
+    dest = dest[..., None].expand(b, h, -1, v.shape[-1])
+    full = out.new_zeros(b, h, t_len + 1, v.shape[-1]).scatter(2, dest, out)
+    return full[:, :, :t_len], full_lse[:, :, :t_len]
+
+
+def gathered_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: GatherPattern,
+    *,
+    key_padding_mask: Tensor | None = None,
+    score_bias: ScoreBias | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Exact softmax attention over a :class:`GatherPattern`, in ``O(T·W)``.
+
+    Args:
+        q: ``(B, H, T, D)`` queries.
+        k: ``(B, H, S, D)`` keys.
+        v: ``(B, H, S, Dv)`` values.
+        pattern: the groups and the keys each gathers.
+        key_padding_mask: bool ``(B, S)``, True = real token.
+        score_bias: additive bias ``(h, q_pos, kv_pos)`` evaluated on the gathered positions
+            only (queries end-aligned: ``q_pos = i + S - T``); learned biases get gradients.
+        scale: score scale, default ``1/sqrt(D)``.
+
+    Returns:
+        ``(B, H, T, Dv)``; a query that sees no key, or that belongs to no group, gets zeros.
+        Low-precision inputs are computed and returned in float32.
+    """
+    out, _ = gathered_attention_with_lse(
+        q, k, v, pattern, key_padding_mask=key_padding_mask, score_bias=score_bias, scale=scale
+    )
+    return out
+
+
+def merge_attention(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Combine softmax attention over disjoint key sets into softmax over their union.
+
+    Args:
+        parts: ``(out, lse)`` pairs from :func:`gathered_attention_with_lse`, ``out (B, H, T, Dv)``
+            and ``lse (B, H, T)`` (``-inf`` where a part saw nothing). The key sets must be disjoint
+            per query, or shared keys are counted twice.
+
+    Returns:
+        ``(B, H, T, Dv)``: ``Σ_i exp(lse_i - lse) out_i`` with ``lse = logsumexp_i lse_i``; zeros
+        for rows that no part saw.
+    """
+    lse = torch.stack([p[1] for p in parts]).logsumexp(dim=0)
+    seen = torch.isfinite(lse)
+    safe = torch.where(seen, lse, torch.zeros_like(lse))
+    out = torch.zeros_like(parts[0][0])
+    for part_out, part_lse in parts:
+        weight = torch.where(seen, torch.exp(part_lse - safe), torch.zeros_like(safe))
+        out = out + weight[..., None] * part_out
+    return out
