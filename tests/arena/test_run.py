@@ -108,7 +108,7 @@ def test_budget_stop_is_reported_and_not_cached(tmp_path: Path, tiny_config: Are
     doc = assemble(run_arena(config, tmp_path, progress=False, stages=("efficiency",)))
     rows = [r for r in doc["efficiency"] if not r["causal"] and r["mode"] == "fwd"]
     assert [r["status"] for r in rows] == ["ok", "stopped", "stopped"]
-    assert "> budget" in rows[1]["reason"]
+    assert "> budget" in rows[1]["reason"] and rows[2]["reason"] == rows[1]["reason"]
     assert doc["stops"][0]["at_length"] == 128
     assert len(list((tmp_path / "cells").rglob("*.json"))) == 4  # only the measured cells
     # raising the budget resumes the sweep where it was cut

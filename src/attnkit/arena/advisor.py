@@ -231,7 +231,7 @@ def _measure_one(name: str, c: Constraints, cfg: ArenaConfig, cells: CellRunner)
     else:
         cand.note = fid.get("error", "")
     module = build_seeded(name, options, cfg.seed)
-    rows = list(efficiency_sweep(cfg, name, c.causal, c.mode, cells, module))
+    rows = efficiency_sweep(cfg, name, c.causal, c.mode, cells, module)
     last = rows[-1]
     if last["status"] == "ok":
         cand.time_ms, cand.peak_mb = last["median_ms"], last.get("peak_mb")

@@ -150,6 +150,8 @@ def budget_stop(cfg: ArenaConfig, mode: str, done: list[dict[str, Any]], next_le
     if not done:
         return None
     last = done[-1]
+    if last["status"] == "stopped":
+        return str(last["reason"])
     if last["status"] != "ok":
         return f"stopped after an error at length {last['length']}"
     budget_ms = cfg.step_budget_s * 1e3

@@ -197,47 +197,65 @@ def _planned_cells(config: ArenaConfig, names: list[str], stages: tuple[str, ...
     return total
 
 
-def efficiency_sweep(
-    config: ArenaConfig, name: str, causal: bool, mode: str, cells: CellRunner, module: AttentionMechanism | str
-) -> Iterator[dict[str, Any]]:
-    """One mechanism's rows over ``config.lengths``, stopping at the budget (a ``stopped`` row says why)."""
-    meter = PeakMemoryMeter(config.device)
-    options = attnkit.get_spec(name).benchmark_options
-    done: list[dict[str, Any]] = []
-    for index, length in enumerate(config.lengths):
-        reason = budget_stop(config, mode, done, length)
-        if reason is not None:
-            for skipped in config.lengths[index:]:
-                cells.bar.update(1)
-                yield {
-                    "mechanism": name,
-                    "length": skipped,
-                    "causal": causal,
-                    "mode": mode,
-                    "status": "stopped",
-                    "reason": reason,
-                }
-            return
-        params = efficiency_params(config, length, causal, mode)
+def efficiency_cell(
+    config: ArenaConfig,
+    name: str,
+    module: AttentionMechanism | str,
+    causal: bool,
+    mode: str,
+    length: int,
+    done: list[dict[str, Any]],
+    cells: CellRunner,
+    meter: PeakMemoryMeter,
+) -> dict[str, Any]:
+    """The row of one efficiency cell: cached, measured, or ``stopped`` by the budget.
 
-        def compute(length: int = length) -> dict[str, Any]:
+    ``done`` holds the same sweep's earlier rows (shorter lengths); the new row is appended.
+    """
+    reason = budget_stop(config, mode, done, length)
+    if reason is not None:
+        cells.bar.update(1)
+        row = {"mechanism": name, "length": length, "causal": causal, "mode": mode, "status": "stopped"}
+        row["reason"] = reason
+    else:
+
+        def compute() -> dict[str, Any]:
             if isinstance(module, str):
                 return {"status": "error", "error": module}
             module.train(mode == "fwd+bwd")
             return measure_efficiency(module, config, length, causal, mode, meter)
 
-        row = cells.get("efficiency", name, options, params, compute)
-        done.append(row)
-        yield row
+        options = attnkit.get_spec(name).benchmark_options
+        row = cells.get("efficiency", name, options, efficiency_params(config, length, causal, mode), compute)
+    done.append(row)
+    return row
+
+
+def efficiency_sweep(
+    config: ArenaConfig, name: str, causal: bool, mode: str, cells: CellRunner, module: AttentionMechanism | str
+) -> list[dict[str, Any]]:
+    """One mechanism's rows over ``config.lengths``; past the budget they are ``stopped`` rows saying why."""
+    meter = PeakMemoryMeter(config.device)
+    done: list[dict[str, Any]] = []
+    for length in config.lengths:
+        efficiency_cell(config, name, module, causal, mode, length, done, cells, meter)
+    return done
 
 
 def _efficiency_rows(config: ArenaConfig, names: list[str], cells: CellRunner) -> Iterator[dict[str, Any]]:
-    for name in names:
-        module = build_seeded(name, attnkit.get_spec(name).benchmark_options, config.seed)
-        for causal in causal_modes(name):
-            for mode in MODES:
-                yield from efficiency_sweep(config, name, causal, mode, cells, module)
-        del module
+    # Every mechanism runs back to back within one (mode, causal, length) cell, so the
+    # ratios to exact attention compare measurements taken under the same machine load.
+    meter = PeakMemoryMeter(config.device)
+    modules = {name: build_seeded(name, attnkit.get_spec(name).benchmark_options, config.seed) for name in names}
+    sweeps: dict[tuple[str, bool, str], list[dict[str, Any]]] = {}
+    for mode in MODES:
+        for causal in (False, True):
+            for length in config.lengths:
+                for name in names:
+                    if causal and not attnkit.attention_capabilities(name).causal:
+                        continue
+                    done = sweeps.setdefault((name, causal, mode), [])
+                    yield efficiency_cell(config, name, modules[name], causal, mode, length, done, cells, meter)
 
 
 def _fidelity_rows(config: ArenaConfig, names: list[str], cells: CellRunner) -> Iterator[dict[str, Any]]:
