@@ -47,6 +47,13 @@ def test_bad_settings_name_the_setting(overrides: dict, message: str) -> None:
         ArenaConfig.preset("default", **overrides)
 
 
+def test_config_round_trips_through_json() -> None:
+    config = ArenaConfig.preset("quick", mechanisms=("full",))
+    assert ArenaConfig.from_dict(json.loads(json.dumps(config.as_dict()))) == config
+    with pytest.raises(ValueError, match="not arena settings: colour"):
+        ArenaConfig.from_dict({**config.as_dict(), "colour": "red"})
+
+
 def test_unknown_preset_and_setting() -> None:
     with pytest.raises(ValueError, match="preset must be one of"):
         ArenaConfig.preset("huge")

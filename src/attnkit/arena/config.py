@@ -61,7 +61,7 @@ class ArenaConfig:
     heads: int = 8
     head_dim: int = 64
     repeats: int = 3
-    cell_seconds: float = 1.5
+    cell_seconds: float = 1.0
     step_budget_s: float = 6.0
     memory_budget_gb: float = 6.0
     fidelity_length: int = 1024
@@ -122,6 +122,15 @@ class ArenaConfig:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready settings."""
         return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> ArenaConfig:
+        """The config stored by :meth:`as_dict` (e.g. ``results.json``'s ``meta.config``); unknown keys are refused."""
+        fields = {f.name for f in dataclasses.fields(ArenaConfig)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"not arena settings: {', '.join(unknown)} (a results.json from another attnkit version?)")
+        return ArenaConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 PRESETS: dict[str, dict[str, Any]] = {

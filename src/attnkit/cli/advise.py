@@ -14,7 +14,7 @@ def register(subparsers: Any) -> None:
         description=(
             "Recommend the fastest attention mechanism that meets your constraints on this machine. Mechanisms are "
             "filtered by capability (causal, incremental decoding), then measured at --length (reusing cells cached "
-            "by 'attnkit arena' in --cache; lengths beyond the time or memory budget are projected from shorter "
+            "by 'attnkit arena' in --cache, with that run's settings; lengths beyond the time or memory budget are projected from shorter "
             "ones) and checked against --max-error and --memory-gb. A table says why each alternative lost."
         ),
         epilog=(
@@ -108,9 +108,21 @@ def render(advice: Any) -> str:
     return "\n".join(lines)
 
 
+def _arena_config(cache: str, device: str) -> Any:
+    """The settings of the arena run in ``cache`` (so its cells match), else the default preset."""
+    from pathlib import Path
+
+    from attnkit.arena import load_results
+    from attnkit.arena.config import ArenaConfig
+
+    if (Path(cache) / "results.json").exists():
+        stored = load_results(cache)["meta"]["config"]
+        return ArenaConfig.from_dict(stored).with_(device=device, mechanisms=())
+    return ArenaConfig.preset("default", device=device)
+
+
 def run(args: argparse.Namespace) -> int:
     from attnkit.arena import Constraints, decide, measure_candidates
-    from attnkit.arena.config import ArenaConfig
     from attnkit.arena.runner import check_device, resolve_mechanisms
 
     constraints = Constraints(
@@ -127,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     candidates = measure_candidates(
         constraints,
         cache_dir=args.cache,
-        config=ArenaConfig.preset("default", device=args.device),
+        config=_arena_config(args.cache, args.device),
         mechanisms=mechanisms,
         progress=not args.json,
     )
