@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .conftest import TINY_MODEL, tiny_config
 
-MAX_STEPS = 60
+MAX_STEPS = 36
 KILL_AFTER_STEP = 13
 
 
