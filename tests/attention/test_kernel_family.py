@@ -339,8 +339,9 @@ def test_long_large_norm_half_inputs_stay_finite(name: str, options: dict, causa
     q, k, v = (t.to(dtype) for t in (q, k, v))
     out = attnkit.build_attention(name, **options)(q, k, v, causal=causal)
     assert out.dtype == dtype and torch.isfinite(out).all()
-    # every output is a convex combination of values (or zero), so it stays within their range
-    assert out.float().abs().max() <= v.float().abs().max() * 1.01 + 1e-3 or name in ("linformer", "nystrom")
+    if name in ("linear", "performer"):
+        # kernel attention outputs convex combinations of the values (or zeros): within their range
+        assert out.float().abs().max() <= v.float().abs().max() * 1.01
 
 
 # -- linformer ------------------------------------------------------------------------------
