@@ -144,7 +144,7 @@ class BigBirdAttention(PatternAttention):
         offset, size = s_len - t_len, self.block_size
         table = self.block_table(s_len, causal=causal).to(q.device)
         n, g = table.shape[0], min(self.num_global_blocks, table.shape[0])
-        opts = {"key_padding_mask": key_padding_mask, "score_bias": score_bias, "scale": self.scale}
+        opts: dict[str, Any] = {"key_padding_mask": key_padding_mask, "score_bias": score_bias, "scale": self.scale}
         element = causal_mask(t_len, s_len) if causal else None
         within = torch.arange(size, device=q.device)
 
@@ -157,7 +157,7 @@ class BigBirdAttention(PatternAttention):
             keys = torch.where(columns[..., None] < n, columns[..., None] * size + within, -1).flatten(1)
             queries = rows[:, None] * size + within - offset
             queries = torch.where((queries >= 0) & (queries < t_len), queries, -1)
-            pattern = GatherPattern(size, keys[None, None], element, q_index=queries[None, None])
+            pattern = GatherPattern(size, keys[None, None], element, q_index=queries[None, None], key_block=size)
             out = out + gathered_attention_with_lse(q, k, v, pattern, **opts)[0]
         global_queries = torch.arange(g * size, device=q.device) - offset
         global_queries = global_queries[(global_queries >= 0) & (global_queries < t_len)]

@@ -43,7 +43,7 @@ def own_block_pattern(
     queries = torch.where((queries >= 0) & (queries < q_len), queries, -1)
     keys = torch.where(blocks < kv_len, blocks, -1)
     element = causal_mask(q_len, kv_len) if causal else None
-    return GatherPattern(block_size, keys[None, None], element, q_index=queries[None, None])
+    return GatherPattern(block_size, keys[None, None], element, q_index=queries[None, None], key_block=block_size)
 
 
 def summary_pattern(
@@ -117,7 +117,7 @@ class FixedAttention(PatternAttention):
         **call_kwargs: Any,
     ) -> Tensor:
         t_len, s_len = q.shape[2], k.shape[2]
-        opts = {"key_padding_mask": key_padding_mask, "score_bias": score_bias, "scale": self.scale}
+        opts: dict[str, Any] = {"key_padding_mask": key_padding_mask, "score_bias": score_bias, "scale": self.scale}
         own = own_block_pattern(t_len, s_len, self.block_size, causal=causal, device=q.device)
         parts = [gathered_attention_with_lse(q, k, v, own, **opts)]
         if s_len > self.block_size:

@@ -103,7 +103,7 @@ class StridedAttention(PatternAttention):
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:
-        opts = {"key_padding_mask": key_padding_mask, "score_bias": score_bias, "scale": self.scale}
+        opts: dict[str, Any] = {"key_padding_mask": key_padding_mask, "score_bias": score_bias, "scale": self.scale}
         band = self.stride if causal else 2 * self.stride - 1  # |p - j| < l as a sliding window
         local = sliding_window_attention(q, k, v, band, causal=causal, **opts)
         grid = grid_pattern(q.shape[2], k.shape[2], self.stride, causal=causal, device=q.device)

@@ -51,12 +51,16 @@ class GatherPattern:
             indices ``(b, h, q_idx, kv_idx)``; None when every listed key is visible.
         q_index: int64 ``(Bq, 1, G, group_size)`` query positions of each group (``-1`` = empty
             slot), or None for consecutive groups ``0..T-1`` (the last one padded).
+        key_block: when > 1, ``kv_index`` is made of runs of ``key_block`` consecutive positions,
+            each starting at a multiple of ``key_block`` (or all ``-1``): keys are then gathered
+            and their gradients scattered a whole block at a time, which is much faster.
     """
 
     group_size: int
     kv_index: Tensor
     element_mask: Mask | None = None
     q_index: Tensor | None = None
+    key_block: int = 1
 
     @property
     def num_groups(self) -> int:
@@ -82,14 +86,20 @@ def span_pattern(
     """Consecutive query groups that each gather one contiguous span of keys.
 
     Group ``g`` covers absolute query positions ``p0 .. p0 + group_size - 1`` with
-    ``p0 = g·group_size + S - T`` and gathers keys ``p0 - before .. p0 + group_size - 1 + after``
-    (clipped to ``[0, S)``): the shape of every sliding-window pattern.
+    ``p0 = g·group_size + S - T`` and gathers at least the keys ``p0 - before .. p0 +
+    group_size - 1 + after`` (clipped to ``[0, S)``): the shape of every sliding-window pattern.
+    When ``S - T`` is a multiple of ``group_size`` the span is widened to whole groups so it is
+    gathered block-wise (``element_mask`` must then exclude the extra keys).
     """
     groups = consecutive_groups(q_len, group_size)
-    start = torch.arange(groups, device=device) * group_size + (kv_len - q_len) - before
+    offset = kv_len - q_len
+    aligned = offset % group_size == 0 and group_size > 1
+    if aligned:
+        before, after = -(-before // group_size) * group_size, -(-after // group_size) * group_size
+    start = torch.arange(groups, device=device) * group_size + offset - before
     keys = start[:, None] + torch.arange(group_size + before + after, device=device)
     keys = torch.where((keys >= 0) & (keys < kv_len), keys, -1)
-    return GatherPattern(group_size, keys[None, None], element_mask)
+    return GatherPattern(group_size, keys[None, None], element_mask, key_block=group_size if aligned else 1)
 
 
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
@@ -125,8 +135,11 @@ class _Plan:
         per_group = batch * heads * pattern.group_size * width
         self.chunk = max(1, _CHUNK_SCORES // max(1, per_group))
         self.bounds = [(c0, min(groups, c0 + self.chunk)) for c0 in range(0, groups, self.chunk)]
-        self.kv_index: list[Tensor] = []
-        self.allowed: list[Tensor] = []
+        self.key_block = pattern.key_block
+        self.null_row = -(-kv_len // self.key_block)  # index of the all-zero block (or row)
+        self.rows: list[Tensor] = []  # what is gathered: key blocks (B·H-relative), (Bk, Hk, c, W / key_block)
+        self.kv_index: list[Tensor] = []  # key positions, for masks and biases
+        self.blocked: list[Tensor] = []  # True = not visible, (Bm, Hm, c, group, W)
         kv_all = pattern.kv_index.to(device)
         if pattern.q_index is None:
             q_all = torch.arange(groups * pattern.group_size, device=device).view(1, 1, groups, pattern.group_size)
@@ -151,14 +164,16 @@ class _Plan:
                     bi, hi, qi.clamp(0, q_len - 1)[..., :, None], kv.clamp(max=kv_len - 1)[..., None, :]
                 )
             self.kv_index.append(kv)
-            self.allowed.append(allowed)
+            self.blocked.append(~allowed)
+            first = kv.unflatten(-1, (-1, self.key_block))[..., 0] if self.key_block > 1 else kv
+            self.rows.append(torch.where(first < kv_len, first // self.key_block, self.null_row))
 
 
 class _GatheredSoftmax(torch.autograd.Function):
     """Softmax attention of grouped queries over gathered keys; backward recomputes per chunk."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         q: Tensor,
         k: Tensor,
@@ -167,21 +182,21 @@ class _GatheredSoftmax(torch.autograd.Function):
         plan: _Plan,
         scale: float,
     ) -> tuple[Tensor, Tensor]:
-        # q: (B, H, G, group, D); k: (B, H, S + 1, D), v: (B, H, S + 1, Dv) with a zero last row;
+        # q: (B, H, G, group, D); k: (B, H, rows + 1, key_block·D), v likewise, the last row zeros;
         # bias: (Bb, H, G, group, W) or None.
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        out = q.new_empty(*q.shape[:-1], v.shape[-1] // plan.key_block)
         lse = q.new_empty(q.shape[:-1])
         for i, (c0, c1) in enumerate(plan.bounds):
-            kc = _gather_rows(k, plan.kv_index[i])
-            scores = _scores(q[:, :, c0:c1], kc, plan.allowed[i], _chunk(bias, c0, c1), scale)
+            kc = _gather_keys(k, plan.rows[i], plan.key_block)
+            scores = _scores(q[:, :, c0:c1] * scale, kc, plan.blocked[i], _chunk(bias, c0, c1))
             probs, lse[:, :, c0:c1] = _softmax(scores)
-            out[:, :, c0:c1] = probs @ _gather_rows(v, plan.kv_index[i])
+            out[:, :, c0:c1] = probs @ _gather_keys(v, plan.rows[i], plan.key_block)
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.plan, ctx.scale = plan, scale
         return out, lse
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, bias, out, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
         b, h = q.shape[:2]
@@ -193,32 +208,48 @@ class _GatheredSoftmax(torch.autograd.Function):
         dk = torch.zeros_like(k)
         dv = torch.zeros_like(v)
         for i, (c0, c1) in enumerate(plan.bounds):
-            kc = _gather_rows(k, plan.kv_index[i])
-            vc = _gather_rows(v, plan.kv_index[i])
-            qc, do = q[:, :, c0:c1], grad_out[:, :, c0:c1]
-            scores = _scores(qc, kc, plan.allowed[i], _chunk(bias, c0, c1), ctx.scale)
-            probs = torch.exp(scores - lse[:, :, c0:c1, :, None])  # masked entries: exp(-inf) = 0
-            flat = _flat_index(plan.kv_index[i], b, h, k.shape[2])
-            dv.view(-1, dv.shape[-1]).index_add_(0, flat, (probs.transpose(-1, -2) @ do).reshape(-1, dv.shape[-1]))
-            dscores = probs * (do @ vc.transpose(-1, -2) - delta[:, :, c0:c1, :, None])
+            kc = _gather_keys(k, plan.rows[i], plan.key_block)
+            vc = _gather_keys(v, plan.rows[i], plan.key_block)
+            qc, do = q[:, :, c0:c1] * ctx.scale, grad_out[:, :, c0:c1]
+            scores = _scores(qc, kc, plan.blocked[i], _chunk(bias, c0, c1))
+            probs = torch.exp_(scores.sub_(lse[:, :, c0:c1, :, None]))  # masked entries: exp(-inf) = 0
+            _add_rows(dv, plan.rows[i], probs.transpose(-1, -2) @ do)
+            dscores = probs.mul_(do @ vc.transpose(-1, -2) - delta[:, :, c0:c1, :, None])
             if dbias is not None:
                 dbias[:, :, c0:c1] = dscores.sum(0, keepdim=True) if dbias.shape[0] == 1 else dscores
-            dscores = dscores.mul_(ctx.scale)
-            dq[:, :, c0:c1] = dscores @ kc
-            dk.view(-1, dk.shape[-1]).index_add_(0, flat, (dscores.transpose(-1, -2) @ qc).reshape(-1, dk.shape[-1]))
+            dq[:, :, c0:c1] = (dscores @ kc).mul_(ctx.scale)
+            _add_rows(dk, plan.rows[i], dscores.transpose(-1, -2) @ qc)
         return dq, dk, dv, dbias, None, None
+
+
+def _add_rows(store: Tensor, rows: Tensor, grad: Tensor) -> None:
+    """``store[b, h, rows[.., g, s]] += grad[b, h, g, s-th key block]``; ``grad (B, H, c, W, D)``."""
+    b, h, _, width = store.shape
+    blocks = grad.reshape(b, h, rows.shape[2], rows.shape[3], width)
+    if rows.shape[0] == 1 and rows.shape[1] == 1:
+        # one index list shared by the batch and heads: a few large slice additions per slot
+        for slot in range(rows.shape[3]):
+            store.index_add_(2, rows[0, 0, :, slot], blocks[:, :, :, slot])
+    else:
+        store.view(-1, width).index_add_(0, _flat_index(rows, b, h, store.shape[2]), blocks.reshape(-1, width))
+
+
+def _gather_keys(store: Tensor, rows: Tensor, key_block: int) -> Tensor:
+    """Key blocks ``rows (Bk, Hk, c, W / key_block)`` of ``store (B, H, rows, key_block·D)`` -> ``(B, H, c, W, D)``."""
+    gathered = _gather_rows(store, rows)
+    return gathered.view(*gathered.shape[:3], -1, store.shape[-1] // key_block)
 
 
 def _chunk(x: Tensor | None, c0: int, c1: int) -> Tensor | None:
     return None if x is None else x[:, :, c0:c1]
 
 
-def _scores(qc: Tensor, kc: Tensor, allowed: Tensor, bias: Tensor | None, scale: float) -> Tensor:
-    """Masked, biased scores ``(B, H, c, group, W)`` of queries ``qc`` against gathered keys ``kc``."""
-    scores = (qc @ kc.transpose(-1, -2)).mul_(scale)
+def _scores(qc: Tensor, kc: Tensor, blocked: Tensor, bias: Tensor | None) -> Tensor:
+    """Masked, biased scores ``(B, H, c, group, W)`` of (pre-scaled) queries ``qc`` against keys ``kc``."""
+    scores = qc @ kc.transpose(-1, -2)
     if bias is not None:
         scores = scores.add_(bias)
-    return scores.masked_fill_(~allowed, float("-inf"))
+    return scores.masked_fill_(blocked, float("-inf"))
 
 
 def _softmax(scores: Tensor) -> tuple[Tensor, Tensor]:
@@ -270,9 +301,11 @@ def gathered_attention_with_lse(
     size = pattern.group_size
     groups = pattern.num_groups
     plan = _Plan(pattern, t_len, s_len, b, h, pattern.kv_index.shape[-1], key_padding_mask, q.device)
-    # one zero row at position S for empty key slots
-    k_ext = torch.cat([k, k.new_zeros(b, h, 1, dim)], dim=2)
-    v_ext = torch.cat([v, v.new_zeros(b, h, 1, v.shape[-1])], dim=2)
+    # keys/values as rows of key_block positions, plus one all-zero row for empty slots
+    kb = pattern.key_block
+    rows = plan.null_row + 1
+    k_store = torch.nn.functional.pad(k, (0, 0, 0, rows * kb - s_len)).view(b, h, rows, kb * dim)
+    v_store = torch.nn.functional.pad(v, (0, 0, 0, rows * kb - s_len)).view(b, h, rows, kb * v.shape[-1])
     if pattern.q_index is None:
         q_index = torch.arange(groups * size, device=q.device).view(1, 1, groups, size)
         padded = torch.nn.functional.pad(q, (0, 0, 0, groups * size - t_len))
@@ -290,7 +323,7 @@ def gathered_attention_with_lse(
         kv_pos = pattern.kv_index.to(q.device).clamp(min=0)[..., None, :]
         bias = torch.as_tensor(score_bias(heads, q_pos, kv_pos)).to(q.dtype)
         bias = bias.expand(bias.shape[0], h, groups, size, bias.shape[-1])
-    out, lse = _GatheredSoftmax.apply(grouped, k_ext, v_ext, bias, plan, scale)
+    out, lse = _GatheredSoftmax.apply(grouped, k_store, v_store, bias, plan, scale)
     out = out.view(b, h, groups * size, v.shape[-1])
     # +inf marks "nothing visible" inside the kernel; outside, such a row carries no mass.
     lse = lse.view(b, h, groups * size)

@@ -100,6 +100,8 @@ def sliding_window_mask(q_len: int, kv_len: int, window: int, *, causal: bool, d
 
     def fn(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         dist = (q + offset) - k
+        if dilation == 1:  # the common case, without the grid arithmetic
+            return (dist >= 0) & (dist <= window - 1) if causal else dist.abs() <= window // 2
         on_grid = dist.remainder(dilation) == 0
         steps = torch.div(dist, dilation, rounding_mode="floor")
         if causal:
