@@ -88,3 +88,20 @@ def test_training_on_gpu_with_mixed_precision(tmp_path: Path, precision: str) ->
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert "eval_accuracy" in records[-1]
+
+
+def test_bpe_tokenizer_is_trained_and_saved_with_the_model(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("".join(f"def function_{i}(x):\n    return x * {i}\n" for i in range(300)))
+    trainer = _run(
+        tmp_path, task=str(corpus), task_options={}, tokenizer="bpe", tokenizer_vocab_size=300, seq_len=16, max_steps=2
+    )
+    assert trainer.data.vocab_size == 300 and trainer.model_config.vocab_size == 300
+    from attnkit.data.tokenizers import BPETokenizer, load_tokenizer
+
+    saved = load_tokenizer(tmp_path / "run" / "model")
+    assert isinstance(saved, BPETokenizer)
+    text = "def function_7(x):"
+    assert saved.encode(text) == trainer.data.tokenizer.encode(text)  # type: ignore[union-attr]
+    assert "bpc" not in trainer.evaluate()  # bits per character need byte tokens
