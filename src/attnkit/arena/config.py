@@ -62,7 +62,7 @@ class ArenaConfig:
     head_dim: int = 64
     repeats: int = 3
     cell_seconds: float = 1.0
-    step_budget_s: float = 6.0
+    step_budget_s: float = 10.0
     memory_budget_gb: float = 6.0
     fidelity_length: int = 1024
     fidelity_heads: int = 4

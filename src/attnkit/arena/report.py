@@ -53,7 +53,7 @@ def leaderboard_table(doc: dict[str, Any], *, markdown: bool = False) -> str:
     board = doc["leaderboard"]
     ref = _length(board[0]["reference_length"]) if board else "-"
     header = ["mechanism", "family", *[TASK_TITLES[t] for t in tasks], "avg acc", "err", "err causal"]
-    header += [f"speed @{ref}", f"peak MB @{ref}", "max L"]
+    header += [f"speed @{ref}", f"peak MB @{ref}", "speed @longest", "max L"]
     rows = []
     for r in board:
         name = r["mechanism"] + ("" if r["exact"] else " ~")
@@ -65,6 +65,9 @@ def leaderboard_table(doc: dict[str, Any], *, markdown: bool = False) -> str:
         cells += [
             _num(r["speedup"], ".2f") + ("x" if r["speedup"] is not None else ""),
             _num(r["peak_mb"], ".0f"),
+            "-"
+            if r["longest_speedup"] is None
+            else f"{r['longest_speedup']:.2f}x@{_length(r['longest_speedup_length'])}",
             _length(r["max_length"]),
         ]
         rows.append(cells)
@@ -81,7 +84,8 @@ def legend(doc: dict[str, Any]) -> str:
             "LM: bits per character on held-out text (lower is better; '-' = no causal mode).",
             f"err: relative error vs float64 exact attention on locally correlated inputs (L={cfg['fidelity_length']}); "
             "exact sparse mechanisms are compared with dense attention too.",
-            f"speed: forward+backward speed-up over exact attention (full, SDPA) at L={ref} "
+            f"speed: forward+backward speed-up over exact attention (full, SDPA) at L={ref}, the longest length "
+            "every mechanism reached, and at the longest length both it and exact attention reached "
             f"(B={cfg['batch']}, H={cfg['heads']}, D={cfg['head_dim']}, fp32); peak MB: extra memory of one step; "
             "max L: longest length measured within the budget.",
         ]
@@ -183,7 +187,9 @@ def write_report(doc: dict[str, Any], out_dir: Path | str) -> Path:
         "",
         f"{meta['date']} · {meta['device']} ({meta['processor']}, {meta['threads']} threads) · torch {meta['torch']} · "
         f"attnkit {meta['attnkit']} · preset `{cfg['preset_name']}` · {meta['seconds']:.0f} s "
-        f"({meta['cells_measured']} cells measured, {meta['cells_reused']} reused)",
+        f"({meta['cells_measured']} cells measured, {meta['cells_reused']} reused) · load average "
+        f"{' -> '.join(str(x) for x in meta.get('load_average', []))} on {meta.get('cpu_count')} cores "
+        "(other processes on the machine slow every timing; ratios within a cell are measured back to back)",
         "",
         f"Reproduce with `{reproduce_command(cfg)}` (every setting is in `results.json` under `meta.config`; "
         "cells cached in the output folder are reused, so a rerun only measures what is missing).",

@@ -18,6 +18,7 @@ Ratios are taken only between cells of the same settings on the same machine.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -78,13 +79,25 @@ def _mechanism_record(name: str) -> dict[str, Any]:
 
 
 def reference_length(efficiency: list[dict[str, Any]], causal: bool = False, mode: str = "fwd+bwd") -> int | None:
-    """The longest length at which the exact baseline was measured (the leaderboard's speed column)."""
-    lengths = [
-        r["length"]
-        for r in efficiency
-        if r["mechanism"] == BASELINE and r["status"] == "ok" and r["causal"] == causal and r["mode"] == mode
-    ]
-    return max(lengths) if lengths else None
+    """The length the leaderboard compares speed at: the longest one every mechanism reached.
+
+    Comparing speed-ups at different lengths would mix apples and pears, so this is the
+    longest length at which every mechanism (and the exact baseline) has a measurement;
+    when there is none, the length with the most measured mechanisms (the longer on ties).
+    """
+    rows = [r for r in efficiency if r["causal"] == causal and r["mode"] == mode]
+    names = {r["mechanism"] for r in rows}
+    ok_at: dict[int, set[str]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            ok_at.setdefault(r["length"], set()).add(r["mechanism"])
+    with_baseline = {n: ok for n, ok in ok_at.items() if BASELINE in ok}
+    if not with_baseline:
+        return None
+    everyone = [n for n, ok in with_baseline.items() if ok == names]
+    if everyone:
+        return max(everyone)
+    return max(with_baseline, key=lambda n: (len(with_baseline[n]), n))
 
 
 def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
@@ -119,6 +132,13 @@ def leaderboard(doc: dict[str, Any]) -> list[dict[str, Any]]:
         row["speedup"] = 1.0 / cell["time_vs_full"] if ok and cell and cell.get("time_vs_full") else None
         row["peak_mb"] = cell.get("peak_mb") if ok and cell else None
         row["memory_vs_full"] = cell.get("memory_vs_full") if ok and cell else None
+        ratios = [
+            (1.0 / r["time_vs_full"], r["length"])
+            for r in eff
+            if r["mechanism"] == name and not r["causal"] and r["mode"] == "fwd+bwd" and r.get("time_vs_full")
+        ]
+        best = max(ratios, key=lambda x: x[1]) if ratios else (None, None)  # at the longest shared length
+        row["longest_speedup"], row["longest_speedup_length"] = best
         reached = [
             r["length"]
             for r in eff
@@ -145,6 +165,8 @@ def assemble(run: ArenaRun) -> dict[str, Any]:
             "device": cfg.device,
             "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_average": run.load_average,
+            "cpu_count": os.cpu_count(),
             "config": cfg.as_dict(),
             "seconds": round(run.seconds, 1),
             "cells_reused": run.cache_hits,

@@ -9,6 +9,7 @@ every run, so raising a budget resumes a sweep where it was cut.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ class ArenaRun:
         seconds: wall time of this invocation.
         cache_hits: cells reused from an earlier run.
         cache_misses: cells measured now.
+        load_average: the machine's 1-minute load average at the start and end (other
+            processes competing for the CPU inflate every timing).
     """
 
     config: ArenaConfig
@@ -75,6 +78,7 @@ class ArenaRun:
     fidelity: list[dict[str, Any]] = field(default_factory=list)
     quality: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    load_average: list[float] = field(default_factory=list)
     cache_hits: int = 0
     cache_misses: int = 0
 
@@ -166,7 +170,7 @@ def run_arena(
             raise ValueError(f"stages must be among 'efficiency', 'fidelity', 'quality', got {stage!r}")
     check_device(config.device)
     names = resolve_mechanisms(config.mechanisms)
-    run = ArenaRun(config, names)
+    run = ArenaRun(config, names, load_average=[_load()])
     cache = CellCache(Path(out_dir), enabled=resume)
     started = time.perf_counter()
     total = _planned_cells(config, names, stages)
@@ -180,8 +184,16 @@ def run_arena(
             run.quality = list(_quality_rows(config, names, cells))
         bar.set_postfix_str("done")
     run.seconds = time.perf_counter() - started
+    run.load_average.append(_load())
     run.cache_hits, run.cache_misses = cache.hits, cache.misses
     return run
+
+
+def _load() -> float:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not available on this platform
+        return -1.0
 
 
 def _planned_cells(config: ArenaConfig, names: list[str], stages: tuple[str, ...]) -> int:

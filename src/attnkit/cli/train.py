@@ -38,6 +38,13 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     trainer = Trainer(config, resume=args.resume)
     try:
+        if trainer.context.is_main:
+            params = sum(p.numel() for p in trainer.model.parameters())
+            print(
+                f"attnkit train: {trainer.data.name} ({trainer.data.kind}, vocab {trainer.data.vocab_size}), "
+                f"{type(trainer.model).__name__} with {params / 1e6:.2f}M parameters, attention {config.attention!r}, "
+                f"{trainer.context.world_size} process(es) on {trainer.context.device}"
+            )
         if trainer.context.is_main and trainer.resume_from is not None:
             print(f"attnkit train: resuming from {trainer.resume_from} (step {trainer.step})")
         elif trainer.context.is_main and args.resume:
