@@ -130,7 +130,8 @@ class ArenaConfig:
         unknown = sorted(set(data) - fields)
         if unknown:
             raise ValueError(f"not arena settings: {', '.join(unknown)} (a results.json from another attnkit version?)")
-        return ArenaConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return ArenaConfig(**values)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
