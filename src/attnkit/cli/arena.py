@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 
@@ -93,7 +94,15 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.arena.report import terminal_summary
 
     config = config_from_args(args)
-    doc = run_arena_report(config, args.out, resume=not args.no_resume, progress=True, plots=not args.no_plots)
+    try:
+        doc = run_arena_report(config, args.out, resume=not args.no_resume, progress=True, plots=not args.no_plots)
+    except KeyboardInterrupt:
+        print(
+            f"\nattnkit arena: interrupted; every finished cell is cached in {args.out}/cells. "
+            "Run the same command again to resume where it stopped.",
+            file=sys.stderr,
+        )
+        return 130
     if args.json:
         print(json.dumps(doc["leaderboard"], indent=2))
         return 0
