@@ -199,7 +199,6 @@ class _GatheredSoftmax(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, bias, out, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        b, h = q.shape[:2]
         dbias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[3] else None
         grad_out = grad_out.contiguous()
         # dL/ds_ij = p_ij (dp_ij - Σ_j' p_ij' dp_ij' + dlse_i), with Σ_j' p_ij' dp_ij' = rowsum(dO ∘ O)

@@ -12,6 +12,7 @@ backend serves inference on CPU and training/inference on GPU; see
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -63,7 +64,7 @@ def flex_pattern_attention(
     Returns:
         ``(B, H, T, Dv)``; rows with no visible key are zeros.
     """
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
 
     b, h, t_len, dim = q.shape
     s_len = k.shape[2]
@@ -85,6 +86,12 @@ def flex_pattern_attention(
         mask_mod, b if pad is not None else None, h, t_len, s_len, device=q.device, BLOCK_SIZE=block_size
     )
     scale = scale if scale is not None else 1.0 / math.sqrt(dim)
-    out, lse = _flex_fn(compiled)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True)
+    with warnings.catch_warnings():
+        # the uncompiled path is chosen on purpose (tests); its "use torch.compile" hint is noise
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        out, aux = _flex_fn(compiled)(
+            q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True)
+        )
+    lse = aux.lse
     # A row that sees nothing has lse = -inf; make its output exactly zero whatever the kernel wrote.
     return torch.where(torch.isfinite(lse)[..., None], out, torch.zeros_like(out))
