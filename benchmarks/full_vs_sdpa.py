@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from benchmarks.harness import RESULTS, ROOT, Case, run_suite
+from benchmarks.harness import RESULTS, ROOT, Case, markdown_table, run_suite
 
 CASES = [
     Case("sdpa", "benchmarks.common:sdpa", role="sdpa"),
@@ -103,7 +103,7 @@ def wrapper_overhead(*, length: int = 64, calls: int = 3000, threads: int = 2) -
                 samples[name].append(time.perf_counter() - start)
     sdpa_us = statistics.median(samples["sdpa"]) * 1e6
     full_us = statistics.median(samples["full"]) * 1e6
-    return {"length": length, "sdpa_us": sdpa_us, "full_us": full_us, "overhead_us": full_us - sdpa_us}
+    return {"length": length, "calls": calls, "sdpa_us": sdpa_us, "full_us": full_us, "overhead_us": full_us - sdpa_us}
 
 
 def paired(lengths: Sequence[int], *, pairs: int, threads: int = 2, time_budget: float = 90.0) -> list[dict[str, Any]]:
@@ -160,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per harness measurement (after warm-up)")
     parser.add_argument("--pairs", type=int, default=9, help="SDPA/full pairs per paired cell")
     parser.add_argument("--skip-harness", action="store_true", help="keep the harness rows already in the results")
+    parser.add_argument("--overhead-only", action="store_true", help="only re-measure the wrapper overhead")
     parser.add_argument("--paired-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.paired_worker:
@@ -168,22 +169,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     name = "full_vs_sdpa"
     if not args.skip_harness:
         run_suite(name, CASES, lengths=args.lengths, repeats=args.repeats)
-    overhead = wrapper_overhead()
-    print(f"[overhead] {overhead}", flush=True)
-    rows = paired(args.lengths, pairs=args.pairs)
     data = json.loads((RESULTS / f"{name}.json").read_text())
-    data["paired"], data["wrapper_overhead"] = rows, overhead
+    data["wrapper_overhead"] = wrapper_overhead()
+    print(f"[overhead] {data['wrapper_overhead']}", flush=True)
+    if not args.overhead_only:
+        data["paired"] = paired(args.lengths, pairs=args.pairs)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
-    text = (RESULTS / f"{name}.md").read_text().split("\n## Paired measurement")[0]
-    text += (
+    (RESULTS / f"{name}.md").write_text(report(data))
+
+
+def report(data: dict[str, Any]) -> str:
+    """The markdown file: the harness table, then the paired table and the wrapper overhead."""
+    overhead = data["wrapper_overhead"]
+    return (
+        f"# full_vs_sdpa benchmark\n\n{json.dumps(data['meta'])}\n\n{markdown_table(data['rows'])}\n"
         "\n## Paired measurement\n\nOne fresh process per cell alternates SDPA and `full` on the same inputs; "
-        "the ratio is the median over pairs of (full step time / SDPA step time).\n\n"
-        + paired_table(rows)
-        + f"\n\n## Wrapper overhead\n\nAt length {overhead['length']} (forward, no grad): SDPA "
-        f"{overhead['sdpa_us']:.1f} µs, `full` {overhead['full_us']:.1f} µs per call, so `full` adds "
-        f"{overhead['overhead_us']:.1f} µs of validation and dispatch to each call.\n"
+        "the ratio is the median over pairs of (full step time / SDPA step time). `error`: the cell did not "
+        "complete (failed or was stopped); the json has the message.\n\n"
+        + paired_table(data.get("paired", []))
+        + f"\n\n## Wrapper overhead\n\nAt length {overhead['length']} (forward, no grad, median of "
+        f"{overhead['calls']} alternating calls): SDPA {overhead['sdpa_us']:.1f} µs, `full` {overhead['full_us']:.1f} µs "
+        f"per call, so `full` adds {overhead['overhead_us']:.1f} µs of validation and dispatch to each call.\n"
     )
-    (RESULTS / f"{name}.md").write_text(text)
 
 
 if __name__ == "__main__":
