@@ -189,8 +189,9 @@ class _GatheredSoftmax(torch.autograd.Function):
         for i, (c0, c1) in enumerate(plan.bounds):
             kc = _gather_keys(k, plan.rows[i], plan.key_block)
             scores = _scores(q[:, :, c0:c1] * scale, kc, plan.blocked[i], _chunk(bias, c0, c1))
-            probs, lse[:, :, c0:c1] = _softmax(scores)
-            out[:, :, c0:c1] = probs @ _gather_keys(v, plan.rows[i], plan.key_block)
+            weights, norm, lse[:, :, c0:c1] = _softmax(scores)
+            # normalise the (group × Dv) output rather than the (group × W) weights: fewer divisions
+            out[:, :, c0:c1] = (weights @ _gather_keys(v, plan.rows[i], plan.key_block)).div_(norm)
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.plan, ctx.scale = plan, scale
         return out, lse
@@ -251,16 +252,17 @@ def _scores(qc: Tensor, kc: Tensor, blocked: Tensor, bias: Tensor | None) -> Ten
     return scores.masked_fill_(blocked, float("-inf"))
 
 
-def _softmax(scores: Tensor) -> tuple[Tensor, Tensor]:
-    """In place: probabilities ``(B, H, c, group, W)`` and the log-sum-exp per row (+inf when empty)."""
+def _softmax(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """In place: unnormalised weights ``exp(s - max)`` ``(B, H, c, group, W)``, their row sums
+    ``(.., group, 1)`` (1 for empty rows, whose weights are all 0) and the log-sum-exp per row
+    ``(.., group)`` (+inf when empty, so the backward's ``exp(s - lse)`` is 0 there)."""
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    probs = torch.exp_(scores.sub_(row_max))
-    norm = probs.sum(dim=-1, keepdim=True)
+    weights = torch.exp_(scores.sub_(row_max))
+    norm = weights.sum(dim=-1, keepdim=True)
     empty = norm == 0
-    probs = probs.div_(torch.where(empty, torch.ones_like(norm), norm))
     log_norm = torch.where(empty, torch.full_like(norm, float("inf")), row_max + norm.log())
-    return probs, log_norm.squeeze(-1)
+    return weights, torch.where(empty, torch.ones_like(norm), norm), log_norm.squeeze(-1)
 
 
 def gathered_attention_with_lse(
