@@ -54,8 +54,9 @@ def test_auto_backend_is_blocked_on_cpu_and_flex_refuses_cpu_training() -> None:
 @pytest.mark.parametrize(("name", "opts"), SPARSE)
 def test_flex_compiled_equals_blocked(name: str, opts: dict[str, Any]) -> None:
     """The real backend (torch.compile) through the module option, inference mode."""
-    q, k, v = structured_qkv(1, 2, 150, 150, 16, seed=3)
-    kpm = random_padding(1, 150, seed=4, min_real=100)
+    q, k, v = structured_qkv(2, 2, 150, 150, 16, seed=3)
+    kpm = random_padding(2, 150, seed=4, min_real=100)
+    kpm[1] = False  # nothing visible in batch row 1: zeros
     blocked = attnkit.build_attention(name, backend="blocked", **opts)
     flex = attnkit.build_attention(name, backend="flex", **opts)
     with torch.no_grad():
@@ -66,3 +67,4 @@ def test_flex_compiled_equals_blocked(name: str, opts: dict[str, Any]) -> None:
                 atol=1e-5,
                 rtol=0,
             )
+        assert torch.equal(flex(q, k, v, key_padding_mask=kpm)[1], torch.zeros(2, 150, 16))

@@ -146,15 +146,17 @@ class _Plan:
         else:
             q_all = pattern.q_index.to(device)
         q_valid_all = (q_all >= 0) & (q_all < q_len)
+        batch_rows = torch.arange(batch, device=device).view(batch, 1, 1, 1)
+        real = None  # key padding with one padded slot at position ``kv_len``
+        if key_padding_mask is not None:
+            real = torch.cat([key_padding_mask, key_padding_mask.new_zeros(batch, 1)], dim=1)
         for c0, c1 in self.bounds:
             kv = kv_all[:, :, c0:c1]
             valid = (kv >= 0) & (kv < kv_len)
             kv = torch.where(valid, kv, kv_len)  # slot ``kv_len`` is an all-zero row
             allowed = valid[..., None, :]  # (Bk, Hk, c, 1, W)
-            if key_padding_mask is not None:
-                pad = torch.cat([key_padding_mask, key_padding_mask.new_zeros(batch, 1)], dim=1)
-                kb = torch.arange(batch, device=device).view(batch, 1, 1, 1)
-                allowed = allowed & pad[kb, kv][..., None, :]
+            if real is not None:
+                allowed = allowed & real[batch_rows, kv][..., None, :]
             qi = q_all[:, :, c0:c1]
             allowed = allowed & q_valid_all[:, :, c0:c1, :, None]
             if pattern.element_mask is not None:
@@ -288,6 +290,7 @@ def gathered_attention_with_lse(
         key_padding_mask: bool ``(B, S)``, True = real token.
         score_bias: additive bias ``(h, q_pos, kv_pos)`` evaluated on the gathered positions
             only (queries end-aligned: ``q_pos = i + S - T``); learned biases get gradients.
+            It is materialised once, ``(.., H, T, W)`` floats.
         scale: score scale, default ``1/sqrt(D)``.
 
     Returns:
