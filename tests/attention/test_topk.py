@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
 
 import attnkit
 import attnkit.attention.topk as topk_module
@@ -264,6 +266,29 @@ def test_causality_is_exact_in_both_product_modes(cut: int, products: str) -> No
     out[:, :, : cut + 1].sum().backward()
     for t in (q, k, v):
         assert t.grad is not None and torch.all(t.grad[:, :, future] == 0)
+
+
+def largest_allocation(fn: Callable[[], None]) -> int:
+    """The largest single CPU allocation, in bytes, made while ``fn`` runs."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(event.cpu_memory_usage for event in prof.events())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_never_allocates_the_score_matrix(causal: bool, products: str) -> None:
+    """The largest buffer is one chunk's scores (chunk x S), never the T x S matrix, forward or backward."""
+    length, chunk = 1024, 128
+    q, k, v = (torch.randn(1, 1, length, 8).requires_grad_(True) for _ in range(3))
+    score_matrix = length * length * 4  # float32 bytes
+
+    def step(module: attnkit.AttentionMechanism) -> Callable[[], None]:
+        return lambda: module(q, k, v, causal=causal).sum().backward()
+
+    # the probe sees a T x S allocation when there is one
+    assert largest_allocation(step(attnkit.build_attention("full", backend="eager"))) >= score_matrix
+    topk = attnkit.build_attention("topk", topk=16, chunk_size=chunk)
+    assert largest_allocation(step(topk)) <= 2 * chunk * length * 4 <= score_matrix // 4
 
 
 def test_decoding_with_a_bias_equals_recompute() -> None:
