@@ -3,10 +3,17 @@
 One training step (forward + backward of a language model's logits) per measurement, each
 in a fresh process (``benchmarks.harness.measure``); peak memory is the resident-set peak
 the step added over the state after building the model, so parameters are excluded and
-what remains is activations plus gradients. Reversible layers should stay about flat as
-depth grows: only the last layer's two streams are kept, the rest are rebuilt in backward.
+what remains is activations plus parameter gradients (listed separately: they grow with
+depth whatever the layers). Reversible layers should stay flat apart from those gradients:
+only the last layer's two streams are kept, the rest are rebuilt in backward.
 
-Run (about 5-10 minutes on 2 cores)::
+glibc raises its mmap threshold after big blocks are freed, so freed activations linger in
+the heap and the resident peak drifts upward with every layer recomputed in backward
+(allocator fragmentation, not live tensors). The workers therefore run with
+``MALLOC_MMAP_THRESHOLD_=131072`` (fixed at glibc's default), which makes the resident peak
+track live tensors; set the variable yourself to measure something else.
+
+Run (about 5 minutes on 2 idle cores)::
 
     flock /tmp/attnkit-bench.lock python -m benchmarks.reversible_memory
 
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +58,14 @@ def training_step(
     return step
 
 
+def gradient_mb(depth: int, dim: int) -> float:
+    """Size of the fp32 parameter gradients of the benchmarked model (what any training step keeps)."""
+    import attnkit
+
+    cfg = attnkit.TransformerConfig(vocab_size=256, dim=dim, depth=depth, heads=dim // 64)
+    return attnkit.LanguageModel(cfg).num_parameters() * 4 / 2**20
+
+
 def markdown(rows: list[dict[str, Any]], depths: list[int]) -> str:
     labels = list(dict.fromkeys(r["label"] for r in rows))
     by = {(r["label"], r["depth"]): r for r in rows}
@@ -63,6 +79,11 @@ def markdown(rows: list[dict[str, Any]], depths: list[int]) -> str:
     mem = [head, rule] + [
         f"| {label} | " + " | ".join(cell(label, d, "peak_mb", "{:.0f} MB") for d in depths) + " |" for label in labels
     ]
+    mem.append(
+        "| (of which parameter gradients) | "
+        + " | ".join(cell(labels[0], d, "grad_mb", "{:.0f} MB") for d in depths)
+        + " |"
+    )
     times = [head, rule] + [
         f"| {label} | " + " | ".join(cell(label, d, "median_s", "{:.2f} s") for d in depths) + " |" for label in labels
     ]
@@ -100,6 +121,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # inherited by the measurement workers
     rows: list[dict[str, Any]] = []
     for label, changes in VARIANTS.items():
         for depth in args.depths:
@@ -110,6 +132,7 @@ def main() -> None:
             )
             row = measure(case, args.length, True, "fwd+bwd", repeats=args.repeats, warmup=1)
             row["depth"] = depth
+            row["grad_mb"] = gradient_mb(depth, args.dim)
             rows.append(row)
             shown = f"{row['peak_mb']:7.0f} MB {row['median_s']:6.2f} s" if row["status"] == "ok" else row["status"]
             print(f"[reversible_memory] {label:26s} depth={depth:3d} {shown}", flush=True)
