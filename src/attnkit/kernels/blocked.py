@@ -34,8 +34,9 @@ from torch import Tensor
 from attnkit.core.types import ScoreBias
 from attnkit.masks.functions import Mask
 
-#: Target number of scores in one chunk's ``(B, H, c, group, W)`` working set (16 MiB of fp32).
-_CHUNK_SCORES = 1 << 22
+#: Target number of scores in one chunk's ``(B, H, c, group, W)`` working set (2 MiB of fp32): small
+#: enough that the softmax passes over it stay in cache (measured: 1.25x faster than 16 MiB).
+_CHUNK_SCORES = 1 << 19
 
 
 @dataclass(frozen=True)
