@@ -205,12 +205,12 @@ def _block_seen_in_earlier_rounds(
     for earlier in range(rounds - 1):
         later = slice(earlier + 1, rounds)
         q_then, k_then = q_chunk[:, :, earlier : earlier + 1], k_chunk[:, :, earlier : earlier + 1]
-        behind = _lookup(q_then, q_tok, later) - _lookup(k_then, k_tok, later)  # chunks the key lies behind
-        if look_back:
+        gq, gk = _lookup(q_then, q_tok, later), _lookup(k_then, k_tok, later)  # (.., c, 1), (.., 1, K)
+        lowest = gq
+        if look_back:  # the chunk before the query's, when it continues the same bucket
             cont = layout.chunk_continues[:, :, earlier : earlier + 1].gather(3, q_then.long()).int()
-            hit = (behind >= 0) & (behind <= _lookup(cont, q_tok, later))
-        else:
-            hit = behind == 0
+            lowest = gq - _lookup(cont, q_tok, later)
+        hit = (gk <= gq) & (gk >= lowest)  # compared on the broadcast: no (c x K) integer tensor
         blocked[:, :, later] |= hit
 
 
@@ -266,7 +266,7 @@ class _ChunkAttention(torch.autograd.Function):
         p = _scores(q, k, blocked, self_pair)
         lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1)
         p.sub_(lse_safe).exp_()  # the normalised probabilities; 0 on blocked keys and empty rows
-        d_v = torch.matmul(p.transpose(-1, -2), d_out)
+        d_v = _key_side_grad(p, d_out, chunk)
         delta = (d_out * out).sum(dim=-1, keepdim=True)
         if d_lse is not None:
             delta = delta - d_lse.unsqueeze(-1)
@@ -275,18 +275,21 @@ class _ChunkAttention(torch.autograd.Function):
         if self_pair is not None:
             d_s.masked_fill_(self_pair, 0.0)  # the self score is a constant
         d_q = torch.matmul(d_s, k).mul_(ctx.scale)
-        d_k = torch.matmul(d_s.transpose(-1, -2), q)  # q is the scaled query
-        if chunk:
-            d_k, d_v = _fold_windows(d_k, chunk), _fold_windows(d_v, chunk)
+        d_k = _key_side_grad(d_s, q, chunk)  # q is the scaled query
         return d_q, d_k, d_v, None, None, None, None
 
 
-def _fold_windows(grad: Tensor, chunk: int) -> Tensor:
-    """Adjoint of :func:`_windows`: ``(G, 2 · chunk, D)`` -> ``((G + 1) · chunk, D)``."""
-    groups, _, dim = grad.shape
-    out = grad.new_zeros(groups + 1, chunk, dim)
-    out[:-1] += grad[:, :chunk]
-    out[1:] += grad[:, chunk:]
+def _key_side_grad(weights: Tensor, x: Tensor, chunk: int) -> Tensor:
+    """``weightsᵀ @ x`` for keys/values: ``(G, c, K)``, ``(G, c, E)`` -> ``(G, K, E)``, or with
+    ``chunk`` folded straight into the ``((G + 1) · chunk, E)`` buffer the windows were read from
+    (the adjoint of :func:`_windows`, without a ``(G, 2c, E)`` temporary)."""
+    if not chunk:
+        return torch.matmul(weights.transpose(-1, -2), x)
+    groups, _, dim = x.shape
+    out = torch.empty(groups + 1, chunk, dim, dtype=x.dtype, device=x.device)
+    torch.matmul(weights[..., :chunk].transpose(-1, -2), x, out=out[:-1])  # each window's previous chunk
+    out[-1].zero_()
+    out[1:] += torch.matmul(weights[..., chunk:].transpose(-1, -2), x)  # each window's own chunk
     return out.view(-1, dim)
 
 
