@@ -217,3 +217,14 @@ def test_bad_task_options_name_the_option() -> None:
         tasks.MQAR(num_pairs=10, num_keys=5)
     with pytest.raises(ValueError, match="split must be one of"):
         tasks.listops(2, split="dev")
+
+
+def test_unique_examples_drop_repeats_like_lra() -> None:
+    task = tasks.ListOps(min_length=4, max_length=4)  # one operator over two digits: 400 trees
+    plain = task.examples(60, seed=0)
+    assert len(set(plain)) < len(plain)  # the birthday paradox makes repeats near-certain
+    unique = task.examples(60, seed=0, unique=True)
+    assert len(set(unique)) == 60
+    assert unique[0] == plain[0]
+    with pytest.raises(ValueError, match=r"found only .* distinct train examples, asked for 500"):
+        task.examples(500, seed=0, unique=True)

@@ -75,9 +75,9 @@ class TrainingData:
         )
 
     def eval_examples(self, split: str = "validation", count: int = 256) -> list[Example]:
-        """The first ``count`` examples of ``split`` (a fixed evaluation set)."""
+        """The first ``count`` distinct examples of ``split`` (a fixed evaluation set)."""
         if self.task is not None:
-            return self.task.examples(count, seed=self.seed, split=split)
+            return self.task.examples(count, seed=self.seed, split=split, unique=True)
         return list(itertools.islice(self.stream(split, loop=False), count))
 
     def decode(self, ids: list[int]) -> str:

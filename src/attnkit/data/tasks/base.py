@@ -263,9 +263,38 @@ class Task(abc.ABC):
             f"for split {split!r}; widen the length range"
         )
 
-    def examples(self, count: int, *, seed: int = 0, split: str = "train", start: int = 0) -> list[Example]:
-        """Examples ``start .. start + count - 1`` of ``split``."""
-        return [self.example(start + i, seed=seed, split=split) for i in range(count)]
+    def examples(
+        self, count: int, *, seed: int = 0, split: str = "train", start: int = 0, unique: bool = False
+    ) -> list[Example]:
+        """Examples ``start .. start + count - 1`` of ``split``.
+
+        Args:
+            count: how many.
+            seed: the task seed.
+            split: ``"train"``, ``"validation"`` or ``"test"``.
+            start: index of the first example.
+            unique: skip repeats (LRA removes duplicate ListOps trees): examples are then the
+                first ``count`` distinct ones from ``start`` on.
+
+        Raises:
+            ValueError: if ``unique`` and the split holds fewer distinct examples than asked
+                (found within ``100 * count`` draws).
+        """
+        if not unique:
+            return [self.example(start + i, seed=seed, split=split) for i in range(count)]
+        seen: set[Example] = set()
+        out: list[Example] = []
+        for index in range(start, start + 100 * count + 1000):
+            example = self.example(index, seed=seed, split=split)
+            if example not in seen:
+                seen.add(example)
+                out.append(example)
+                if len(out) == count:
+                    return out
+        raise ValueError(
+            f"{self.name}: found only {len(out)} distinct {split} examples, asked for {count}; "
+            f"widen the options {self.options()} or ask for fewer"
+        )
 
     def batch(self, batch_size: int, *, seed: int = 0, split: str = "train", start: int = 0) -> Batch:
         """A padded :class:`Batch` of examples ``start .. start + batch_size - 1``."""
