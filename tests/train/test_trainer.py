@@ -105,3 +105,13 @@ def test_bpe_tokenizer_is_trained_and_saved_with_the_model(tmp_path: Path) -> No
     text = "def function_7(x):"
     assert saved.encode(text) == trainer.data.tokenizer.encode(text)  # type: ignore[union-attr]
     assert "bpc" not in trainer.evaluate()  # bits per character need byte tokens
+
+
+def test_tensorboard_is_optional(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    _run(tmp_path, tensorboard=True, max_steps=1, eval_every=0)
+    if importlib.util.find_spec("tensorboard") is None:
+        assert "tensorboard is not installed" in capsys.readouterr().err
+    else:
+        assert any((tmp_path / "run" / "tensorboard").iterdir())
