@@ -30,7 +30,7 @@ from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_non_negative_int, check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import ScoreBias
-from attnkit.kernels.blocked import GatherPattern, gathered_attention_with_lse
+from attnkit.kernels.blocked import GatherPattern, dense_rows_pattern, gathered_attention_with_lse
 from attnkit.kernels.pattern_attention import PatternAttention
 from attnkit.masks.functions import Mask, causal_mask
 from attnkit.masks.patterns import block_table_mask
@@ -162,7 +162,6 @@ class BigBirdAttention(PatternAttention):
         global_queries = torch.arange(g * size, device=q.device) - offset
         global_queries = global_queries[(global_queries >= 0) & (global_queries < t_len)]
         if len(global_queries) > 0:
-            every_key = torch.arange(s_len, device=q.device).view(1, 1, 1, s_len)
-            dense = GatherPattern(len(global_queries), every_key, element, q_index=global_queries.view(1, 1, 1, -1))
+            dense = dense_rows_pattern(global_queries.view(1, -1), s_len, element, key_block=size)
             out = out + gathered_attention_with_lse(q, k, v, dense, **opts)[0]
         return out

@@ -26,7 +26,13 @@ from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_non_negative_int, check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import ScoreBias
-from attnkit.kernels.blocked import GatherPattern, consecutive_groups, gathered_attention_with_lse, merge_attention
+from attnkit.kernels.blocked import (
+    GatherPattern,
+    consecutive_groups,
+    dense_rows_pattern,
+    gathered_attention_with_lse,
+    merge_attention,
+)
 from attnkit.kernels.pattern_attention import PatternAttention
 from attnkit.masks.functions import Mask, causal_mask, sliding_window_mask
 from attnkit.masks.patterns import longformer_mask
@@ -147,8 +153,7 @@ class LongformerAttention(PatternAttention):
 
         # global queries against every key (they replace those rows)
         rows = torch.where(positions >= offset, positions - offset, -1)
-        every_key = torch.arange(s_len, device=q.device).view(1, 1, 1, s_len)
-        dense = GatherPattern(rows.shape[1], every_key, order if causal else None, q_index=rows[:, None, None, :])
+        dense = dense_rows_pattern(rows, s_len, order if causal else None)
         global_rows, _ = gathered_attention_with_lse(q, k, v, dense, **opts)
         is_global = flags[:, offset:][:, None, :, None]
         return torch.where(is_global, global_rows, out)

@@ -103,6 +103,19 @@ def span_pattern(
     return GatherPattern(group_size, keys[None, None], element_mask, key_block=group_size if aligned else 1)
 
 
+def dense_rows_pattern(
+    q_index: Tensor, kv_len: int, element_mask: Mask | None, *, key_block: int = 64
+) -> GatherPattern:
+    """One group of chosen queries ``q_index (Bq, G)`` (``-1`` padded) that sees every key: the
+    global rows of Longformer and BigBird, ``O(G·S)``. Keys are gathered ``key_block`` at a time."""
+    key_block = min(key_block, kv_len)
+    every_key = torch.arange(-(-kv_len // key_block) * key_block, device=q_index.device)
+    every_key = torch.where(every_key < kv_len, every_key, -1).view(1, 1, 1, -1)
+    return GatherPattern(
+        q_index.shape[1], every_key, element_mask, q_index=q_index[:, None, None, :], key_block=key_block
+    )
+
+
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """Rows of ``x (B, H, L, D)`` at ``index (Bk, Hk, c, W)`` (values in ``[0, L)``) -> ``(B, H, c, W, D)``."""
     b, h, length, dim = x.shape
