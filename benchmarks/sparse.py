@@ -23,6 +23,9 @@ Each sub-suite writes its own ``benchmarks/results/sparse_<part>.{json,md,png}``
 Run (about 25 minutes)::
 
     flock /tmp/attnkit-bench.lock .venv-bench/bin/python -m benchmarks.sparse
+
+``--parts window longformer`` measures some sub-suites only; ``--parts`` alone rebuilds the
+combined files from the saved ones.
 """
 
 from __future__ import annotations
@@ -239,8 +242,13 @@ def summary(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--long-lengths", type=int, nargs="*", default=[32768, 65536])
-    parser.add_argument("--parts", nargs="+", default=["window", "long", "longformer", "bigbird"])
+    parser.add_argument("--long-lengths", type=int, nargs="*", default=[65536])
+    parser.add_argument(
+        "--parts",
+        nargs="*",
+        default=["window", "longformer", "bigbird", "long"],
+        help="sub-suites to measure; none: just rebuild sparse.{json,md,png} from the saved parts",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     suites = {
