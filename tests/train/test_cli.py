@@ -51,3 +51,13 @@ def test_bad_config_exits_2_naming_file_and_key(tmp_path: Path, capsys: pytest.C
     assert "key 'eval_every' must be a non-negative integer, got 'oops'" in capsys.readouterr().err
     assert main(["eval", str(tmp_path)]) == 2
     assert "is not a training run" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(tiny_config(tmp_path / "run", max_steps=2, eval_every=0)))
+    assert main(["train", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["train", str(path), "max_steps=4", "model.dim=32", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "model: " in err and "'dim': 16" in err

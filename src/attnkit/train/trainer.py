@@ -38,6 +38,21 @@ from attnkit.train.evaluate import evaluate
 from attnkit.train.modeling import forward, model_class, model_config, summed_loss
 from attnkit.train.schedule import learning_rate
 
+#: Keys that define the model, the data order or the optimisation; a resumed run must keep them.
+_FIXED_ON_RESUME: tuple[str, ...] = (
+    "task",
+    "task_options",
+    "attention",
+    "attention_options",
+    "model",
+    "seed",
+    "batch_size",
+    "grad_accum",
+    "bucket_batches",
+    "seq_len",
+    "tokenizer",
+)
+
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only: biases, norms and other vectors are not decayed (AdamW practice)."""
@@ -156,6 +171,14 @@ class Trainer:
 
     def _load(self, checkpoint: Path) -> None:
         state = load_state(checkpoint)
+        saved = json.loads(state["config"])
+        changed = [k for k in _FIXED_ON_RESUME if saved.get(k) != self.config.to_dict().get(k)]
+        if changed:
+            detail = "; ".join(f"{k}: {saved.get(k)!r} -> {self.config.to_dict().get(k)!r}" for k in changed)
+            raise ValueError(
+                f"cannot resume {checkpoint}: the config changed keys that define the run ({detail}); "
+                "only schedule and logging keys (max_steps, eval_every, checkpoint_every, ...) may change"
+            )
         loaded = type(self.model).from_pretrained(checkpoint, map_location=self.context.device)  # type: ignore[attr-defined]
         self.model.load_state_dict(loaded.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
