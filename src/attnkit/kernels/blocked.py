@@ -153,7 +153,7 @@ class _Plan:
         self.null_row = -(-kv_len // self.key_block)  # index of the all-zero block (or row)
         self.rows: list[Tensor] = []  # what is gathered: key blocks (B·H-relative), (Bk, Hk, c, W / key_block)
         self.kv_index: list[Tensor] = []  # key positions, for masks and biases
-        self.blocked: list[Tensor] = []  # True = not visible, (Bm, Hm, c, group, W)
+        self.blocked: list[Tensor | None] = []  # True = not visible, (Bm, Hm, c, group, W); None: all visible
         kv_all = pattern.kv_index.to(device)
         if pattern.q_index is None:
             q_all = torch.arange(groups * pattern.group_size, device=device).view(1, 1, groups, pattern.group_size)
@@ -180,7 +180,7 @@ class _Plan:
                     bi, hi, qi.clamp(0, q_len - 1)[..., :, None], kv.clamp(max=kv_len - 1)[..., None, :]
                 )
             self.kv_index.append(kv)
-            self.blocked.append(~allowed)
+            self.blocked.append(None if bool(allowed.all()) else ~allowed)
             first = kv.unflatten(-1, (-1, self.key_block))[..., 0] if self.key_block > 1 else kv
             self.rows.append(torch.where(first < kv_len, first // self.key_block, self.null_row))
 
@@ -260,12 +260,12 @@ def _chunk(x: Tensor | None, c0: int, c1: int) -> Tensor | None:
     return None if x is None else x[:, :, c0:c1]
 
 
-def _scores(qc: Tensor, kc: Tensor, blocked: Tensor, bias: Tensor | None) -> Tensor:
+def _scores(qc: Tensor, kc: Tensor, blocked: Tensor | None, bias: Tensor | None) -> Tensor:
     """Masked, biased scores ``(B, H, c, group, W)`` of (pre-scaled) queries ``qc`` against keys ``kc``."""
     scores = qc @ kc.transpose(-1, -2)
     if bias is not None:
         scores = scores.add_(bias)
-    return scores.masked_fill_(blocked, float("-inf"))
+    return scores if blocked is None else scores.masked_fill_(blocked, float("-inf"))
 
 
 def _softmax(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
