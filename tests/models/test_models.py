@@ -117,6 +117,8 @@ def test_parameter_count_closed_form() -> None:
     assert lm.num_parameters(exclude_embeddings=True) == lm.num_parameters() - v * d
     learned = LanguageModel(config(position="learned"))
     assert learned.num_parameters() == lm.num_parameters() + 64 * d
+    grouped = LanguageModel(config(kv_heads=1))  # keys and values: d x (1 head of 8) instead of d x d, twice
+    assert grouped.num_parameters() == lm.num_parameters() - depth * 2 * (d * d - d * (d // 4))
 
 
 def test_summary_lists_layers_and_counts() -> None:
