@@ -128,33 +128,6 @@ def main() -> None:
     args = parser.parse_args()
 
     names = args.mechanisms or decoding_mechanisms()
-    rows: list[dict[str, Any]] = []
-    for name in names:
-        label = f"{name} ({attnkit.attention_capabilities(name).decoding})"
-        for length in args.lengths:
-            kwargs = {
-                "name": name,
-                "steps": args.steps,
-                "dim": args.dim,
-                "depth": args.depth,
-                "prefill_chunk": args.prefill_chunk,
-            }
-            row = measure(
-                Case(label, "benchmarks.decode_speed:decode_steps", kwargs),
-                length,
-                True,
-                "fwd",
-                repeats=args.repeats,
-                warmup=1,
-                timeout=900,
-            )
-            rows.append(row)
-            shown = (
-                f"{args.steps / row['median_s']:8.1f} tok/s"
-                if row["status"] == "ok"
-                else row.get("error", row["status"])
-            )
-            print(f"[decode_speed] {label:32s} L={length:6d} {shown}", flush=True)
     meta = {
         "suite": "decode_speed",
         "torch": torch.__version__,
@@ -164,12 +137,36 @@ def main() -> None:
         "options": {n: attnkit.get_spec(n).benchmark_options for n in names},
         "date": time.strftime("%Y-%m-%d"),
     }
+    rows: list[dict[str, Any]] = []
+    # Contexts outermost, so an interrupted run still compares every mechanism at the shorter ones;
+    # the result files are rewritten after every cell.
+    for length in args.lengths:
+        for name in names:
+            label = f"{name} ({attnkit.attention_capabilities(name).decoding})"
+            kwargs = {
+                "name": name,
+                "steps": args.steps,
+                "dim": args.dim,
+                "depth": args.depth,
+                "prefill_chunk": args.prefill_chunk,
+            }
+            case = Case(label, "benchmarks.decode_speed:decode_steps", kwargs)
+            row = measure(case, length, True, "fwd", repeats=args.repeats, warmup=1, timeout=900)
+            rows.append(row)
+            ok = row["status"] == "ok"
+            shown = f"{args.steps / row['median_s']:8.1f} tok/s" if ok else row.get("error", row["status"])
+            print(f"[decode_speed] {label:32s} L={length:6d} {shown}", flush=True)
+            write_results(meta, rows, args.lengths, args.steps)
+    print(markdown(rows, args.lengths, args.steps))
+
+
+def write_results(meta: dict[str, Any], rows: list[dict[str, Any]], lengths: list[int], steps: int) -> None:
+    """Write ``decode_speed.{json,md,png}`` for the rows measured so far."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "decode_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    table = markdown(rows, args.lengths, args.steps)
+    table = markdown(rows, lengths, steps)
     (RESULTS / "decode_speed.md").write_text(f"# decode_speed benchmark\n\n{json.dumps(meta)}\n\n{table}\n")
-    plot(rows, RESULTS / "decode_speed.png", args.steps)
-    print(table)
+    plot(rows, RESULTS / "decode_speed.png", steps)
 
 
 if __name__ == "__main__":
