@@ -86,7 +86,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         del out
         if i >= spec["warmup"]:
             times.append(elapsed)
-        if elapsed * (spec["repeats"] - len(times)) > spec["time_budget"]:
+        # Stop early when the remaining repeats would blow the budget, but never before one timed run.
+        if times and elapsed * (spec["repeats"] - len(times)) > spec["time_budget"]:
             break
     return {"times": times, "median_s": statistics.median(times), "peak_mb": max(0.0, _maxrss_mb() - baseline)}
 

@@ -18,7 +18,7 @@ from attnkit.attention.reference import reference_attention
 from attnkit.attention.routing import RoutingAttention, update_routing_centroids
 from attnkit.attention.sinkhorn import SinkhornAttention
 from attnkit.attention.topk import TopKAttention, select_topk
-from attnkit.core.base import AttentionMechanism, KVState
+from attnkit.core.base import AttentionMechanism, KVState, after_optimizer_step
 from attnkit.core.capabilities import Capabilities
 from attnkit.core.registry import (
     MechanismSpec,
@@ -69,6 +69,7 @@ __all__ = [
     "TransformerConfig",
     "__version__",
     "accepted_options",
+    "after_optimizer_step",
     "attention_capabilities",
     "build_attention",
     "causal_mask",

@@ -148,6 +148,10 @@ class RoutingAttention(AttentionMechanism):
             self._pending = (sums, counts)  # overwritten, not accumulated: a replayed forward records the same
 
     @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Apply the pending k-means step (called by training loops after each optimizer step)."""
+        self.update_centroids()
+
     def update_centroids(self) -> bool:
         """Apply the EMA step recorded by the last training forward; return whether one was applied.
 

@@ -145,6 +145,15 @@ class AttentionMechanism(nn.Module, ABC):
         """
         return None
 
+    # -- training -------------------------------------------------------------------
+    def after_optimizer_step(self) -> None:
+        """Hook a training loop calls after each optimizer step (see :func:`after_optimizer_step`).
+
+        Mechanisms with online state that must not follow gradients (Routing's k-means
+        centroids) apply their pending update here; stateless mechanisms have nothing to do.
+        """
+        return None
+
     # -- decoding -------------------------------------------------------------------
     def new_state(self) -> Any:
         """A fresh incremental-decoding state for :meth:`decode`.
@@ -272,3 +281,15 @@ class AttentionMechanism(nn.Module, ABC):
 
     def extra_repr(self) -> str:
         return getattr(self, "_options_repr", "")
+
+
+def after_optimizer_step(model: nn.Module) -> int:
+    """Run the post-step hook of every attention mechanism inside ``model``.
+
+    Call it after each ``optimizer.step()`` of a custom training loop (attnkit's trainer
+    does). Returns the number of mechanisms visited.
+    """
+    mechanisms = [m for m in model.modules() if isinstance(m, AttentionMechanism)]
+    for m in mechanisms:
+        m.after_optimizer_step()
+    return len(mechanisms)

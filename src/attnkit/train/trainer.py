@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnkit.core.base import after_optimizer_step
 from attnkit.data.batching import BucketBatcher, eval_batches
 from attnkit.data.pipeline import TrainingData, build_data
 from attnkit.data.tasks import Batch
@@ -231,6 +232,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        after_optimizer_step(self.model)  # online mechanism state, e.g. Routing's k-means centroids
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         loss = float(all_reduce_sum(loss_sum, ctx)) / total
