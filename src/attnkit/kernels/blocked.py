@@ -34,9 +34,11 @@ from torch import Tensor
 from attnkit.core.types import ScoreBias
 from attnkit.masks.functions import Mask
 
-#: Target number of scores in one chunk's ``(B, H, c, group, W)`` working set (2 MiB of fp32): small
-#: enough that the softmax passes over it stay in cache (measured: 1.25x faster than 16 MiB).
-_CHUNK_SCORES = 1 << 19
+#: Target number of scores in one chunk's ``(B, H, c, group, W)`` working set (16 MiB of fp32).
+#: Smaller chunks keep the softmax passes in cache (about 1.25x faster single-threaded, measured)
+#: but multiply the small multi-threaded ops, which costs far more on a loaded 2-core machine
+#: (2x slower at 4K, measured), so chunks stay large.
+_CHUNK_SCORES = 1 << 22
 
 
 @dataclass(frozen=True)
