@@ -15,8 +15,9 @@ from torch import Tensor
 
 import attnkit
 import attnkit.kernels.prefix as prefix
+from attnkit.attention.linformer import LinformerAttention
 from attnkit.attention.nystrom import iterative_pinv
-from attnkit.attention.performer import random_projection, softmax_kernel_features
+from attnkit.attention.performer import PerformerAttention, random_projection, softmax_kernel_features
 from attnkit.attention.reference import reference_attention
 from attnkit.kernels.prefix import PrefixState, causal_linear_attention, recurrent_step
 from tests.helpers import build, oracle, random_padding, relative_error, structured_qkv
@@ -194,6 +195,7 @@ def test_performer_equals_naive_favor_formula(causal: bool, kernel: str) -> None
     q, k = 0.5 * q, 0.5 * k
     kpm = random_padding(2, 21, seed=6, min_real=8)
     module = attnkit.build_attention("performer", nb_features=32, kernel=kernel, chunk_size=4, seed=3)
+    assert isinstance(module, PerformerAttention)
     w = module.projection(8, device=q.device, dtype=F64)
     ours, ref = leaves(q, k, v), leaves(q, k, v)
     out = module(*ours, causal=causal, key_padding_mask=kpm)
@@ -274,6 +276,7 @@ def test_performer_randomness_is_seeded_and_redraws_only_when_asked() -> None:
     rng_before = torch.get_rng_state()
     a = attnkit.build_attention("performer", nb_features=16, seed=5, redraw_interval=2).eval()
     b = attnkit.build_attention("performer", nb_features=16, seed=5)
+    assert isinstance(a, PerformerAttention) and isinstance(b, PerformerAttention)
     c = attnkit.build_attention("performer", nb_features=16, seed=6)
     first = a(q, k, v)
     assert torch.equal(torch.get_rng_state(), rng_before), "the global RNG must not be used"
@@ -350,6 +353,7 @@ def test_linformer_identity_projection_is_full_attention(padded: bool) -> None:
     q, k, v = structured_qkv(2, 2, 19, 19, 8, seed=11, dtype=F64)
     kpm = random_padding(2, 19, seed=11, min_real=5) if padded else None
     module = attnkit.build_attention("linformer", proj_len=19, max_len=19).double()
+    assert isinstance(module, LinformerAttention)
     with torch.no_grad():
         module.proj_k.copy_(torch.eye(19))
         assert module.proj_v is not None
@@ -378,6 +382,7 @@ def test_linformer_lengths_sharing_and_gradients() -> None:
 def test_linformer_slicing_equals_explicit_projection() -> None:
     """A sequence shorter than max_len uses the first S columns: check against the formula."""
     module = attnkit.build_attention("linformer", proj_len=6, max_len=40).double()
+    assert isinstance(module, LinformerAttention) and module.proj_v is not None
     q, k, v = structured_qkv(1, 2, 25, 25, 8, seed=12, dtype=F64)
     e, f = module.proj_k[:, :25].detach(), module.proj_v[:, :25].detach()
     want = reference_attention(q, e @ k, f @ v)
