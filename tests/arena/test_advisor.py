@@ -46,6 +46,10 @@ def test_causal_filters_by_capability() -> None:
     assert advice.recommended == "linear"
     assert verdict(advice, "linformer").reasons == ["no causal mode"]
     assert not verdict(advice, "linformer").eligible
+    unmeasured = Candidate("linformer", False, None, False)  # as measure_candidates leaves it
+    assert decide(Constraints(length=4096, causal=True, max_error=0.1), [unmeasured]).verdicts[0].reasons == [
+        "no causal mode"
+    ]
 
 
 def test_error_budget_moves_the_choice_to_more_exact_mechanisms() -> None:

@@ -142,6 +142,8 @@ def _judge(c: Constraints, cand: Candidate) -> Verdict:
         v.reasons.append("no causal mode")
     if c.decode and cand.decoding is None:
         v.reasons.append("no incremental decoding state")
+    if v.reasons:  # a missing capability settles it; its numbers were not even measured
+        return v
     if c.max_error is not None:
         if cand.error is None:
             v.reasons.append(f"error unknown ({cand.note or 'fidelity not measured'})")
