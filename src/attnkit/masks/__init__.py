@@ -8,5 +8,17 @@ from attnkit.masks.functions import (
     materialize,
     sliding_window_mask,
 )
+from attnkit.masks.patterns import block_table_mask, fixed_mask, longformer_mask, strided_mask
 
-__all__ = ["Mask", "causal_mask", "full_mask", "key_padding_mask", "materialize", "sliding_window_mask"]
+__all__ = [
+    "Mask",
+    "block_table_mask",
+    "causal_mask",
+    "fixed_mask",
+    "full_mask",
+    "key_padding_mask",
+    "longformer_mask",
+    "materialize",
+    "sliding_window_mask",
+    "strided_mask",
+]
