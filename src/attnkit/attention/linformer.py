@@ -36,11 +36,6 @@ NO_CAUSAL_REASON = (
 )
 
 
-def replace_causal_reason(reasons: list[str], explanation: str) -> list[str]:
-    """Swap the base class's generic causal refusal for a mechanism's explanation."""
-    return [explanation if r.startswith("causal=True is not supported") else r for r in reasons]
-
-
 def _project(proj: Tensor, x: Tensor) -> Tensor:
     """``proj (k, S) @ x (B, H, S, D)`` as one GEMM over all heads: ``(B, S, H·D)`` is wider than ``(S, D)``."""
     b, h, s, d = x.shape
@@ -77,6 +72,8 @@ class LinformerAttention(AttentionMechanism):
             (slot ``j`` starts as the mean of the ``j``-th run of ``ceil(n / k)`` positions).
     """
 
+    no_causal_reason = NO_CAUSAL_REASON
+
     def __init__(
         self, *, proj_len: int = 256, max_len: int = 4096, share_kv: bool = False, init: str = "gaussian"
     ) -> None:
@@ -95,14 +92,6 @@ class LinformerAttention(AttentionMechanism):
         run = math.ceil(self.max_len / self.proj_len)
         slot = torch.arange(self.max_len) // run
         return (slot[None, :] == torch.arange(self.proj_len)[:, None]).float() / run
-
-    def _unsupported(
-        self, *, causal: bool, key_padding_mask: Tensor | None, mask: Mask | None, score_bias: ScoreBias | None
-    ) -> list[str]:
-        reasons = super()._unsupported(
-            causal=causal, key_padding_mask=key_padding_mask, mask=mask, score_bias=score_bias
-        )
-        return replace_causal_reason(reasons, NO_CAUSAL_REASON)
 
     def _attend(
         self,

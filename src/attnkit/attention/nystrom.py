@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.attention.linformer import replace_causal_reason
 from attnkit.core.base import AttentionMechanism
 from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_positive_int
@@ -125,18 +124,12 @@ class NystromAttention(AttentionMechanism):
         pinv_iterations: steps of the pseudo-inverse iteration (6 in the paper).
     """
 
+    no_causal_reason = NO_CAUSAL_REASON
+
     def __init__(self, *, num_landmarks: int = 64, pinv_iterations: int = 6) -> None:
         super().__init__()
         self.num_landmarks = check_positive_int("num_landmarks", num_landmarks, example=64)
         self.pinv_iterations = check_positive_int("pinv_iterations", pinv_iterations, example=6)
-
-    def _unsupported(
-        self, *, causal: bool, key_padding_mask: Tensor | None, mask: Mask | None, score_bias: ScoreBias | None
-    ) -> list[str]:
-        reasons = super()._unsupported(
-            causal=causal, key_padding_mask=key_padding_mask, mask=mask, score_bias=score_bias
-        )
-        return replace_causal_reason(reasons, NO_CAUSAL_REASON)
 
     def _attend(
         self,

@@ -79,6 +79,8 @@ class AttentionMechanism(nn.Module, ABC):
     name: ClassVar[str] = ""
     capabilities: ClassVar[Capabilities]
     call_options: ClassVar[tuple[str, ...]] = ()
+    #: Why ``causal=True`` is refused (mechanisms without an exactly causal form say why here).
+    no_causal_reason: ClassVar[str] = "causal=True is not supported (no exactly causal form)"
     _options_repr: str = ""
 
     def forward(
@@ -239,7 +241,7 @@ class AttentionMechanism(nn.Module, ABC):
         caps = self.capabilities
         reasons = []
         if causal and not caps.causal:
-            reasons.append("causal=True is not supported (no exactly causal form)")
+            reasons.append(self.no_causal_reason)
         if key_padding_mask is not None and not caps.key_padding:
             reasons.append("key_padding_mask is not supported")
         if mask is not None and not caps.custom_mask:
