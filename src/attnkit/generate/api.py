@@ -95,6 +95,25 @@ def _check_search(
         raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
 
 
+def _eos_and_pad(cfg: Any, eos_token_id: int | None, pad_token_id: int | None) -> tuple[int | None, int]:
+    """The EOS id (argument, else the config's) and the pad id (argument, else config pad, else EOS, else 0)."""
+    eos = _check_token("eos_token_id", eos_token_id if eos_token_id is not None else cfg.eos_token_id, cfg.vocab_size)
+    pad = _check_token("pad_token_id", pad_token_id, cfg.vocab_size)
+    if pad is None:
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos or 0)
+    return eos, pad
+
+
+def _search_in_eval_mode(model: Any, make_session: Any, batch: int, **search: Any) -> Tensor:
+    """Build the decoding session and run the search with ``model`` in eval mode, restoring its mode after."""
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        return _search(make_session(), batch, **search)
+    finally:
+        model.train(was_training)
+
+
 class LanguageModelGeneration:
     """``generate`` for decoder-only models (mixed into :class:`~attnkit.models.LanguageModel`)."""
 
@@ -151,11 +170,7 @@ class LanguageModelGeneration:
         _check_search(
             max_new_tokens, temperature, top_k, top_p, num_beams, length_penalty, num_return_sequences, streamer
         )
-        eos = _check_token(
-            "eos_token_id", eos_token_id if eos_token_id is not None else cfg.eos_token_id, cfg.vocab_size
-        )
-        pad = _check_token("pad_token_id", pad_token_id, cfg.vocab_size)
-        pad = pad if pad is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else (eos or 0))
+        eos, pad = _eos_and_pad(cfg, eos_token_id, pad_token_id)
         ids, mask = left_align(ids, mask)
         if mask is not None:
             ids = ids.masked_fill(~mask, pad)
@@ -164,27 +179,22 @@ class LanguageModelGeneration:
         if num_beams > 1:
             ids = ids.repeat_interleave(num_beams, dim=0)
             mask = mask.repeat_interleave(num_beams, dim=0) if mask is not None else None
-        was_training = getattr(self, "training", False)
-        self.eval()  # type: ignore[attr-defined]
-        try:
-            session = LanguageModelSession(self, ids, mask, use_cache=cached)
-            new = _search(
-                session,
-                prompt.shape[0],
-                max_new_tokens=max_new_tokens,
-                eos=eos,
-                pad=pad,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                num_beams=num_beams,
-                length_penalty=float(length_penalty),
-                num_return_sequences=num_return_sequences,
-                generator=generator,
-                streamer=streamer,
-            )
-        finally:
-            self.train(was_training)  # type: ignore[attr-defined]
+        new = _search_in_eval_mode(
+            self,
+            lambda: LanguageModelSession(self, ids, mask, use_cache=cached),
+            prompt.shape[0],
+            max_new_tokens=max_new_tokens,
+            eos=eos,
+            pad=pad,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            num_beams=num_beams,
+            length_penalty=float(length_penalty),
+            num_return_sequences=num_return_sequences,
+            generator=generator,
+            streamer=streamer,
+        )
         prompt = prompt.repeat_interleave(new.shape[0] // prompt.shape[0], dim=0)
         return torch.cat([prompt, new], dim=1)
 
@@ -244,34 +254,25 @@ class Seq2SeqGeneration:
             raise ValueError("decoder_start_token_id is needed (or set bos_token_id or pad_token_id in the config)")
         start = _check_token("decoder_start_token_id", start, cfg.vocab_size)
         assert start is not None
-        eos = _check_token(
-            "eos_token_id", eos_token_id if eos_token_id is not None else cfg.eos_token_id, cfg.vocab_size
-        )
-        pad = _check_token("pad_token_id", pad_token_id, cfg.vocab_size)
-        pad = pad if pad is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else (eos or 0))
+        eos, pad = _eos_and_pad(cfg, eos_token_id, pad_token_id)
         cached = resolve_use_cache(self, use_cache)
         batch = src.shape[0]
         if num_beams > 1:
             src = src.repeat_interleave(num_beams, dim=0)
             mask = mask.repeat_interleave(num_beams, dim=0) if mask is not None else None
-        was_training = getattr(self, "training", False)
-        self.eval()  # type: ignore[attr-defined]
-        try:
-            session = Seq2SeqSession(self, src, mask, start, use_cache=cached)
-            return _search(
-                session,
-                batch,
-                max_new_tokens=max_new_tokens,
-                eos=eos,
-                pad=pad,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                num_beams=num_beams,
-                length_penalty=float(length_penalty),
-                num_return_sequences=num_return_sequences,
-                generator=generator,
-                streamer=streamer,
-            )
-        finally:
-            self.train(was_training)  # type: ignore[attr-defined]
+        return _search_in_eval_mode(
+            self,
+            lambda: Seq2SeqSession(self, src, mask, start, use_cache=cached),
+            batch,
+            max_new_tokens=max_new_tokens,
+            eos=eos,
+            pad=pad,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            num_beams=num_beams,
+            length_penalty=float(length_penalty),
+            num_return_sequences=num_return_sequences,
+            generator=generator,
+            streamer=streamer,
+        )
