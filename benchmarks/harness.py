@@ -20,6 +20,8 @@ Usage from a suite script::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import importlib
 import json
 import os
@@ -28,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,26 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {"times": times, "median_s": statistics.median(times), "peak_mb": max(0.0, _maxrss_mb() - baseline)}
 
 
+@contextlib.contextmanager
+def _quiet_machine() -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``$ATTNKIT_BENCH_LOCK`` (when set) during one measurement.
+
+    On a shared machine, other jobs that take the same lock *shared* around their heavy work
+    (``flock -s FILE cmd``) then pause while each measurement runs and resume between them,
+    instead of either skewing the timings or waiting for a whole suite.
+    """
+    path = os.environ.get("ATTNKIT_BENCH_LOCK")
+    if not path:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def measure(
     case: Case,
     length: int,
@@ -120,7 +142,8 @@ def measure(
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     cmd = [case.python or sys.executable, "-m", "benchmarks.harness", "--worker", json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+        with _quiet_machine():
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {**row, "status": "timeout"}
     if proc.returncode != 0:
