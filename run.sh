@@ -29,8 +29,5 @@ cmd=${1:-arena}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   test) exec bash scripts/test.sh "$@" ;;
-  arena)
-    # The arena is the main job; until it is installed, the demo stands in for it.
-    if attnkit arena --help >/dev/null 2>&1; then exec attnkit arena "$@"; else exec attnkit demo "$@"; fi ;;
   *) exec attnkit "$cmd" "$@" ;;
 esac

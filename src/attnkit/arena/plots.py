@@ -73,14 +73,21 @@ def plot_efficiency(doc: dict[str, Any], path: Path) -> None:
         _log_axes(axes[row][0], "fwd+bwd time per step, ms (median)", f"time, {mode}")
         _log_axes(axes[row][1], "peak extra memory of one step, MB", f"peak memory, {mode}")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8, title="mechanism (dashed = approximate)")
+    fig.legend(
+        handles,
+        labels,
+        loc="center left",
+        bbox_to_anchor=(0.83, 0.5),
+        fontsize=8,
+        title="mechanism (dashed = approximate)",
+    )
     fig.suptitle(
         f"attnkit arena: forward+backward, B={cfg['batch']}, H={cfg['heads']}, D={cfg['head_dim']}, fp32, "
         f"{doc['meta']['device']}",
         fontsize=11,
     )
     fig.tight_layout(rect=(0, 0, 0.82, 0.96))
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # keeps the legend outside the axes in the picture
     plt.close(fig)
 
 
@@ -92,6 +99,18 @@ def pareto_front(points: list[tuple[float, float]], *, higher_is_better: bool) -
 
     front = [p for p in points if not any(o != p and o[0] >= p[0] and better(o[1], p[1]) for o in points)]
     return sorted(set(front))
+
+
+#: Smallest y range shown per metric: differences below it are within run-to-run noise of a
+#: short training budget and should not fill the panel.
+MIN_QUALITY_SPAN = {"accuracy": 0.1, "bits_per_char": 0.2}
+
+
+def _min_span(ax: Axes, values: list[float], span: float) -> None:
+    low, high = min(values), max(values)
+    if high - low < span:
+        middle = (low + high) / 2
+        ax.set_ylim(middle - 0.6 * span, middle + 0.6 * span)
 
 
 def plot_pareto(doc: dict[str, Any], path: Path) -> None:
@@ -115,6 +134,8 @@ def plot_pareto(doc: dict[str, Any], path: Path) -> None:
         front = pareto_front(pts, higher_is_better=higher)
         if front:
             ax.plot(*zip(*front), color="grey", linewidth=1, linestyle=":", zorder=2, label="Pareto front")
+        if pts:
+            _min_span(ax, [y for _, y in pts], MIN_QUALITY_SPAN[metric])
         ax.set_xscale("log", base=2)
         ax.axvline(1.0, color="black", linewidth=0.6, alpha=0.4)
         ax.set_xlabel(f"fwd+bwd speed-up over exact attention at L={ref} (log)")

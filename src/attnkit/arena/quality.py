@@ -46,6 +46,7 @@ def quality_params(cfg: ArenaConfig, task: str) -> dict[str, Any]:
         "heads": cfg.model_heads,
         "length": cfg.task_length,
         "batch_size": cfg.batch_size,
+        "learning_rate": get_task(task, length=cfg.task_length).learning_rate,
         "seed": cfg.seed,
         "device": cfg.device.split(":")[0],
     }

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import attnkit
 from attnkit.arena.cells import CellCache, cell_key, machine_fingerprint
 from attnkit.arena.config import FIDELITY_INPUTS, MODES, ArenaConfig
-from attnkit.arena.efficiency import budget_stop, efficiency_params, measure_efficiency
+from attnkit.arena.efficiency import budget_stop, efficiency_params, measure_efficiency, warm_up_libraries
 from attnkit.arena.fidelity import fidelity_params, measure_fidelity
 from attnkit.arena.memory import PeakMemoryMeter
 from attnkit.arena.quality import quality_options, quality_params, task_is_causal, train_quality_cell
@@ -258,6 +258,7 @@ def _efficiency_rows(config: ArenaConfig, names: list[str], cells: CellRunner) -
     # Every mechanism runs back to back within one (mode, causal, length) cell, so the
     # ratios to exact attention compare measurements taken under the same machine load.
     meter = PeakMemoryMeter(config.device)
+    warm_up_libraries(config)
     modules = {name: build_seeded(name, attnkit.get_spec(name).benchmark_options, config.seed) for name in names}
     sweeps: dict[tuple[str, bool, str], list[dict[str, Any]]] = {}
     for mode in MODES:
