@@ -5,9 +5,11 @@ The sequence is cut into blocks of ``block_size`` tokens. A sort network scores 
 (query block ``i``, key block ``j``) pair; Sinkhorn normalisation (``sinkhorn_iters``
 alternating row/column normalisations in log space, at ``temperature``) turns the scores
 into a soft permutation ``P``; the *sorted block* ``i`` is ``Σ_j P_ij · block_j`` (keys
-and values). Every query block attends to its own block plus its sorted block
-(:mod:`attnkit.kernels.bucketed` with one chunk per block and the sorted block as extra
-keys). O(T · block_size · D + (T / block_size)² · block_size · D) time.
+and values). Every query block attends to its own block plus its sorted block: blocks are
+plain reshapes of the sequence, and the ``2 · block_size`` keys of every block go through
+one batched softmax (:func:`attnkit.kernels.bucketed.chunk_attention`, which keeps the
+probabilities instead of any ``T × T`` tensor). O(T · block_size · D + (T / block_size)² ·
+block_size · D) time.
 
 Sort network (parameter-free, so it works at any length): the score of ``(i, j)`` is
 ``q̄_i · k̄_j / sqrt(D)`` between the mean query of block ``i`` and the mean real key of
@@ -40,7 +42,7 @@ from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_non_negative_int, check_positive_float, check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import ScoreBias
-from attnkit.kernels.bucketed import bucket_layout, bucketed_attention
+from attnkit.kernels.bucketed import chunk_attention
 from attnkit.masks.functions import Mask
 
 
@@ -109,8 +111,6 @@ class SinkhornAttention(AttentionMechanism):
             causal: use the causal sort (see the module docstring).
         """
         nb, c, d = q_blocks.shape[-3:]
-        q_weight = torch.zeros_like(key_weight)
-        q_weight.view(-1)[:] = 1.0
         q_mean = q_blocks.sum(dim=-2) / c  # empty slots are zero; the scale is shared by every row
         k_mean = _block_means(k_blocks, key_weight)
         i = torch.arange(nb, device=q_blocks.device)
@@ -142,32 +142,52 @@ class SinkhornAttention(AttentionMechanism):
     ) -> Tensor:
         compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         q, k, v = q.to(compute), k.to(compute), v.to(compute)
-        b, h, t_len, _ = q.shape
+        b, h, t_len, d = q.shape
         c = self.block_size
-        layout = bucket_layout(torch.zeros(b, h, 1, t_len, dtype=torch.long, device=q.device), 1, c)
-        nb = layout.num_chunks
-        if nb == 1:
-            return bucketed_attention(
-                q, k, v, layout, causal=causal, key_padding_mask=key_padding_mask, look_back=False
-            )
-
+        nb = -(-t_len // c)
         pad = nb * c - t_len
-        real = torch.ones(b, t_len, dtype=q.dtype, device=q.device)
+        masked = key_padding_mask is not None or pad > 0
+
+        def blocks(x: Tensor) -> Tensor:  # (B, H, T, E) -> (B, H, nb, c, E), empty slots zero
+            return (torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x).reshape(b, h, nb, c, x.shape[-1])
+
+        q_blocks, k_blocks, v_blocks = blocks(q), blocks(k), blocks(v)
+        real = torch.ones(b, t_len, dtype=torch.bool, device=q.device)
         if key_padding_mask is not None:
-            real = key_padding_mask.to(q.dtype)
-        weight = torch.nn.functional.pad(real, (0, pad)).view(b, 1, nb, c).expand(b, h, nb, c)
-
-        def blocks(x: Tensor) -> Tensor:  # (B, H, T, E) -> (B, H, nb, c, E), padded keys zeroed
-            return torch.nn.functional.pad(x, (0, 0, 0, pad)).view(b, h, nb, c, x.shape[-1])
-
-        k_blocks = blocks(k) * weight.unsqueeze(-1)
-        v_blocks = blocks(v) * weight.unsqueeze(-1)
-        perm = self.sort_matrix(blocks(q), k_blocks, weight, causal=causal)  # (B, H, nb, nb)
-        sorted_k = torch.einsum("bhij,bhjcd->bhicd", perm, k_blocks)
-        sorted_v = torch.einsum("bhij,bhjcd->bhicd", perm, v_blocks)
-        with torch.no_grad():
-            visible = torch.einsum("bhij,bhjc->bhic", perm.detach(), weight) > 0
-        extra = (sorted_k.unsqueeze(2), sorted_v.unsqueeze(2), visible.unsqueeze(2))
-        return bucketed_attention(
-            q, k, v, layout, causal=causal, key_padding_mask=key_padding_mask, look_back=False, extra_keys=extra
+            real = key_padding_mask
+        real = torch.nn.functional.pad(real, (0, pad)).view(b, 1, nb, c)  # False on padded keys and empty slots
+        # Own block: the block's keys, masked by padding and (causal) original position.
+        own_blocked: Tensor | None = None
+        if masked:
+            own_blocked = ~real.unsqueeze(-2)  # (B, 1, nb, 1, c)
+        if causal:
+            later = torch.ones(c, c, dtype=torch.bool, device=q.device).triu_(1)  # key offset > query offset
+            own_blocked = later if own_blocked is None else own_blocked | later
+        keys, values, blocked = k_blocks, v_blocks, own_blocked
+        if nb > 1:  # the sorted block, as extra keys every query of the block sees
+            weight = real.to(compute)
+            k_mixed, v_mixed = (
+                (k_blocks, v_blocks) if not masked else (k_blocks * weight[..., None], v_blocks * weight[..., None])
+            )
+            perm = self.sort_matrix(q_blocks, k_mixed, weight, causal=causal)  # (B, H, nb, nb)
+            keys = torch.cat([k_blocks, torch.einsum("bhij,bhjcd->bhicd", perm, k_mixed)], dim=-2)
+            values = torch.cat([v_blocks, torch.einsum("bhij,bhjcd->bhicd", perm, v_mixed)], dim=-2)
+            if masked or causal:  # else every row of P has mass and every mixed slot holds real keys
+                with torch.no_grad():
+                    sorted_blocked = torch.einsum("bhij,bjc->bhic", perm.detach(), weight[:, 0]) <= 0
+                shape = (b, h, nb, c, c)
+                own = (
+                    torch.zeros(shape, dtype=torch.bool, device=q.device) if blocked is None else blocked.expand(shape)
+                )
+                blocked = torch.cat([own, sorted_blocked.unsqueeze(-2).expand(shape)], dim=-1)
+        groups = b * h * nb
+        if blocked is not None:
+            blocked = blocked.expand(b, h, nb, c, keys.shape[-2]).reshape(groups, c, -1)
+        out, _ = chunk_attention(
+            q_blocks.reshape(groups, c, d),
+            keys.reshape(groups, -1, d),
+            values.reshape(groups, -1, v.shape[-1]),
+            blocked,
+            scale=d**-0.5,
         )
+        return out.view(b, h, nb * c, -1)[:, :, :t_len]

@@ -23,10 +23,11 @@ every chunk sees; this module does the rest:
    combined by their log-sum-exp give exactly softmax over the union of keys seen.
    Rows with no visible key output zeros.
 
-The chunk attention has its own autograd (probabilities recomputed in the backward, the
-look-back read through overlapping views instead of copies), so memory is the gathered
-``q, k, v`` plus boolean masks and one transient ``R · T · 2·chunk`` float buffer: never
-``T × S``. Time ``O(R · T · chunk · D)``.
+The chunk attention has its own autograd (the look-back read through overlapping views
+instead of copies; the backward reuses the saved probabilities, which it needs next to
+``dP`` anyway), so memory is the gathered ``q, k, v`` plus ``R · T · 2·chunk``
+probabilities and one transient buffer of that size: never ``T × S``. Time
+``O(R · T · chunk · D)``.
 """
 
 from __future__ import annotations
@@ -214,10 +215,13 @@ def _block_seen_in_earlier_rounds(
         blocked[:, :, later] |= hit
 
 
-def _scores(q: Tensor, k: Tensor, blocked: Tensor, self_pair: Tensor | None) -> Tensor:
-    """Masked scores ``(..., c, K)`` of pre-scaled ``q``: ``-inf`` where blocked, :data:`SELF_SCORE` on self pairs."""
-    s = torch.matmul(q, k.transpose(-1, -2))
-    s.masked_fill_(blocked, float("-inf"))
+def _scores(q: Tensor, k: Tensor, blocked: Tensor | None, self_pair: Tensor | None) -> Tensor:
+    """Masked scores ``(G, c, K)`` of pre-scaled ``q``: ``-inf`` where blocked, :data:`SELF_SCORE` on self pairs."""
+    # bmm, not matmul: matmul of a 3-d tensor with a transposed contiguous one takes a slower
+    # path on CPU (about 2x here).
+    s = torch.bmm(q, k.transpose(-1, -2))
+    if blocked is not None:
+        s.masked_fill_(blocked, float("-inf"))
     if self_pair is not None:
         s.masked_fill_(self_pair, SELF_SCORE)
     return s
@@ -228,8 +232,9 @@ class _ChunkAttention(torch.autograd.Function):
 
     Keys and values come either as ``(G, K, D)`` or, with ``chunk > 0``, as a flat buffer of
     ``G + 1`` chunks read through overlapping windows (previous + own chunk) without a copy.
-    Saves only the inputs, the boolean masks and ``(out, lse)``; the backward recomputes the
-    probabilities (FlashAttention-style), so no float ``(c × K)`` tensor outlives a pass.
+    Saves the normalised probabilities ``(G, c, K)`` instead of the boolean masks: the
+    backward needs them alongside ``dP`` anyway, so recomputing them would not lower the
+    peak, only add a matmul, a masked fill and an exponential.
     """
 
     @staticmethod
@@ -238,7 +243,7 @@ class _ChunkAttention(torch.autograd.Function):
         q: Tensor,
         k_src: Tensor,
         v_src: Tensor,
-        blocked: Tensor,
+        blocked: Tensor | None,
         self_pair: Tensor | None,
         scale: float,
         chunk: int,
@@ -247,34 +252,34 @@ class _ChunkAttention(torch.autograd.Function):
         q = q * scale  # (G, c, D): cheaper than scaling the (G, c, K) scores
         p = _scores(q, k, blocked, self_pair)
         row_max = p.amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        if blocked is not None:  # a row with every key blocked has max -inf
+            row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         p.sub_(row_max).exp_()  # exactly 0 on blocked keys
         denom = p.sum(dim=-1, keepdim=True)
         has_key = denom > 0
         safe = torch.where(has_key, denom, torch.ones_like(denom))
-        out = torch.matmul(p, v).div_(safe)
+        p.mul_(safe.reciprocal())  # the probabilities; rows without a key stay 0
+        out = torch.bmm(p, v)
         lse = torch.where(has_key, row_max + torch.log(safe), torch.full_like(denom, float("-inf"))).squeeze(-1)
-        ctx.save_for_backward(q, k_src, v_src, blocked, self_pair, out, lse)
+        ctx.save_for_backward(q, k_src, v_src, p, self_pair, out)
         ctx.scale, ctx.chunk = scale, chunk
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, d_out: Tensor, d_lse: Tensor | None) -> tuple[Tensor | None, ...]:
-        q, k_src, v_src, blocked, self_pair, out, lse = ctx.saved_tensors
+        q, k_src, v_src, p, self_pair, out = ctx.saved_tensors
         chunk = ctx.chunk
         k, v = (_windows(k_src, chunk), _windows(v_src, chunk)) if chunk else (k_src, v_src)
-        p = _scores(q, k, blocked, self_pair)
-        lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1)
-        p.sub_(lse_safe).exp_()  # the normalised probabilities; 0 on blocked keys and empty rows
+        d_out = d_out.contiguous()
         d_v = _key_side_grad(p, d_out, chunk)
         delta = (d_out * out).sum(dim=-1, keepdim=True)
         if d_lse is not None:
             delta = delta - d_lse.unsqueeze(-1)
-        d_s = torch.matmul(d_out, v.transpose(-1, -2)).sub_(delta).mul_(p)
+        d_s = torch.bmm(d_out, v.transpose(-1, -2)).sub_(delta).mul_(p)
         del p
         if self_pair is not None:
             d_s.masked_fill_(self_pair, 0.0)  # the self score is a constant
-        d_q = torch.matmul(d_s, k).mul_(ctx.scale)
+        d_q = torch.bmm(d_s, k).mul_(ctx.scale)
         d_k = _key_side_grad(d_s, q, chunk)  # q is the scaled query
         return d_q, d_k, d_v, None, None, None, None
 
@@ -284,13 +289,34 @@ def _key_side_grad(weights: Tensor, x: Tensor, chunk: int) -> Tensor:
     ``chunk`` folded straight into the ``((G + 1) · chunk, E)`` buffer the windows were read from
     (the adjoint of :func:`_windows`, without a ``(G, 2c, E)`` temporary)."""
     if not chunk:
-        return torch.matmul(weights.transpose(-1, -2), x)
+        return torch.bmm(weights.transpose(-1, -2), x)
     groups, _, dim = x.shape
     out = torch.empty(groups + 1, chunk, dim, dtype=x.dtype, device=x.device)
-    torch.matmul(weights[..., :chunk].transpose(-1, -2), x, out=out[:-1])  # each window's previous chunk
+    torch.bmm(weights[..., :chunk].transpose(-1, -2), x, out=out[:-1])  # each window's previous chunk
     out[-1].zero_()
-    out[1:] += torch.matmul(weights[..., chunk:].transpose(-1, -2), x)  # each window's own chunk
+    out[1:].baddbmm_(weights[..., chunk:].transpose(-1, -2), x)  # each window's own chunk
     return out.view(-1, dim)
+
+
+def chunk_attention(q: Tensor, k: Tensor, v: Tensor, blocked: Tensor | None, *, scale: float) -> tuple[Tensor, Tensor]:
+    """Softmax attention of every group of queries over its own keys (memory-lean autograd).
+
+    Args:
+        q: ``(G, c, D)`` queries.
+        k: ``(G, K, D)`` keys.
+        v: ``(G, K, Dv)`` values.
+        blocked: bool, broadcastable to ``(G, c, K)``: True hides the key from the query;
+            ``None`` when every key is visible.
+        scale: score scale.
+
+    Returns:
+        ``out (G, c, Dv)`` (zeros for a query with no visible key) and ``lse (G, c)``
+        (``-inf`` there).
+    """
+    if blocked is not None:
+        blocked = blocked.expand(q.shape[0], q.shape[1], k.shape[1])
+    out, lse = _ChunkAttention.apply(q, k, v, blocked, None, scale, 0)
+    return out, lse
 
 
 def bucketed_attention(
