@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -131,7 +132,7 @@ def test_memory_meter_sees_a_large_allocation() -> None:
 
 def test_fidelity_of_full_is_exact_and_inputs_differ(tiny_config: ArenaConfig) -> None:
     full = attnkit.build_attention("full")
-    for kind in ("local", "iid"):
+    for kind in ("self", "local", "iid"):
         for causal in (False, True):
             result = measure_fidelity(full, tiny_config, kind, causal)
             assert result["status"] == "ok" and result["relative_error"] < 1e-5
@@ -159,7 +160,57 @@ def test_fidelity_of_an_approximation_matches_an_independent_computation(
     assert 0.01 < result["relative_error"] < 1.0
 
 
+def test_self_attention_inputs_put_the_mass_near_the_diagonal() -> None:
+    """The headline fidelity input: attention over one smooth sequence concentrates locally,
+    unlike independent smooth queries and keys (checked on dense float64 softmax weights)."""
+    length = 512
+
+    def mass_near_diagonal(q: torch.Tensor, k: torch.Tensor) -> float:
+        probs = torch.softmax(q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        pos = torch.arange(length)
+        near = (pos[:, None] - pos[None, :]).abs() <= length // 8  # a quarter of the keys
+        return float((probs * near).sum(-1).mean())
+
+    q, k, _ = fidelity_inputs("self", 4, length, 64, 0)
+    q_local, k_local, _ = fidelity_inputs("local", 4, length, 64, 0)
+    assert mass_near_diagonal(q, k) > 0.6
+    assert mass_near_diagonal(q_local, k_local) < 0.4
+    again = fidelity_inputs("self", 4, length, 64, 0)
+    assert all(torch.equal(a, b) for a, b in zip((q, k), again[:2]))
+
+
 # -- tasks ------------------------------------------------------------------------------------------
+
+
+def test_task_baselines_match_counting_by_hand(tiny_config: ArenaConfig) -> None:
+    from collections import Counter
+
+    from attnkit.arena.quality import task_baseline
+    from attnkit.data.tasks import IGNORE_INDEX
+
+    cfg = tiny_config.with_(train_steps=6, eval_batches=2, batch_size=4)
+    for name in ("mqar", "listops", "lm"):
+        task = get_task(name, length=cfg.task_length)
+        train = Counter(
+            int(x)
+            for _, t, _ in task.batches("train", cfg.train_steps, cfg.batch_size, cfg.seed)
+            for x in t.flatten()
+            if int(x) != IGNORE_INDEX
+        )
+        val = [
+            int(x)
+            for _, t, _ in task.batches("validation", cfg.eval_batches, cfg.batch_size, cfg.seed)
+            for x in t.flatten()
+            if int(x) != IGNORE_INDEX
+        ]
+        got = task_baseline(name, cfg)
+        if name == "lm":
+            total = sum(train.values()) + task.num_outputs
+            expected = sum(-math.log2((train[x] + 1) / total) for x in val) / len(val)
+            assert got["metric"] == "bits_per_char" and got["value"] == pytest.approx(expected, rel=1e-9)
+        else:
+            top = max(sorted(train), key=lambda c: train[c])  # the smallest of the most frequent labels
+            assert got["value"] == pytest.approx(sum(x == top for x in val) / len(val))
 
 
 def test_mqar_scores_each_query_with_its_value_and_never_shows_the_answer() -> None:

@@ -56,6 +56,10 @@ def test_report_schema_and_files(tmp_path: Path, toy_mechanism: str, tiny_config
     board = {r["mechanism"]: r for r in doc["leaderboard"]}
     assert board["full"]["speedup"] == pytest.approx(1.0) and board["full"]["max_length"] == 128
     assert board[toy_mechanism]["error_causal"] is None
+    headline = fid[(toy_mechanism, "self", False)]["relative_error"]
+    assert board[toy_mechanism]["error"] == headline  # the leaderboard's err is the self-attention input's
+    baselines = doc["meta"]["quality_baselines"]
+    assert set(baselines) == {"mqar", "listops"} and all(0.0 <= b["value"] <= 1.0 for b in baselines.values())
 
     for name in ("results.json", "report.md", "efficiency.png", "pareto.png", "patterns.png"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -64,7 +68,7 @@ def test_report_schema_and_files(tmp_path: Path, toy_mechanism: str, tiny_config
     report = (tmp_path / "report.md").read_text()
     assert "## Leaderboard" in report and toy_mechanism in report and "![" in report
     table = terminal_summary(doc)
-    assert "MQAR acc" in table and f"{toy_mechanism} ~" in table
+    assert "MQAR acc" in table and f"{toy_mechanism} ~" in table and "(no context)" in table
 
 
 def test_interrupted_run_resumes_from_cached_cells(
@@ -88,7 +92,7 @@ def test_interrupted_run_resumes_from_cached_cells(
 
     monkeypatch.setattr(runner, "measure_efficiency", real)
     resumed = run_arena(config, tmp_path, progress=False)
-    total = 8 + 4 + 1  # full: 8 efficiency cells, 4 fidelity cells, 1 quality cell
+    total = 8 + 6 + 1  # full: 8 efficiency cells, 6 fidelity cells (3 inputs x 2 modes), 1 quality cell
     assert resumed.cache_hits == 3 and resumed.cache_misses == total - 3
     cached = [(r["length"], r["causal"], r["mode"]) for r in resumed.efficiency if r["cached"]]
     assert cached == calls
@@ -98,7 +102,7 @@ def test_interrupted_run_resumes_from_cached_cells(
     assert assemble(again)["quality"][0]["value"] == assemble(resumed)["quality"][0]["value"]
 
     fresh = run_arena(config, tmp_path, progress=False, resume=False, stages=("fidelity",))
-    assert fresh.cache_hits == 0 and fresh.cache_misses == 4
+    assert fresh.cache_hits == 0 and fresh.cache_misses == 6
 
 
 def test_budget_stop_is_reported_and_not_cached(tmp_path: Path, tiny_config: ArenaConfig) -> None:

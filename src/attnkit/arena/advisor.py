@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import attnkit
 from attnkit.arena.cells import CellCache, machine_fingerprint
-from attnkit.arena.config import ArenaConfig
+from attnkit.arena.config import HEADLINE_INPUT, ArenaConfig
 from attnkit.arena.efficiency import project
 from attnkit.arena.fidelity import fidelity_params
 from attnkit.arena.runner import CellRunner, build_seeded, efficiency_sweep, fidelity_cell
@@ -224,8 +224,8 @@ def _measure_one(name: str, c: Constraints, cfg: ArenaConfig, cells: CellRunner)
         "fidelity",
         name,
         options,
-        fidelity_params(cfg, "local", c.causal),
-        partial(fidelity_cell, name, options, cfg, "local", c.causal),
+        fidelity_params(cfg, HEADLINE_INPUT, c.causal),
+        partial(fidelity_cell, name, options, cfg, HEADLINE_INPUT, c.causal),
         machine_bound=False,
     )
     if fid["status"] == "ok":

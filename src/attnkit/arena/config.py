@@ -18,8 +18,11 @@ from attnkit.core.errors import check_choice, check_positive_float, check_positi
 TASKS: tuple[str, ...] = ("mqar", "listops", "lm")
 #: Efficiency modes: forward only (inference) and forward + backward (training).
 MODES: tuple[str, ...] = ("fwd", "fwd+bwd")
-#: The fidelity inputs: locally correlated sequences, and i.i.d. noise as the contrast.
-FIDELITY_INPUTS: tuple[str, ...] = ("local", "iid")
+#: The fidelity inputs (see attnkit.arena.fidelity): self-attention over smooth states (the
+#: headline error), independent locally correlated queries and keys, and i.i.d. noise.
+FIDELITY_INPUTS: tuple[str, ...] = ("self", "local", "iid")
+#: The input kind behind the leaderboard's and the advisor's error.
+HEADLINE_INPUT = "self"
 
 
 @dataclass(frozen=True)

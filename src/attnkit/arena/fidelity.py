@@ -4,10 +4,14 @@ The error is the relative Frobenius error ``‖out - exact‖ / ‖exact‖`` ag
 softmax attention computed in float64 (:func:`attnkit.reference_attention`), with the
 mechanism at the same ``benchmark_options`` the efficiency sweep times (matched budgets).
 Exact sparse mechanisms are measured against *dense* attention too: what they drop is
-the price of their speed. Two inputs:
+the price of their speed. Three inputs:
 
-- ``local``: locally correlated sequences (:func:`attnkit.inputs.structured_qkv`), the
-  regime efficient attention is built for (attention mass concentrates).
+- ``self``: self-attention over one smooth hidden sequence
+  (:func:`attnkit.inputs.self_attention_qkv`): queries and keys are projections of the
+  same states, so most of the attention mass lies near the diagonal, the regime efficient
+  attention is built for. The leaderboard's and the advisor's error.
+- ``local``: queries and keys are independent locally correlated sequences
+  (:func:`attnkit.inputs.structured_qkv`): smooth, but the mass lands anywhere.
 - ``iid``: i.i.d. Gaussian queries and keys at the same scale, the contrast where
   attention is diffuse and every sparse pattern drops most of the mass.
 """
@@ -22,7 +26,7 @@ from torch import Tensor
 from attnkit.arena.config import ArenaConfig
 from attnkit.attention.reference import reference_attention
 from attnkit.core.base import AttentionMechanism
-from attnkit.inputs import structured_qkv
+from attnkit.inputs import self_attention_qkv, structured_qkv
 
 
 def fidelity_params(cfg: ArenaConfig, input_kind: str, causal: bool) -> dict[str, Any]:
@@ -38,18 +42,20 @@ def fidelity_params(cfg: ArenaConfig, input_kind: str, causal: bool) -> dict[str
 
 
 def fidelity_inputs(input_kind: str, heads: int, length: int, dim: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """float32 ``q, k, v (1, heads, length, dim)`` of the given kind (``"local"`` or ``"iid"``).
+    """float32 ``q, k, v (1, heads, length, dim)`` of the given kind (``"self"``, ``"local"`` or ``"iid"``).
 
     Raises:
         ValueError: unknown ``input_kind``.
     """
+    if input_kind == "self":
+        return self_attention_qkv(1, heads, length, dim, seed=seed)
     if input_kind == "local":
         return structured_qkv(1, heads, length, length, dim, seed=seed)
     if input_kind == "iid":
         g = torch.Generator().manual_seed(seed)
         q, k, v = (torch.randn(1, heads, length, dim, generator=g) for _ in range(3))
         return q * 1.5, k * 1.5, v  # the same score spread as the structured inputs
-    raise ValueError(f"input_kind must be 'local' or 'iid', got {input_kind!r}")
+    raise ValueError(f"input_kind must be 'self', 'local' or 'iid', got {input_kind!r}")
 
 
 def relative_error(out: Tensor, ref: Tensor) -> float:

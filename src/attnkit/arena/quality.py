@@ -144,6 +144,36 @@ def _train(name: str, options: dict[str, Any], task_name: str, cfg: ArenaConfig)
     }
 
 
+def task_baseline(task_name: str, cfg: ArenaConfig) -> dict[str, Any]:
+    """What a model that ignores the context scores on a task's validation batches.
+
+    Accuracy tasks: always answering the most frequent training target (majority class);
+    language modelling: a unigram (character frequency) model fit on the training batches,
+    add-one smoothed. A trained cell that does not beat this has learned nothing about
+    the sequence, whatever its mechanism.
+
+    Returns:
+        ``{"metric", "value", "what"}``.
+    """
+    task = get_task(task_name, length=cfg.task_length)
+    counts = torch.zeros(task.num_outputs, dtype=torch.float64)
+    for _, targets, _ in task.batches("train", cfg.train_steps, cfg.batch_size, cfg.seed):
+        kept = targets[targets != IGNORE_INDEX]
+        counts += torch.bincount(kept.reshape(-1), minlength=task.num_outputs).double()
+    val = torch.cat(
+        [
+            t[t != IGNORE_INDEX].reshape(-1)
+            for _, t, _ in task.batches("validation", cfg.eval_batches, cfg.batch_size, cfg.seed)
+        ]
+    )
+    if task.metric == "accuracy":
+        value = float((val == counts.argmax()).double().mean())
+        return {"metric": task.metric, "value": value, "what": "majority class"}
+    probs = (counts + 1) / (counts + 1).sum()
+    value = float(-probs[val].log2().mean())
+    return {"metric": task.metric, "value": value, "what": "unigram model"}
+
+
 def _to(batch: Batch, device: torch.device) -> Batch:
     tokens, targets, padding = batch
     return tokens.to(device), targets.to(device), None if padding is None else padding.to(device)

@@ -2,7 +2,8 @@
 
 Schema (``schema_version`` 1)::
 
-    meta         machine, library versions, settings, wall time, cache use
+    meta         machine, library versions, settings, wall time, cache use, and the context-free
+                 baseline of each quality task (majority class / unigram bits per char)
     mechanisms   one record per mechanism: capabilities and the options each stage used
     efficiency   one row per (mechanism, length, causal, mode): median_ms, times_ms, peak_mb,
                  time_vs_full / memory_vs_full (ratios to exact attention in the same cell),
@@ -27,6 +28,8 @@ from typing import Any
 import torch
 
 import attnkit
+from attnkit.arena.config import HEADLINE_INPUT
+from attnkit.arena.quality import task_baseline
 from attnkit.arena.runner import BASELINE, ArenaRun
 
 SCHEMA_VERSION = 1
@@ -121,7 +124,7 @@ def leaderboard(doc: dict[str, Any]) -> list[dict[str, Any]]:
         accs = [row[t] for t in ("mqar", "listops") if row.get(t) is not None]
         row["avg_accuracy"] = sum(accs) / len(accs) if accs else None
         for causal in (False, True):
-            cell = _find(fid, mechanism=name, input="local", causal=causal)
+            cell = _find(fid, mechanism=name, input=HEADLINE_INPUT, causal=causal)
             row["error_causal" if causal else "error"] = (
                 cell["relative_error"] if cell and cell["status"] == "ok" else None
             )
@@ -172,6 +175,7 @@ def assemble(run: ArenaRun) -> dict[str, Any]:
             "cells_reused": run.cache_hits,
             "cells_measured": run.cache_misses,
             "baseline": BASELINE,
+            "quality_baselines": {task: task_baseline(task, cfg) for task in cfg.tasks} if run.quality else {},
         },
         "mechanisms": [_mechanism_record(n) for n in run.mechanisms],
         "efficiency": efficiency,
