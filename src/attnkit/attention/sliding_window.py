@@ -19,7 +19,7 @@ only the ``d·(w-1)`` most recent positions: ``O(w·d)`` memory however long the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -151,6 +151,7 @@ class WindowCache(KVState):
     """
 
     capacity: int = 0
+    preallocate: ClassVar[bool] = False  # trimmed every step: small, a plain concatenation is cheapest
 
     def trim(self) -> None:
         """Drop the positions no future query can see."""

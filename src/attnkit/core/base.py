@@ -14,7 +14,7 @@ the default KV cache here or override :meth:`new_state` / :meth:`_decode`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +30,13 @@ from attnkit.masks.functions import Mask
 class KVState:
     """A growing key/value cache (``decoding="kv_cache"``).
 
+    Keys and values live in preallocated stores that grow geometrically (×1.5), so a
+    decoding step writes only its new positions instead of copying the whole cache
+    (``torch.cat`` per token costs ``O(context)``, the dominant cost at long contexts).
+    ``keys``/``values`` are views of the filled part. When autograd would record the write
+    (inputs that require grad, grad mode on) the cache concatenates instead, so saved
+    tensors are never modified in place.
+
     Attributes:
         keys: ``(B, H, S, D)`` every key seen so far, or None before the first step.
         values: ``(B, H, S, Dv)``.
@@ -39,6 +46,11 @@ class KVState:
     keys: Tensor | None = None
     values: Tensor | None = None
     key_padding: Tensor | None = None
+    key_store: Tensor | None = field(default=None, repr=False)
+    value_store: Tensor | None = field(default=None, repr=False)
+    padding_store: Tensor | None = field(default=None, repr=False)
+    #: Subclasses that trim the cache (rolling windows) keep it small and skip the stores.
+    preallocate: ClassVar[bool] = True
 
     @property
     def length(self) -> int:
@@ -48,22 +60,54 @@ class KVState:
     def append(self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> None:
         """Append ``t`` new positions: ``k (B, H, t, D)``, ``v (B, H, t, Dv)``, mask ``(B, t)``."""
         old = self.length
+        b, t = k.shape[0], k.shape[2]
+        padding = None
+        if key_padding_mask is not None or self.key_padding is not None:
+            padding = key_padding_mask if key_padding_mask is not None else k.new_ones(b, t, dtype=torch.bool)
+            if self.key_padding is None:
+                self.key_padding = k.new_ones(b, old, dtype=torch.bool)
+        recorded = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
         if self.keys is None or self.values is None:
             self.keys, self.values = k, v
-        else:
+            if padding is not None:
+                self.key_padding = padding
+            return
+        if not self.preallocate or recorded:
             self.keys = torch.cat([self.keys, k], dim=2)
             self.values = torch.cat([self.values, v], dim=2)
-        if key_padding_mask is not None or self.key_padding is not None:
-            b, t = k.shape[0], k.shape[2]
-            prev = self.key_padding
-            if prev is None:
-                prev = torch.ones(b, old, dtype=torch.bool, device=k.device)
-            new = (
-                key_padding_mask
-                if key_padding_mask is not None
-                else torch.ones(b, t, dtype=torch.bool, device=k.device)
-            )
-            self.key_padding = torch.cat([prev, new], dim=1)
+            if padding is not None and self.key_padding is not None:
+                self.key_padding = torch.cat([self.key_padding, padding], dim=1)
+            return
+        self.key_store = _grown(self.key_store, self.keys, old + t, dim=2)
+        self.value_store = _grown(self.value_store, self.values, old + t, dim=2)
+        self.key_store[:, :, old : old + t] = k
+        self.value_store[:, :, old : old + t] = v
+        self.keys, self.values = self.key_store[:, :, : old + t], self.value_store[:, :, : old + t]
+        if padding is not None and self.key_padding is not None:
+            self.padding_store = _grown(self.padding_store, self.key_padding, old + t, dim=1)
+            self.padding_store[:, old : old + t] = padding
+            self.key_padding = self.padding_store[:, : old + t]
+
+
+def _grown(store: Tensor | None, filled: Tensor, needed: int, *, dim: int) -> Tensor:
+    """``store`` if ``filled`` is its leading part along ``dim`` and it holds ``needed`` positions;
+    else a new store (×1.5 head-room) that starts with a copy of ``filled``."""
+    is_view = (
+        store is not None
+        and filled.data_ptr() == store.data_ptr()
+        and filled.shape[:dim] == store.shape[:dim]
+        and filled.shape[dim + 1 :] == store.shape[dim + 1 :]
+        and filled.dtype == store.dtype
+        and filled.stride() == store.stride()
+    )
+    if store is not None and is_view and store.shape[dim] >= needed:
+        return store
+    capacity = max(needed, int(filled.shape[dim] * 1.5), 64)
+    shape = list(filled.shape)
+    shape[dim] = capacity
+    fresh = filled.new_empty(shape)
+    fresh.narrow(dim, 0, filled.shape[dim]).copy_(filled)
+    return fresh
 
 
 class AttentionMechanism(nn.Module, ABC):
