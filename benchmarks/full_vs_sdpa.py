@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from benchmarks.harness import RESULTS, ROOT, Case, markdown_table, run_suite
+from benchmarks.harness import PYTHONPATH, RESULTS, ROOT, Case, markdown_table, quiet_machine, run_suite
 
 CASES = [
     Case("sdpa", "benchmarks.common:sdpa", role="sdpa"),
@@ -109,7 +109,7 @@ def wrapper_overhead(*, length: int = 64, calls: int = 3000, threads: int = 2) -
 def paired(lengths: Sequence[int], *, pairs: int, threads: int = 2, time_budget: float = 90.0) -> list[dict[str, Any]]:
     """Run :func:`_paired_worker` in a fresh process for every (mode, causal, length) cell."""
     rows = []
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": PYTHONPATH}
     for mode in ("fwd", "fwd+bwd"):
         for causal in (False, True):
             for length in lengths:
@@ -122,7 +122,8 @@ def paired(lengths: Sequence[int], *, pairs: int, threads: int = 2, time_budget:
                     "time_budget": time_budget,
                 }
                 cmd = [sys.executable, "-m", "benchmarks.full_vs_sdpa", "--paired-worker", json.dumps(spec)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+                with quiet_machine():
+                    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
                 row: dict[str, Any] = {"length": length, "causal": causal, "mode": mode}
                 if proc.returncode != 0:
                     row["status"] = "error"

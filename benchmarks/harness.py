@@ -37,6 +37,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+#: Measurements import attnkit from the ``src`` next to these benchmarks, ahead of any installed
+#: copy, so a checkout (e.g. a ``git worktree`` snapshot) measures its own code.
+PYTHONPATH = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _quiet_machine() -> Iterator[None]:
+def quiet_machine() -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``$ATTNKIT_BENCH_LOCK`` (when set) during one measurement.
 
     On a shared machine, other jobs that take the same lock *shared* around their heavy work
@@ -139,10 +142,10 @@ def measure(
         "time_budget": time_budget,
     }
     row: dict[str, Any] = {"label": case.label, "role": case.role, "length": length, "causal": causal, "mode": mode}
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": PYTHONPATH}
     cmd = [case.python or sys.executable, "-m", "benchmarks.harness", "--worker", json.dumps(spec)]
     try:
-        with _quiet_machine():
+        with quiet_machine():
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {**row, "status": "timeout"}
