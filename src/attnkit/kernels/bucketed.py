@@ -234,7 +234,8 @@ class _ChunkAttention(torch.autograd.Function):
     ``G + 1`` chunks read through overlapping windows (previous + own chunk) without a copy.
     Saves the normalised probabilities ``(G, c, K)`` instead of the boolean masks: the
     backward needs them alongside ``dP`` anyway, so recomputing them would not lower the
-    peak, only add a matmul, a masked fill and an exponential.
+    peak, only add a matmul, a masked fill and an exponential. The output is not saved:
+    the backward gets ``rowsum(dO ∘ out)`` as ``rowsum(P ∘ dP)``.
     """
 
     @staticmethod
@@ -261,27 +262,43 @@ class _ChunkAttention(torch.autograd.Function):
         p.mul_(safe.reciprocal())  # the probabilities; rows without a key stay 0
         out = torch.bmm(p, v)
         lse = torch.where(has_key, row_max + torch.log(safe), torch.full_like(denom, float("-inf"))).squeeze(-1)
-        ctx.save_for_backward(q, k_src, v_src, p, self_pair, out)
+        ctx.save_for_backward(q, k_src, v_src, p, self_pair)
         ctx.scale, ctx.chunk = scale, chunk
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, d_out: Tensor, d_lse: Tensor | None) -> tuple[Tensor | None, ...]:
-        q, k_src, v_src, p, self_pair, out = ctx.saved_tensors
+        q, k_src, v_src, p, self_pair = ctx.saved_tensors
         chunk = ctx.chunk
         k, v = (_windows(k_src, chunk), _windows(v_src, chunk)) if chunk else (k_src, v_src)
         d_out = d_out.contiguous()
         d_v = _key_side_grad(p, d_out, chunk)
-        delta = (d_out * out).sum(dim=-1, keepdim=True)
+        d_s = torch.bmm(d_out, v.transpose(-1, -2))  # dP
+        delta = _row_dot(p, d_s)  # = rowsum(dO ∘ out), without saving out
         if d_lse is not None:
             delta = delta - d_lse.unsqueeze(-1)
-        d_s = torch.bmm(d_out, v.transpose(-1, -2)).sub_(delta).mul_(p)
+        d_s.sub_(delta).mul_(p)
         del p
         if self_pair is not None:
             d_s.masked_fill_(self_pair, 0.0)  # the self score is a constant
         d_q = torch.bmm(d_s, k).mul_(ctx.scale)
         d_k = _key_side_grad(d_s, q, chunk)  # q is the scaled query
         return d_q, d_k, d_v, None, None, None, None
+
+
+def _row_dot(a: Tensor, b: Tensor, slice_elements: int = 1 << 22) -> Tensor:
+    """``(a ∘ b).sum(-1, keepdim=True)`` for ``(G, c, K)`` tensors, a slice of groups at a time.
+
+    The product is formed slice by slice, so the temporary stays at ``slice_elements``
+    floats instead of another full ``(G, c, K)`` tensor next to ``P`` and ``dP``.
+    """
+    groups = a.shape[0]
+    step = max(1, slice_elements // (a.shape[1] * a.shape[2]))
+    out = torch.empty(groups, a.shape[1], 1, dtype=a.dtype, device=a.device)
+    for start in range(0, groups, step):
+        part = slice(start, start + step)
+        torch.sum(a[part] * b[part], dim=-1, keepdim=True, out=out[part])
+    return out
 
 
 def _key_side_grad(weights: Tensor, x: Tensor, chunk: int) -> Tensor:
