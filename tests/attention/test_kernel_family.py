@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 import attnkit
-import attnkit.kernels.prefix as prefix
 from attnkit.attention.linformer import LinformerAttention
 from attnkit.attention.nystrom import iterative_pinv
 from attnkit.attention.performer import PerformerAttention, random_projection, softmax_kernel_features
@@ -58,10 +57,7 @@ def leaves(*tensors: Tensor) -> tuple[Tensor, ...]:
 # -- the prefix core ------------------------------------------------------------------------
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("chunk", [1, 4, 7, 64])
-def test_chunked_core_equals_naive_and_recurrent_with_gradients(
-    scaled: bool, chunk: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(prefix, "GROUP", 2)  # several groups of chunks even at this length
+def test_chunked_core_equals_naive_and_recurrent_with_gradients(scaled: bool, chunk: int) -> None:
     g = torch.Generator().manual_seed(0)
     b, h, t_len, f, e = 2, 2, 29, 5, 3
     q, k = (torch.rand(b, h, t_len, f, generator=g, dtype=F64) for _ in range(2))

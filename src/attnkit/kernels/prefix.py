@@ -7,20 +7,24 @@ arXiv:2006.16236)::
     out_t = Σ_{s≤t} (φ(q_t)·φ(k_s)) v_s / Σ_{s≤t} φ(q_t)·φ(k_s)
 
 The causal form here is *chunked* (as in FLASH, Hua et al. 2022, arXiv:2202.10447): inside a
-chunk of ``C`` tokens the (C, C) score block is formed and masked; across chunks a running
-state ``Σ φ(k_s) v_sᵀ`` of shape (F, Dv) is carried. Time O(T·C·F + T·F·Dv), memory
-O(T·(F + Dv + C) + F·Dv): never a (T, F, Dv) cumulative tensor. The backward pass is three
-more calls of the same core (one causal, two anti-causal), so autograd stores only the inputs.
+chunk of ``C`` tokens the (C, C) score block is formed and masked; across chunks each chunk's
+sum ``Σ φ(k_s) v_sᵀ`` (F, Dv) is formed by one batched matrix product and turned into a running
+sum in place, which the next chunk's queries read. Time O(T·C·F + T·F·Dv), memory
+O(T·(F + Dv + C) + (T/C)·F·Dv): per-chunk states, never a (T, F, Dv) cumulative tensor. The
+backward pass is written by hand with the same two levels (the keys' share of later queries is
+a reverse running sum), so nothing is recomputed and no autograd graph is kept inside.
 
 Stabilisation (for exponential features such as FAVOR+): a feature may be given as
-``φ(k_s) · exp(a_s)`` with a per-key log-scale ``a_s`` (``key_log_scale``). Every query then
-uses the running maximum ``M_t = max_{s≤t} a_s`` as its reference, so all factors
-``exp(a_s - M_t)`` are ≤ 1, the reference never depends on a later token (exact causality),
-never mixes batch elements or heads, and cancels exactly between numerator and denominator.
-The log-scales are stabilisers: they must carry no gradient (pass them detached).
+``φ(k_s) · exp(a_s)`` with a per-key log-scale ``a_s`` (``key_log_scale``). Every query uses
+the running maximum ``M_t = max_{s≤t} a_s`` as its reference; chunk sums are kept relative to
+the maximum at the end of their chunk and rescaled by ``exp(old - new) ≤ 1`` as the running
+sum moves on, so every factor is ≤ 1, no reference ever depends on a later token (exact
+causality), none mixes batch elements or heads, and all cancel exactly between numerator and
+denominator. The log-scales are stabilisers: they must carry no gradient (pass them detached).
 
-The normaliser is computed by appending a column of ones to the values. Queries with no
-visible key (or an all-zero normaliser) output zeros.
+The normaliser ``Σ φ(q_t)·φ(k_s)`` is carried next to the numerator as an (F,) running sum (in
+the recurrent state, as a last column). Queries with no visible key (or an all-zero
+normaliser) output zeros.
 """
 
 from __future__ import annotations
@@ -35,9 +39,6 @@ from torch import Tensor
 
 #: Log-scale given to padded keys: exp(NEG - anything finite) underflows to exactly 0.
 NEG = -1e30
-#: Chunks per group of the inter-chunk pass: the group's (GROUP, F, Dv) partial sums are the only
-#: state-sized temporaries, so memory stays O(F·Dv) per head whatever the length.
-GROUP = 16
 
 
 @dataclass
@@ -56,139 +57,324 @@ class PrefixState:
     length: int = 0
 
 
-# -- the core: raw (unnormalised) sums, no autograd ---------------------------------------
-def _chunked(
+# -- the causal core: chunked sums with a hand-written backward ----------------------------
+@dataclass
+class _Scales:
+    """Factors of the stabilised core (key log-scales ``a_s``), every one in ``[0, 1]``.
+
+    With ``M_t`` the running maximum of the log-scales, ``R_c`` its value before chunk ``c``
+    and ``P_c = R_{c+1}`` after it:
+
+    Attributes:
+        key: ``(BH, n, C)`` ``exp(a_s - P_c)``: a key's weight in its chunk's sum.
+        read: ``(BH, n, C)`` ``exp(R_c - M_t)``: a query's weight on the state before its chunk.
+        decay: ``(BH, n)`` ``exp(R_c - P_c)``: carries the state across chunk ``c``.
+        pair: ``(BH, n, C, C)`` ``exp(a_s - M_t)`` inside a chunk, zero above the diagonal.
+        last: ``(BH,)`` the reference ``P_{n-1}`` of the final state.
+    """
+
+    key: Tensor
+    read: Tensor
+    decay: Tensor
+    pair: Tensor
+    last: Tensor
+
+
+def _scales(a: Tensor, ref0: Tensor | None, n: int, chunk: int) -> _Scales:
+    """The stabilisers for log-scales ``a (BH, n·C)`` and an initial reference ``ref0 (BH,)``."""
+    bh = a.shape[0]
+    running = a.cummax(dim=-1).values
+    if ref0 is not None:
+        running = torch.maximum(running, ref0[:, None])
+    m = running.view(bh, n, chunk)
+    after = m[..., -1]  # P_c
+    start = ref0[:, None] if ref0 is not None else a.new_full((bh, 1), NEG)
+    before = torch.cat([start, after[:, :-1]], dim=1)  # R_c
+    ac = a.view(bh, n, chunk)
+    # clamp: only pairs above the diagonal (a later key) can exceed 0, and tril_ zeroes them
+    pair = (ac[:, :, None, :] - m[..., None]).clamp_(max=0.0).exp_().tril_()
+    return _Scales(
+        key=(ac - after[..., None]).exp_(),
+        read=(before[..., None] - m).exp_(),
+        decay=(before - after).exp_(),
+        pair=pair,
+        last=after[:, -1].contiguous(),
+    )
+
+
+def _scan_(x: Tensor, decay: Tensor | None, *, reverse: bool = False) -> None:
+    """In place over chunks (dim 1): ``x_c += decay_c · x_{c∓1}``, an inclusive running sum.
+
+    A Python loop of ``n`` in-place adds: ``torch.cumsum`` over a middle dimension is 30x
+    slower on CPU, and the loop touches each ``(F, E)`` block once.
+    """
+    n = x.shape[1]
+    for c in range(n - 2, -1, -1) if reverse else range(1, n):
+        prev = x[:, c + 1] if reverse else x[:, c - 1]
+        if decay is None:
+            x[:, c].add_(prev)
+        else:
+            x[:, c].addcmul_(prev, decay[:, c].view(-1, *([1] * (x.dim() - 2))))
+
+
+def _causal_forward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    a: Tensor | None,
-    b: Tensor | None,
-    kv0: Tensor | None,
-    ref0: Tensor | None,
-    chunk: int,
-    need_state: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``out_t = Σ_{s≤t} (q_t·k_s) e^{a_s+b_t} v_s + (q_t·kv0) e^{ref0+b_t}`` and the final state.
+    scales: _Scales | None,
+    s0: Tensor | None,
+    z0: Tensor | None,
+    normalize: bool,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor]:
+    """``o_t = Σ_{s≤t} (q_t·k_s) w_ts v_s`` (+ the state's share) for chunked inputs.
 
     Args:
-        q: ``(B, H, T, F)``; k: ``(B, H, T, F)``; v: ``(B, H, T, E)``.
-        a: ``(B, H, T)`` key log-scales or None; b: ``(B, H, T)`` query log-scales (None iff
-            ``a`` is None). Callers guarantee ``a_s + b_t <= 0`` for ``s <= t`` and
-            ``ref0 + b_t <= 0``.
-        kv0: ``(B, H, F, E)`` initial state or None; ref0: ``(B, H)`` its log reference.
-        chunk: chunk length ``C``.
-        need_state: also return the final ``(kv, ref)``.
+        q: ``(BH, n, C, F)``; k: ``(BH, n, C, F)``; v: ``(BH, n, C, E)``.
+        scales: the stabilisers (``w_ts = exp(a_s - M_t)``), or None for ``w = 1``.
+        s0: ``(BH, F, E)`` initial state or None; z0: ``(BH, F)`` its normaliser (if normalising).
+        normalize: also return ``den_t = Σ_{s≤t} (q_t·k_s) w_ts`` and divide by it.
 
     Returns:
-        ``out (B, H, T, E)``, final ``kv (B, H, F, E)`` and ``ref (B, H)`` (None unless asked).
+        ``out (BH, n, C, E)`` (divided by the normaliser where it is positive), ``den (BH, n, C)``
+        or None, inclusive running sums ``(BH, n, F, E)`` and ``(BH, n, F)`` (None unless
+        normalising) after each chunk, and the masked, weighted scores ``(BH, n, C, C)``.
     """
-    bsz, heads, t_len, feat = q.shape
-    e_dim = v.shape[-1]
-    n = math.ceil(t_len / chunk)
-    pad = n * chunk - t_len
-    if pad:
-        # zero keys and values add nothing; NEG log-scales keep every factor finite
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        if a is not None and b is not None:
-            a, b = (F.pad(x, (0, pad), value=NEG) for x in (a, b))
-    bh = bsz * heads
+    bh = q.shape[0]
+    scores = q @ k.transpose(-1, -2)  # (BH, n, C_q, C_k)
+    if scales is not None:
+        scores.mul_(scales.pair)  # zero above the diagonal
+    else:
+        scores.tril_()
+    out = scores @ v
+    den = scores.sum(dim=-1) if normalize else None
 
-    def chunks(x: Tensor) -> Tensor:
-        # (B, H, n·C, X) -> (n, B·H, C, X), chunk-major so that each chunk's slice is contiguous
-        return x.reshape(bh, n, chunk, x.shape[-1]).transpose(0, 1).contiguous()
+    # the state before chunk c is the running sum of the earlier chunks' k_sᵀ v_s
+    values = v * scales.key[..., None] if scales is not None else v
+    sums = k.transpose(-1, -2) @ values  # (BH, n, F, E)
+    decay = scales.decay if scales is not None else None
+    if s0 is not None:
+        sums[:, 0].addcmul_(s0, decay[:, 0, None, None]) if decay is not None else sums[:, 0].add_(s0)
+    _scan_(sums, decay)
+    zsums = None
+    if den is not None:
+        zsums = (k.transpose(-1, -2) @ scales.key[..., None])[..., 0] if scales is not None else k.sum(dim=2)
+        if z0 is not None:
+            zsums[:, 0].addcmul_(z0, decay[:, :1]) if decay is not None else zsums[:, 0].add_(z0)
+        _scan_(zsums, decay)
+        # exclusive: the normaliser state each chunk reads (small: (BH, n, F))
+        z_before = torch.cat(
+            [z0[:, None] if z0 is not None else zsums.new_zeros(bh, 1, zsums.shape[-1]), zsums[:, :-1]], 1
+        )
+        den_reads = (q @ z_before[..., None])[..., 0]  # (BH, n, C)
+        den.addcmul_(den_reads, scales.read) if scales is not None else den.add_(den_reads)
 
-    qc, kc, vc = chunks(q), chunks(k), chunks(v)
-    ac = a.reshape(bh, n, chunk).transpose(0, 1) if a is not None else None
-    bc = b.reshape(bh, n, chunk).transpose(0, 1) if b is not None else None
-
-    # intra-chunk: every chunk's (C, C) block at once; memory O(T·C)
-    scores = qc @ kc.transpose(-1, -2)  # (n, BH, C_q, C_k)
-    if ac is not None and bc is not None:
-        # clamp: only masked (future) pairs can exceed 0, and they are zeroed next
-        scores.mul_((ac[:, :, None, :] + bc[:, :, :, None]).clamp_(max=0.0).exp_())
-    keep = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    scores.masked_fill_(~keep, 0.0)
-    out = scores @ vc  # (n, BH, C, E)
-    del scores
-
-    # inter-chunk: a running (F, E) state carried across groups of GROUP chunks; inside a group the
-    # state each chunk reads is a weighted sum of the carried state and the earlier chunks' sums
-    kv = kv0.reshape(bh, feat, e_dim) if kv0 is not None else q.new_zeros(bh, feat, e_dim)
-    ref = ref0.reshape(bh) if ref0 is not None else q.new_full((bh,), NEG)
-    for g0 in range(0, n, GROUP):
-        g1 = min(n, g0 + GROUP)
-        keys = kc[g0:g1]  # (g, BH, C, F)
-        if ac is not None and bc is not None:
-            # reference after each chunk: running max of the key log-scales (never a later chunk's)
-            refs = torch.maximum(ac[g0:g1].amax(dim=-1).cummax(dim=0).values, ref)  # (g, BH)
-            keys = keys * (ac[g0:g1] - refs[..., None]).exp()[..., None]
-            refs_all = torch.cat([ref[None], refs]).T  # (BH, g + 1): [carried, after chunk 0, ...]
-            # weight of sum j in the state read after position c: exp(ref_j - ref_c) <= 1, j <= c
-            weights = (refs_all[:, None, :] - refs_all[:, :, None]).clamp_(max=0.0).exp_()
-            weights = weights * _lower(g1 - g0, q)  # (BH, g + 1, g + 1)
+    # chunk c reads the running sum after chunk c - 1: shifted 3-d views, one (B·H) slice at a time
+    if scales is None:
+        for b in range(bh):
+            out[b, 1:].baddbmm_(q[b, 1:], sums[b, :-1])
+        if s0 is not None:
+            out[:, 0].baddbmm_(q[:, 0], s0)
+    else:
+        reads = torch.empty_like(out)
+        for b in range(bh):
+            torch.bmm(q[b, 1:], sums[b, :-1], out=reads[b, 1:])
+        if s0 is not None:
+            torch.bmm(q[:, 0], s0, out=reads[:, 0])
         else:
-            weights = _lower(g1 - g0, q)
-        sums = keys.transpose(-1, -2) @ vc[g0:g1]  # (g, BH, F, E)
-        sums = torch.cat([kv[None], sums]).reshape(g1 - g0 + 1, bh, feat * e_dim).transpose(0, 1)
-        states = (weights @ sums).reshape(bh, g1 - g0 + 1, feat, e_dim)  # states[:, c]: before chunk c
-        reads = qc[g0:g1] @ states[:, :-1].transpose(0, 1)  # (g, BH, C, E)
-        if ac is not None and bc is not None:
-            reads.mul_((refs_all.T[:-1, :, None] + bc[g0:g1]).exp()[..., None])
-            ref = refs_all[:, -1].contiguous()
-        out[g0:g1] += reads
-        kv = states[:, -1]
-
-    out = out.transpose(0, 1).reshape(bsz, heads, n * chunk, e_dim)[:, :, :t_len]
-    if not need_state:
-        return out, None, None
-    return out, kv.reshape(bsz, heads, feat, e_dim).clone(), (ref.reshape(bsz, heads) if a is not None else None)
+            reads[:, 0].zero_()
+        out.addcmul_(reads, scales.read[..., None])
+        del reads
+    if den is not None:
+        out.div_(_safe_denominator(den)[..., None])
+    return out, den, sums, zsums, scores
 
 
-def _lower(g: int, like: Tensor) -> Tensor:
-    """``(g + 1, g + 1)`` lower-triangular ones: the state before chunk ``c`` sums entries ``0..c``."""
-    return torch.ones(g + 1, g + 1, dtype=like.dtype, device=like.device).tril()
+def _z_before(zsums: Tensor, z0: Tensor | None) -> Tensor:
+    """``(BH, n, F)`` normaliser state each chunk reads: the running sum after the chunk before."""
+    first = z0[:, None] if z0 is not None else zsums.new_zeros(zsums.shape[0], 1, zsums.shape[-1])
+    return torch.cat([first, zsums[:, :-1]], dim=1)
 
 
-def _flip(x: Tensor | None) -> Tensor | None:
-    if x is None:
-        return None
-    return x.flip(2)
+def _causal_backward(
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scales: _Scales | None,
+    s0: Tensor | None,
+    z0: Tensor | None,
+    saved: tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`_causal_forward`'s ``out`` with respect to ``q``, ``k`` and ``v`` (chunked shapes).
+
+    The same two levels as the forward: inside a chunk the (C, C) blocks, across chunks running
+    sums of ``q_tᵀ g_t`` over the *later* chunks (a reverse scan) for the keys and values.
+    """
+    out, den, sums, zsums, scores = saved
+    bh = q.shape[0]
+    grad_den = None
+    if den is not None:
+        # out = num / den: d num = g / den, d den = -(g·out) / den (zero where den was replaced by 1)
+        safe = _safe_denominator(den)
+        grad_den = torch.linalg.vecdot(grad, out).div_(safe).neg_().masked_fill_(den <= 0, 0.0)
+        grad = grad / safe[..., None]
+
+    # inside each chunk: scores -> d scores -> dq, dk; dv from the saved weighted scores
+    grad_scores = grad @ v.transpose(-1, -2)  # (BH, n, C_q, C_k)
+    if grad_den is not None:
+        grad_scores.add_(grad_den[..., None])  # den = Σ_s scores_ts
+    if scales is not None:
+        grad_scores.mul_(scales.pair)
+    else:
+        grad_scores.tril_()
+    dq = grad_scores @ k
+    dk = grad_scores.transpose(-1, -2) @ q
+    del grad_scores
+    dv = scores.transpose(-1, -2) @ grad
+
+    # queries read the state before their chunk
+    grad_read = grad * scales.read[..., None] if scales is not None else grad
+    for b in range(bh):
+        dq[b, 1:].baddbmm_(grad_read[b, 1:], sums[b, :-1].transpose(-1, -2))
+    if s0 is not None:
+        dq[:, 0].baddbmm_(grad_read[:, 0], s0.transpose(-1, -2))
+    den_read = None
+    if grad_den is not None and zsums is not None:
+        den_read = grad_den * scales.read if scales is not None else grad_den
+        z_before = _z_before(zsums, z0)
+        for b in range(bh):
+            dq[b].baddbmm_(den_read[b, :, :, None], z_before[b, :, None, :])
+
+    # keys and values are read by every query of the later chunks: a reverse running sum
+    decay = scales.decay if scales is not None else None
+    later = q.transpose(-1, -2) @ grad_read  # (BH, n, F, E), then Σ over chunks c..n-1
+    _scan_(later, decay, reverse=True)
+    values = v * scales.key[..., None] if scales is not None else v
+    for b in range(bh):
+        dk[b, :-1].baddbmm_(values[b, :-1], later[b, 1:].transpose(-1, -2))
+    if scales is None:
+        for b in range(bh):
+            dv[b, :-1].baddbmm_(k[b, :-1], later[b, 1:])
+    else:
+        reads = torch.empty_like(dv)
+        reads[:, -1].zero_()
+        for b in range(bh):
+            torch.bmm(k[b, :-1], later[b, 1:], out=reads[b, :-1])
+        dv.addcmul_(reads, scales.key[..., None])
+        del reads
+    if den_read is not None:
+        later_den = (q.transpose(-1, -2) @ den_read[..., None])[..., 0]  # (BH, n, F)
+        _scan_(later_den, decay, reverse=True)
+        n, chunk = q.shape[1], q.shape[2]
+        key_col = scales.key[..., None] if scales is not None else q.new_ones(bh, n, chunk, 1)
+        for b in range(bh):
+            dk[b, :-1].baddbmm_(key_col[b, :-1], later_den[b, 1:, None, :])
+    return dq, dk, dv
 
 
-class _ChunkedCausal(torch.autograd.Function):
-    """Autograd for :func:`_chunked`: saves only the inputs; the backward is three core calls."""
+class _CausalKernel(torch.autograd.Function):
+    """Autograd for the chunked causal core: saves the inputs, the weighted scores and the chunk sums."""
 
     @staticmethod
-    def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        q, k, v, a, b, kv0, ref0, chunk, need_state = args
-        ctx.save_for_backward(q, k, v, a, b, kv0, ref0)
-        ctx.chunk = chunk
-        out, kv, ref = _chunked(q, k, v, a, b, kv0, ref0, chunk, need_state)
-        for t in (kv, ref):
+    def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        q, k, v, a, s0, z0, ref0, chunk, normalize, need_state = args
+        bsz, heads, t_len, feat = q.shape
+        e_dim = v.shape[-1]
+        bh = bsz * heads
+        chunk = max(1, min(chunk, t_len))
+        n = math.ceil(t_len / chunk)
+        pad = n * chunk - t_len
+
+        def chunked(x: Tensor) -> Tensor:
+            # (B, H, T, X) -> (B·H, n, C, X): a view when T is a multiple of C (zero rows pad the tail)
+            x = x.reshape(bh, t_len, x.shape[-1])
+            return (F.pad(x, (0, 0, 0, pad)) if pad else x).view(bh, n, chunk, x.shape[-1])
+
+        qc, kc, vc = chunked(q), chunked(k), chunked(v)
+        scales = None
+        if a is not None:
+            # padded keys get NEG log-scales: weight exp(NEG - anything finite) = 0
+            a_flat = F.pad(a.reshape(bh, t_len), (0, pad), value=NEG) if pad else a.reshape(bh, t_len)
+            scales = _scales(a_flat, ref0.reshape(bh) if ref0 is not None else None, n, chunk)
+        s0_ = s0.reshape(bh, feat, e_dim) if s0 is not None else None
+        z0_ = z0.reshape(bh, feat) if z0 is not None else None
+        saved = _causal_forward(qc, kc, vc, scales, s0_, z0_, normalize)
+        out, den, sums, zsums, scores = saved
+        ctx.save_for_backward(qc, kc, vc, s0_, z0_, out, den, sums, zsums, scores)
+        ctx.scales = scales
+        ctx.shape = (bsz, heads, t_len, pad)
+        result = out.view(bh, n * chunk, e_dim)[:, :t_len].reshape(bsz, heads, t_len, e_dim)
+        if not need_state:
+            return result, None, None, None
+        state = sums[:, -1].reshape(bsz, heads, feat, e_dim).clone()
+        z_state = zsums[:, -1].reshape(bsz, heads, feat).clone() if zsums is not None else None
+        ref = scales.last.reshape(bsz, heads) if scales is not None else None
+        for t in (state, z_state, ref):
             if t is not None:
                 ctx.mark_non_differentiable(t)
-        return out, kv, ref
+        return result, state, z_state, ref
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> tuple[Tensor | None, ...]:
-        grad_out = grads[0].contiguous()
-        q, k, v, a, b, kv0, ref0 = ctx.saved_tensors
-        c = ctx.chunk
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        dq = dk = dv = None
-        if need_q:
-            # dq_t = Σ_{s≤t} (do_t·v_s) k_s e^{a_s+b_t} + (do_t·kv0ᵀ) e^{ref0+b_t}
-            kv0_t = kv0.transpose(-1, -2) if kv0 is not None else None
-            dq = _chunked(grad_out, v, k, a, b, kv0_t, ref0, c, False)[0]
-        if need_k or need_v:
-            # anti-causal sums run the causal core backwards in time
-            go_r, q_r, k_r, v_r = (x.flip(2) for x in (grad_out, q, k, v))
-            a_r, b_r = _flip(a), _flip(b)
-            if need_k:  # dk_s = Σ_{t≥s} (v_s·do_t) q_t e^{a_s+b_t}
-                dk = _chunked(v_r, go_r, q_r, b_r, a_r, None, None, c, False)[0].flip(2)
-            if need_v:  # dv_s = Σ_{t≥s} (k_s·q_t) do_t e^{a_s+b_t}
-                dv = _chunked(k_r, q_r, go_r, b_r, a_r, None, None, c, False)[0].flip(2)
-        return dq, dk, dv, None, None, None, None, None, None
+        qc, kc, vc, s0, z0, out, den, sums, zsums, scores = ctx.saved_tensors
+        bsz, heads, t_len, pad = ctx.shape
+        bh, n, chunk, _ = qc.shape
+        grad = grads[0].reshape(bh, t_len, out.shape[-1])
+        grad = (F.pad(grad, (0, 0, 0, pad)) if pad else grad.contiguous()).view(bh, n, chunk, -1)
+        dq, dk, dv = _causal_backward(grad, qc, kc, vc, ctx.scales, s0, z0, (out, den, sums, zsums, scores))
+
+        def unchunked(x: Tensor) -> Tensor:
+            return x.view(bh, n * chunk, x.shape[-1])[:, :t_len].reshape(bsz, heads, t_len, x.shape[-1])
+
+        return unchunked(dq), unchunked(dk), unchunked(dv), None, None, None, None, None, None, None
+
+
+class _GlobalKernel(torch.autograd.Function):
+    """Bidirectional linear attention ``φq (φkᵀ v) / φq (φkᵀ 1)`` with a hand-written backward.
+
+    One pass each way and no ones column on ``v``: the normaliser is a matrix-vector product.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *args: Any) -> Tensor:
+        q, k, v, normalize = args
+        kv = k.transpose(-1, -2) @ v  # (B, H, F, E)
+        out = q @ kv
+        z = den = None
+        if normalize:
+            z = k.sum(dim=-2)  # (B, H, F)
+            den = (q @ z[..., None])[..., 0]  # (B, H, T)
+            out.div_(_safe_denominator(den)[..., None])
+        ctx.save_for_backward(q, k, v, kv, z, out, den)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple[Tensor | None, ...]:
+        q, k, v, kv, z, out, den = ctx.saved_tensors
+        grad = grads[0]
+        dq = dk = None
+        if den is not None and z is not None:
+            safe = _safe_denominator(den)
+            grad_den = torch.linalg.vecdot(grad, out).div_(safe).neg_().masked_fill_(den <= 0, 0.0)
+            grad = grad / safe[..., None]
+            dq = grad @ kv.transpose(-1, -2)
+            _add_outer_(dq, grad_den, z)
+            d_kv = q.transpose(-1, -2) @ grad  # (B, H, F, E)
+            dz = (q.transpose(-1, -2) @ grad_den[..., None])[..., 0]  # (B, H, F)
+            dk = v @ d_kv.transpose(-1, -2)
+            dk.add_(dz[..., None, :])
+        else:
+            dq = grad @ kv.transpose(-1, -2)
+            d_kv = q.transpose(-1, -2) @ grad
+            dk = v @ d_kv.transpose(-1, -2)
+        dv = k @ d_kv
+        return dq, dk, dv, None
+
+
+def _add_outer_(x: Tensor, col: Tensor, row: Tensor) -> None:
+    """``x += col ⊗ row`` in place for ``x (…, T, F)``, ``col (…, T)``, ``row (…, F)``: one GEMM, no temporary."""
+    t_len, feat = x.shape[-2:]
+    x.view(-1, t_len, feat).baddbmm_(col.reshape(-1, t_len, 1), row.reshape(-1, 1, feat))
 
 
 # -- public functions ----------------------------------------------------------------------
@@ -221,13 +407,7 @@ def causal_linear_attention(
         raise ValueError("key_log_scale must be given on every call or on none (it was not on an earlier one)")
     kv0 = state.kv if state is not None else None
     ref0 = state.ref if state is not None else None
-    b = None
-    if key_log_scale is not None:
-        running = key_log_scale.cummax(dim=-1).values
-        if ref0 is not None:
-            running = torch.maximum(running, ref0[..., None])
-        b = -running
-    out, kv, ref = _ChunkedCausal.apply(q, k, v, key_log_scale, b, kv0, ref0, chunk_size, need_state)
+    out, kv, _, ref = _CausalKernel.apply(q, k, v, key_log_scale, kv0, None, ref0, chunk_size, False, need_state)
     if not need_state:
         return out, None
     length = (state.length if state is not None else 0) + q.shape[2]
@@ -289,30 +469,22 @@ def kernel_attention(
     Returns:
         ``(B, H, T, Dv)`` in the features' dtype.
     """
-    t_len, s_len, dv = q.shape[2], k.shape[2], v.shape[-1]
+    t_len, s_len = q.shape[2], k.shape[2]
     k, v, key_log_scale = _drop_padded(k, v, key_log_scale, key_padding_mask)
     if not causal:
         if key_log_scale is not None:
             k = k * (key_log_scale - key_log_scale.amax(dim=-1, keepdim=True)).exp()[..., None]
-        kv = k.transpose(-1, -2) @ v  # (B, H, F, Dv)
-        if not normalize:
-            return q @ kv
-        # the normaliser rides along as one more (tiny) column instead of a ones column in v
-        return normalise(q @ torch.cat([kv, k.sum(dim=-2)[..., None]], dim=-1), dv)
-    if normalize:
-        v = torch.cat([v, v.new_ones((*v.shape[:-1], 1))], dim=-1)
+        return _GlobalKernel.apply(q, k, v, normalize)
     if t_len <= s_len:
         # queries sit at the last T positions: give the first S - T positions empty queries
-        q_full = F.pad(q, (0, 0, s_len - t_len, 0))
-        out = causal_linear_attention(q_full, k, v, key_log_scale=key_log_scale, chunk_size=chunk_size)[0]
-        out = out[:, :, s_len - t_len :]
-    else:
-        # the first T - S queries see no key at all
-        out = causal_linear_attention(
-            q[:, :, t_len - s_len :], k, v, key_log_scale=key_log_scale, chunk_size=chunk_size
-        )[0]
-        out = F.pad(out, (0, 0, t_len - s_len, 0))
-    return normalise(out, dv) if normalize else out
+        q_full = F.pad(q, (0, 0, s_len - t_len, 0)) if t_len < s_len else q
+        out = _CausalKernel.apply(q_full, k, v, key_log_scale, None, None, None, chunk_size, normalize, False)[0]
+        return out[:, :, s_len - t_len :]
+    # the first T - S queries see no key at all
+    out = _CausalKernel.apply(
+        q[:, :, t_len - s_len :], k, v, key_log_scale, None, None, None, chunk_size, normalize, False
+    )[0]
+    return F.pad(out, (0, 0, t_len - s_len, 0))
 
 
 def kernel_decode(
@@ -343,17 +515,20 @@ def kernel_decode(
     """
     dv = v.shape[-1]
     k, v, key_log_scale = _drop_padded(k, v, key_log_scale, key_padding_mask)
-    if normalize:
-        v = torch.cat([v, v.new_ones((*v.shape[:-1], 1))], dim=-1)
     if q.shape[2] == 1:
+        if normalize:
+            v = torch.cat([v, v.new_ones((*v.shape[:-1], 1))], dim=-1)
         out = recurrent_step(q, k, v, state, key_log_scale=key_log_scale)
-    else:
-        out, new = causal_linear_attention(
-            q, k, v, key_log_scale=key_log_scale, state=state, chunk_size=chunk_size, need_state=True
-        )
-        assert new is not None
-        state.kv, state.ref, state.length = new.kv, new.ref, new.length
-    return normalise(out, dv) if normalize else out
+        return normalise(out, dv) if normalize else out
+    # a prompt: the chunked core; with a normaliser, the state's last column is its running sum
+    s0 = z0 = None
+    if state.kv is not None:
+        s0, z0 = (state.kv[..., :dv], state.kv[..., dv]) if normalize else (state.kv, None)
+    out, kv, z, ref = _CausalKernel.apply(q, k, v, key_log_scale, s0, z0, state.ref, chunk_size, normalize, True)
+    state.kv = torch.cat([kv, z[..., None]], dim=-1) if z is not None else kv
+    state.ref = ref
+    state.length += q.shape[2]
+    return out
 
 
 def normalise(out: Tensor, dv: int) -> Tensor:
