@@ -18,7 +18,7 @@ from torch import Tensor
 
 import attnkit
 from attnkit.attention.reference import reference_attention
-from attnkit.inputs import structured_qkv
+from attnkit.inputs import self_attention_qkv
 from attnkit.masks.functions import materialize
 
 #: Side of the pictured matrix (queries = keys = values' width, so ``v`` is square).
@@ -70,9 +70,10 @@ def effective_weights(module: torch.nn.Module, *, causal: bool, length: int = PA
     """``|A|`` with ``A (length, length)`` read off ``module`` by feeding identity values.
 
     ``module`` is any callable ``(q, k, v, causal=...)`` whose output is linear in ``v``;
-    ``q`` and ``k`` are locally correlated, one head of width ``length``.
+    ``q`` and ``k`` are the arena's headline fidelity inputs (self-attention over smooth
+    hidden states, :func:`attnkit.inputs.self_attention_qkv`), one head of width ``length``.
     """
-    q, k, _ = structured_qkv(1, 1, length, length, length, seed=seed)
+    q, k, _ = self_attention_qkv(1, 1, length, length, seed=seed)
     identity = torch.eye(length).view(1, 1, length, length)  # v = I  =>  out = attention weights
     torch.manual_seed(seed)
     with torch.no_grad():

@@ -186,7 +186,7 @@ def plot_patterns(doc: dict[str, Any], path: Path) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(
-        f"What each mechanism attends to: rows = queries, columns = keys ({PATTERN_LENGTH} locally correlated tokens, "
+        f"What each mechanism attends to: rows = queries, columns = keys ({PATTERN_LENGTH} tokens of self-attention over smooth states, "
         "small_options), each row scaled to its maximum.\ngreen = exact softmax weights (the target); blue = declared "
         "pattern of exact mechanisms; dark red = weights read off approximate ones with identity values",
         fontsize=9,

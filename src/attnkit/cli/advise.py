@@ -104,7 +104,10 @@ def render(advice: Any) -> str:
     mode = "fwd+bwd" if c.training else "fwd"
     header = ["mechanism", f"{mode} ms", "peak GB", "error", "how", "verdict"]
     lines.append(format_table(header, rows, align="lrrrll"))
-    lines.append("\nerror: relative error vs exact attention on locally correlated inputs (arena fidelity length).")
+    lines.append(
+        "\nerror: relative error vs exact attention, self-attention over smooth hidden states "
+        "(the arena's fidelity inputs and length)."
+    )
     return "\n".join(lines)
 
 
