@@ -128,24 +128,27 @@ class RoutingAttention(AttentionMechanism):
         """Nearest centroid of every vector: ``x (B, H, T, D)`` -> long ``(B, H, T)`` (no gradient)."""
         with torch.no_grad():
             centroids = self._centroids_for(x.shape[1], x.shape[3], x.device)
-            unit = nn.functional.normalize(x.float(), dim=-1)
-            return torch.einsum("bhtd,hcd->bhtc", unit, centroids).argmax(dim=-1)
+            # No need to normalise x: dividing a row of scores by |x| > 0 keeps its argmax
+            # (and a zero vector scores 0 everywhere either way).
+            return torch.einsum("bhtd,hcd->bhtc", x.float(), centroids).argmax(dim=-1)
 
     def _record(self, q: Tensor, k: Tensor, q_ids: Tensor, k_ids: Tensor, key_padding_mask: Tensor | None) -> None:
         """Store this batch's per-cluster sums of unit queries and real unit keys (training only)."""
         with torch.no_grad():
             h, c, d = self.centroids.shape
-            real = torch.ones_like(k_ids, dtype=torch.bool)
-            if key_padding_mask is not None:
-                real = key_padding_mask[:, None, :].expand_as(k_ids)
-            sums = torch.zeros(h, c, d, device=q.device)
-            counts = torch.zeros(h, c, device=q.device)
-            for x, ids, keep in ((q, q_ids, torch.ones_like(real)), (k, k_ids, real)):
-                unit = nn.functional.normalize(x.float(), dim=-1) * keep.unsqueeze(-1)
-                one_hot = nn.functional.one_hot(ids, c).float() * keep.unsqueeze(-1)  # (B, H, T, C)
-                sums += torch.einsum("bhtc,bhtd->hcd", one_hot, unit)
-                counts += one_hot.sum(dim=(0, 2))
-            self._pending = (sums, counts)  # overwritten, not accumulated: a replayed forward records the same
+            sums = torch.zeros(h * c, d, device=q.device)
+            counts = torch.zeros(h * c, device=q.device)
+            head_row = torch.arange(h, device=q.device).view(1, h, 1) * c  # row of (head, cluster) in sums
+            for x, ids, keys in ((q, q_ids, False), (k, k_ids, True)):
+                unit = nn.functional.normalize(x.float(), dim=-1)
+                rows = ids + head_row  # (B, H, T)
+                if keys and key_padding_mask is not None:
+                    real = key_padding_mask[:, None, :].expand_as(ids)
+                    unit, rows = unit[real], rows[real]
+                sums.index_add_(0, rows.reshape(-1), unit.reshape(-1, d))
+                counts += torch.bincount(rows.reshape(-1), minlength=h * c).to(counts.dtype)
+            # Overwritten, not accumulated: a replayed forward records the same.
+            self._pending = (sums.view(h, c, d), counts.view(h, c))
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

@@ -286,19 +286,14 @@ class _ChunkAttention(torch.autograd.Function):
         return d_q, d_k, d_v, None, None, None, None
 
 
-def _row_dot(a: Tensor, b: Tensor, slice_elements: int = 1 << 22) -> Tensor:
-    """``(a ∘ b).sum(-1, keepdim=True)`` for ``(G, c, K)`` tensors, a slice of groups at a time.
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a ∘ b).sum(-1, keepdim=True)`` for contiguous ``(G, c, K)`` tensors.
 
-    The product is formed slice by slice, so the temporary stays at ``slice_elements``
-    floats instead of another full ``(G, c, K)`` tensor next to ``P`` and ``dP``.
+    As one batch of ``1 × K`` by ``K × 1`` products: no ``(G, c, K)`` temporary next to
+    ``P`` and ``dP`` (and, measured, faster than the elementwise product and sum).
     """
-    groups = a.shape[0]
-    step = max(1, slice_elements // (a.shape[1] * a.shape[2]))
-    out = torch.empty(groups, a.shape[1], 1, dtype=a.dtype, device=a.device)
-    for start in range(0, groups, step):
-        part = slice(start, start + step)
-        torch.sum(a[part] * b[part], dim=-1, keepdim=True, out=out[part])
-    return out
+    groups, rows, keys = a.shape
+    return torch.bmm(a.view(-1, 1, keys), b.view(-1, keys, 1)).view(groups, rows, 1)
 
 
 def _key_side_grad(weights: Tensor, x: Tensor, chunk: int) -> Tensor:
