@@ -395,7 +395,10 @@ def bucketed_attention(
     q_pos, k_pos = query_tok.unsqueeze(-1), key_tok.unsqueeze(-2)
     shape = (b, h, rounds, nc, c, key_tok.shape[-1])
     blocked = (~key_ok).unsqueeze(-2).expand(shape)
-    blocked = (blocked | (k_pos > q_pos)) if causal else blocked.contiguous()
+    if causal:
+        blocked = blocked | (k_pos > q_pos)
+    elif rounds > 1:  # filled in place below; otherwise the broadcast view is enough
+        blocked = blocked.contiguous()
     if rounds > 1:
         _block_seen_in_earlier_rounds(blocked, layout, q_pos, k_pos, look_back)
     self_pair = ((k_pos == q_pos) & ~blocked) if exclude_self else None
