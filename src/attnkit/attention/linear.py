@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -38,6 +39,30 @@ from attnkit.kernels.prefix import PrefixState, kernel_attention, kernel_decode,
 from attnkit.masks.functions import Mask
 
 FEATURE_MAPS = ("elu+1", "relu", "identity")
+
+
+class _EluPlusOne(torch.autograd.Function):
+    """``elu(x) + 1 = max(exp(min(x, 0)) - 1, x) + 1``, whose derivative is ``min(φ(x), 1)``.
+
+    Written out because ``F.elu`` plus autograd costs four full passes (``expm1`` is not
+    vectorised on CPU); the backward here needs only the output, which the attention core
+    keeps anyway.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *args: Any) -> Tensor:
+        (x,) = args
+        # expm1(min(x, 0)) >= x exactly where x <= 0, so the maximum picks each branch; one buffer
+        out = x.clamp(max=0.0).exp_().sub_(1.0)
+        torch.maximum(out, x, out=out)
+        out.add_(1.0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Tensor:
+        (out,) = ctx.saved_tensors
+        return out.clamp(max=1.0).mul_(grads[0])
 
 
 @register(
@@ -84,7 +109,7 @@ class LinearAttention(AttentionMechanism):
         """``φ(x)`` for ``x (…, D)``, computed in float32 at least."""
         x = upcast(x)
         if self.feature_map == "elu+1":
-            return F.elu(x).add_(1.0)
+            return _EluPlusOne.apply(x)
         if self.feature_map == "relu":
             return F.relu(x)
         return x

@@ -79,21 +79,68 @@ def softmax_kernel_exponent(x: Tensor, projection: Tensor) -> Tensor:
     return (x @ projection.T).sub_(0.5 * x.square().sum(dim=-1, keepdim=True))
 
 
-def softmax_kernel_features(x: Tensor, projection: Tensor) -> tuple[Tensor, Tensor]:
+def softmax_kernel_features(
+    x: Tensor, projection: Tensor, *, scale: float = 1.0, real: Tensor | None = None, per_row: bool = True
+) -> tuple[Tensor, Tensor]:
     """Positive random features of the softmax kernel, split into a bounded part and a log-scale.
 
     Args:
-        x: ``(…, D)`` inputs, already scaled (``q / D^{1/4}``).
+        x: ``(…, L, D)`` inputs; they are used scaled by ``scale`` (``D^{-1/4}`` in attention).
         projection: ``(m, D)`` rows ``w_j``.
+        scale: factor applied to ``x`` first (folded into the projection: no scaled copy of ``x``).
+        real: bool, broadcastable to ``(…, L, 1)``: rows that count (others get zero features).
+        per_row: one log-scale per row (``(…, L)``); else one per leading index, the maximum over
+            every real row and feature (``(…, 1, 1)``), for bidirectional keys.
 
     Returns:
-        ``features (…, m)`` in ``(0, 1]`` and ``log_scale (…)`` (detached) such that
+        ``features (…, L, m)`` in ``[0, 1]`` and the detached ``log_scale`` such that
         ``features · exp(log_scale) = exp(W x - ‖x‖²/2)``: the FAVOR+ map without its
         ``1/√m`` factor, which cancels in normalised attention.
     """
-    exponent = softmax_kernel_exponent(x, projection)
-    log_scale = exponent.detach().amax(dim=-1)
-    return exponent.sub_(log_scale[..., None]).exp_(), log_scale
+    return _FavorFeatures.apply(x, projection * scale, scale * scale, real, per_row)
+
+
+class _FavorFeatures(torch.autograd.Function):
+    """``exp(x Wᵀ - c‖x‖²/2 - log_scale)`` with a hand-written backward.
+
+    Autograd through the plain expression keeps and allocates several (L, m) tensors (the
+    exponent's gradient, its negation for the ``‖x‖²`` term); here the backward streams over
+    blocks of rows through one small buffer: ``dx = (g·φ) W - c (Σ_j g·φ) x``.
+    """
+
+    #: rows per block of the backward (a few MB of buffer)
+    BLOCK = 8192
+
+    @staticmethod
+    def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor]:
+        x, w, square_scale, real, per_row = args
+        exponent = x @ w.T  # (…, L, m)
+        exponent.sub_((0.5 * square_scale) * torch.linalg.vecdot(x, x)[..., None])
+        if real is not None:
+            exponent.masked_fill_(~real, NEG)
+        log_scale = exponent.amax(dim=-1) if per_row else exponent.amax(dim=(-2, -1), keepdim=True)
+        exponent.sub_(log_scale[..., None] if per_row else log_scale).exp_()
+        ctx.save_for_backward(x, w, exponent)
+        ctx.square_scale = square_scale
+        ctx.mark_non_differentiable(log_scale)
+        return exponent, log_scale
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple[Tensor | None, ...]:
+        x, w, features = ctx.saved_tensors
+        m, d = w.shape
+        grad = grads[0].reshape(-1, m)
+        features = features.reshape(-1, m)
+        rows = x.reshape(-1, d)
+        dx = torch.empty_like(rows)
+        block = min(_FavorFeatures.BLOCK, rows.shape[0])
+        buffer = features.new_empty(block, m)
+        for lo in range(0, rows.shape[0], block):
+            hi = min(lo + block, rows.shape[0])
+            d_exp = torch.mul(grad[lo:hi], features[lo:hi], out=buffer[: hi - lo])  # d exponent
+            torch.matmul(d_exp, w, out=dx[lo:hi])
+            dx[lo:hi].addcmul_(rows[lo:hi], d_exp.sum(dim=-1, keepdim=True), value=-ctx.square_scale)
+        return dx.view(x.shape), None, None, None, None
 
 
 @dataclass
@@ -195,11 +242,11 @@ class PerformerAttention(AttentionMechanism):
 
     def features(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Features of ``x (B, H, L, D)``: ``(B, H, L, m)`` and a detached log-scale ``(B, H, L)`` or None."""
-        x = upcast(x) * x.shape[-1] ** -0.25
+        x = upcast(x)
         w = self.projection(x.shape[-1], device=x.device, dtype=x.dtype)
         if self.kernel == "relu":
-            return torch.relu(x @ w.T) + self.relu_epsilon, None
-        return softmax_kernel_features(x, w)
+            return torch.relu((x * x.shape[-1] ** -0.25) @ w.T) + self.relu_epsilon, None
+        return softmax_kernel_features(x, w, scale=x.shape[-1] ** -0.25)
 
     # -- attention ------------------------------------------------------------------
     def _attend(
@@ -233,12 +280,10 @@ class PerformerAttention(AttentionMechanism):
     def _global_key_features(self, k: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         # Bidirectional: one stabiliser per (batch, head), the maximum over its real keys and
         # features; it cancels on normalising and saves a pass over the (S, m) features.
-        x = upcast(k) * k.shape[-1] ** -0.25
-        exponent = softmax_kernel_exponent(x, self.projection(x.shape[-1], device=x.device, dtype=x.dtype))
-        if key_padding_mask is not None:
-            exponent = exponent.masked_fill(~key_padding_mask[:, None, :, None], NEG)
-        top = exponent.detach().amax(dim=(-2, -1), keepdim=True)
-        return exponent.sub_(top).exp_()
+        x = upcast(k)
+        w = self.projection(x.shape[-1], device=x.device, dtype=x.dtype)
+        real = key_padding_mask[:, None, :, None] if key_padding_mask is not None else None
+        return softmax_kernel_features(x, w, scale=x.shape[-1] ** -0.25, real=real, per_row=False)[0]
 
     def new_state(self) -> PerformerState:
         """An empty recurrent state ``Σ φ(k) [v, 1]ᵀ``: O(m·D) per head whatever the context."""

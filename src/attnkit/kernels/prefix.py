@@ -117,6 +117,12 @@ def _scan_(x: Tensor, decay: Tensor | None, *, reverse: bool = False) -> None:
             x[:, c].addcmul_(prev, decay[:, c].view(-1, *([1] * (x.dim() - 2))))
 
 
+def _intra_scores(q: Tensor, k: Tensor, scales: _Scales | None) -> Tensor:
+    """``(BH, n, C_q, C_k)`` scores inside each chunk, weighted, zero above the diagonal."""
+    scores = q @ k.transpose(-1, -2)
+    return scores.mul_(scales.pair) if scales is not None else scores.tril_()
+
+
 def _causal_forward(
     q: Tensor,
     k: Tensor,
@@ -125,7 +131,7 @@ def _causal_forward(
     s0: Tensor | None,
     z0: Tensor | None,
     normalize: bool,
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor]:
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """``o_t = Σ_{s≤t} (q_t·k_s) w_ts v_s`` (+ the state's share) for chunked inputs.
 
     Args:
@@ -136,17 +142,14 @@ def _causal_forward(
 
     Returns:
         ``out (BH, n, C, E)`` (divided by the normaliser where it is positive), ``den (BH, n, C)``
-        or None, inclusive running sums ``(BH, n, F, E)`` and ``(BH, n, F)`` (None unless
-        normalising) after each chunk, and the masked, weighted scores ``(BH, n, C, C)``.
+        or None, and the inclusive running sums ``(BH, n, F, E)`` and ``(BH, n, F)`` (None
+        unless normalising) after each chunk.
     """
     bh = q.shape[0]
-    scores = q @ k.transpose(-1, -2)  # (BH, n, C_q, C_k)
-    if scales is not None:
-        scores.mul_(scales.pair)  # zero above the diagonal
-    else:
-        scores.tril_()
+    scores = _intra_scores(q, k, scales)
     out = scores @ v
     den = scores.sum(dim=-1) if normalize else None
+    del scores
 
     # the state before chunk c is the running sum of the earlier chunks' k_sᵀ v_s
     values = v * scales.key[..., None] if scales is not None else v
@@ -186,7 +189,7 @@ def _causal_forward(
         del reads
     if den is not None:
         out.div_(_safe_denominator(den)[..., None])
-    return out, den, sums, zsums, scores
+    return out, den, sums, zsums
 
 
 def _z_before(zsums: Tensor, z0: Tensor | None) -> Tensor:
@@ -203,14 +206,14 @@ def _causal_backward(
     scales: _Scales | None,
     s0: Tensor | None,
     z0: Tensor | None,
-    saved: tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor],
+    saved: tuple[Tensor, Tensor | None, Tensor, Tensor | None],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`_causal_forward`'s ``out`` with respect to ``q``, ``k`` and ``v`` (chunked shapes).
 
     The same two levels as the forward: inside a chunk the (C, C) blocks, across chunks running
     sums of ``q_tᵀ g_t`` over the *later* chunks (a reverse scan) for the keys and values.
     """
-    out, den, sums, zsums, scores = saved
+    out, den, sums, zsums = saved
     bh = q.shape[0]
     grad_den = None
     if den is not None:
@@ -219,8 +222,11 @@ def _causal_backward(
         grad_den = torch.linalg.vecdot(grad, out).div_(safe).neg_().masked_fill_(den <= 0, 0.0)
         grad = grad / safe[..., None]
 
-    # inside each chunk: scores -> d scores -> dq, dk; dv from the saved weighted scores
-    grad_scores = grad @ v.transpose(-1, -2)  # (BH, n, C_q, C_k)
+    # inside each chunk: the weighted scores are recomputed (one product, cheaper in memory than
+    # keeping them), give dv, and their buffer then holds d scores for dq and dk
+    scores = _intra_scores(q, k, scales)
+    dv = scores.transpose(-1, -2) @ grad
+    grad_scores = torch.matmul(grad, v.transpose(-1, -2), out=scores)  # (BH, n, C_q, C_k)
     if grad_den is not None:
         grad_scores.add_(grad_den[..., None])  # den = Σ_s scores_ts
     if scales is not None:
@@ -229,8 +235,7 @@ def _causal_backward(
         grad_scores.tril_()
     dq = grad_scores @ k
     dk = grad_scores.transpose(-1, -2) @ q
-    del grad_scores
-    dv = scores.transpose(-1, -2) @ grad
+    del grad_scores, scores
 
     # queries read the state before their chunk
     grad_read = grad * scales.read[..., None] if scales is not None else grad
@@ -273,7 +278,7 @@ def _causal_backward(
 
 
 class _CausalKernel(torch.autograd.Function):
-    """Autograd for the chunked causal core: saves the inputs, the weighted scores and the chunk sums."""
+    """Autograd for the chunked causal core: saves the inputs, the output and the running chunk sums."""
 
     @staticmethod
     def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
@@ -299,8 +304,8 @@ class _CausalKernel(torch.autograd.Function):
         s0_ = s0.reshape(bh, feat, e_dim) if s0 is not None else None
         z0_ = z0.reshape(bh, feat) if z0 is not None else None
         saved = _causal_forward(qc, kc, vc, scales, s0_, z0_, normalize)
-        out, den, sums, zsums, scores = saved
-        ctx.save_for_backward(qc, kc, vc, s0_, z0_, out, den, sums, zsums, scores)
+        out, den, sums, zsums = saved
+        ctx.save_for_backward(qc, kc, vc, s0_, z0_, out, den, sums, zsums)
         ctx.scales = scales
         ctx.shape = (bsz, heads, t_len, pad)
         result = out.view(bh, n * chunk, e_dim)[:, :t_len].reshape(bsz, heads, t_len, e_dim)
@@ -316,12 +321,12 @@ class _CausalKernel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> tuple[Tensor | None, ...]:
-        qc, kc, vc, s0, z0, out, den, sums, zsums, scores = ctx.saved_tensors
+        qc, kc, vc, s0, z0, out, den, sums, zsums = ctx.saved_tensors
         bsz, heads, t_len, pad = ctx.shape
         bh, n, chunk, _ = qc.shape
         grad = grads[0].reshape(bh, t_len, out.shape[-1])
         grad = (F.pad(grad, (0, 0, 0, pad)) if pad else grad.contiguous()).view(bh, n, chunk, -1)
-        dq, dk, dv = _causal_backward(grad, qc, kc, vc, ctx.scales, s0, z0, (out, den, sums, zsums, scores))
+        dq, dk, dv = _causal_backward(grad, qc, kc, vc, ctx.scales, s0, z0, (out, den, sums, zsums))
 
         def unchunked(x: Tensor) -> Tensor:
             return x.view(bh, n * chunk, x.shape[-1])[:, :t_len].reshape(bsz, heads, t_len, x.shape[-1])
