@@ -1,9 +1,9 @@
 """Bucketed attention: sort tokens by a bucket id, cut each bucket into chunks, attend within chunks.
 
-The shared core of the hashing and clustering family (Reformer LSH, Routing k-means,
-Sinkhorn sorting). Each mechanism only decides *which bucket* every query and every key
-goes to (a hash, a nearest centroid, a block index) and, for Sinkhorn, which extra keys
-every chunk sees; this module does the rest:
+The shared core of the hashing and clustering family (Reformer LSH, Routing k-means;
+Sinkhorn uses only its chunk softmax, :func:`chunk_attention`). Each mechanism only
+decides *which bucket* every query and every key goes to (a hash, a nearest centroid);
+this module does the rest:
 
 1. :func:`bucket_layout` places the queries and keys of every round in *bucket-aligned
    chunks*: the tokens of bucket ``b`` keep their original order and fill chunks of their
@@ -14,8 +14,7 @@ every chunk sees; this module does the rest:
    bit-stable: changing later tokens can shift where a bucket starts, but never which
    earlier tokens share a chunk nor their offsets inside it.
 2. :func:`bucketed_attention` lets every chunk of queries attend to its key chunk, plus
-   the previous key chunk *of the same bucket* (``look_back``), plus optional per-chunk
-   extra keys, under exact masks evaluated on ORIGINAL positions: causal order, key
+   the previous key chunk *of the same bucket* (``look_back``), under exact masks evaluated on ORIGINAL positions: causal order, key
    padding, and an optional self-token rule (a token attends to itself only when no other
    key is visible). With several rounds (``R`` hash rounds), a key already visible to a
    query in an earlier round is masked in later rounds, so every distinct key counts
@@ -341,7 +340,6 @@ def bucketed_attention(
     key_padding_mask: Tensor | None,
     exclude_self: bool = False,
     look_back: bool = True,
-    extra_keys: tuple[Tensor, Tensor, Tensor] | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Attention within bucket-aligned chunks, over ``R`` rounds, combined exactly.
@@ -356,18 +354,12 @@ def bucketed_attention(
         exclude_self: the self-token rule: a query sees its own key only when no other
             key is visible to it (in any round).
         look_back: each chunk also sees the previous chunk of the same bucket.
-        extra_keys: ``(keys (B, H, R, nc, E, D), values (B, H, R, nc, E, Dv), visible
-            bool (B, H, R, nc, E))``: keys every chunk sees in addition (Sinkhorn's sorted
-            block); only without ``look_back``. They carry no position: the caller
-            guarantees they respect causality.
         scale: score scale, default ``1/sqrt(D)``.
 
     Returns:
         ``(B, H, T, Dv)``: for every query, softmax attention over the union of the keys
         visible to it in any round; zeros where no key is visible.
     """
-    if look_back and extra_keys is not None:
-        raise ValueError("extra_keys needs look_back=False")
     b, h, t_len, d = q.shape
     d_v = v.shape[-1]
     rounds, c, nc = layout.chunk_continues.shape[2], layout.chunk_size, layout.num_chunks
@@ -402,15 +394,7 @@ def bucketed_attention(
     if rounds > 1:
         _block_seen_in_earlier_rounds(blocked, layout, q_pos, k_pos, look_back)
     self_pair = ((k_pos == q_pos) & ~blocked) if exclude_self else None
-    if extra_keys is not None:
-        ek, ev, e_ok = extra_keys
-        extra = ek.shape[-2]
-        ks = torch.cat([ks.view(groups, c, d), ek.reshape(groups, extra, d)], dim=1)
-        vs = torch.cat([vs.view(groups, c, d_v), ev.reshape(groups, extra, d_v)], dim=1)
-        blocked = torch.cat([blocked, (~e_ok).unsqueeze(-2).expand(*shape[:-1], extra)], dim=-1)
-        if self_pair is not None:
-            self_pair = torch.nn.functional.pad(self_pair, (0, extra))
-    elif not look_back:
+    if not look_back:
         ks, vs = ks.view(groups, c, d), vs.view(groups, c, d_v)
     flat_self = None if self_pair is None else self_pair.reshape(groups, c, -1)
     out, lse = _ChunkAttention.apply(
