@@ -82,14 +82,18 @@ def iterative_pinv(a: Tensor, iterations: int) -> Tensor:
 
     ``Z ← ¼ Z (13I − AZ (15I − AZ (7I − AZ)))`` from ``Z₀ = Aᵀ / (‖A‖₁ ‖A‖∞)``.
     """
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    shape, m = a.shape, a.shape[-1]
+    a = a.reshape(-1, m, m)  # (N, m, m): 3-d for the fused ``c·I - X Y`` products below
+    eye = torch.eye(m, dtype=a.dtype, device=a.device).expand_as(a)
     norm_1 = a.abs().sum(dim=-2).amax(dim=-1)  # max column sum
     norm_inf = a.abs().sum(dim=-1).amax(dim=-1)  # max row sum
-    z = a.transpose(-1, -2) / (norm_1 * norm_inf).clamp(min=torch.finfo(a.dtype).tiny)[..., None, None]
+    z = a.transpose(-1, -2) / (norm_1 * norm_inf).clamp(min=torch.finfo(a.dtype).tiny)[:, None, None]
     for _ in range(iterations):
-        az = a @ z
-        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
-    return z
+        az = torch.bmm(a, z)
+        inner = torch.baddbmm(15 * eye, az, 7 * eye - az, alpha=-1.0)  # 15I - AZ(7I - AZ)
+        inner = torch.baddbmm(13 * eye, az, inner, alpha=-1.0)
+        z = torch.bmm(z, inner).mul_(0.25)
+    return z.reshape(shape)
 
 
 def _both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -143,17 +147,18 @@ class NystromAttention(AttentionMechanism):
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:
-        d = q.shape[-1]
+        scale = q.shape[-1] ** -0.5
         m = self.num_landmarks
-        q = q * d**-0.5
+        # the 1/√D scale goes on the (m, D) landmarks, never on a copy of the (T, D) queries
         q_land, q_ok = segment_means(q, None, m)  # (B, H, m, D), (B, m) or None
+        q_land = q_land * scale
         k_land, k_ok = segment_means(k, key_padding_mask, m)
 
         # masks (None = nothing to mask): landmark keys that exist, landmark queries that exist, real keys
         k_cols = k_ok[:, None, None, :] if k_ok is not None else None
         q_rows = q_ok[:, None, :, None] if q_ok is not None else None
         real_k = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
-        kernel_1 = masked_softmax(q @ k_land.transpose(-1, -2), k_cols)  # (B, H, T, m)
+        kernel_1 = masked_softmax(q @ (k_land * scale).transpose(-1, -2), k_cols)  # (B, H, T, m)
         kernel_2 = masked_softmax(q_land @ k_land.transpose(-1, -2), _both(k_cols, q_rows))  # (B, H, m, m)
         kernel_3 = masked_softmax(q_land @ k.transpose(-1, -2), _both(real_k, q_rows))  # (B, H, m, S)
         # right to left: never an (N, N) or (N, m)·(m, N) product

@@ -235,7 +235,7 @@ def _causal_backward(
         grad_scores.tril_()
     dq = grad_scores @ k
     dk = grad_scores.transpose(-1, -2) @ q
-    del grad_scores, scores
+    del grad_scores
 
     # queries read the state before their chunk
     grad_read = grad * scales.read[..., None] if scales is not None else grad
@@ -252,7 +252,16 @@ def _causal_backward(
 
     # keys and values are read by every query of the later chunks: a reverse running sum
     decay = scales.decay if scales is not None else None
-    later = q.transpose(-1, -2) @ grad_read  # (BH, n, F, E), then Σ over chunks c..n-1
+    # (BH, n, F, E), then Σ over chunks c..n-1; in the scores' buffer when it is large enough
+    # (C >= F, E): a fresh tensor of this size costs a round of page faults
+    later_shape = (bh, q.shape[1], q.shape[-1], grad.shape[-1])
+    if scores.numel() >= math.prod(later_shape):
+        later = torch.matmul(
+            q.transpose(-1, -2), grad_read, out=scores.view(-1)[: math.prod(later_shape)].view(later_shape)
+        )
+    else:
+        later = q.transpose(-1, -2) @ grad_read
+    del scores
     _scan_(later, decay, reverse=True)
     values = v * scales.key[..., None] if scales is not None else v
     for b in range(bh):
