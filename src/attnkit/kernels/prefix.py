@@ -261,7 +261,7 @@ def _causal_backward(
         )
     else:
         later = q.transpose(-1, -2) @ grad_read
-    del scores
+    del scores, grad, grad_read  # (T, E) buffers no longer needed: lower the peak before dk, dv
     _scan_(later, decay, reverse=True)
     values = v * scales.key[..., None] if scales is not None else v
     for b in range(bh):
@@ -374,6 +374,7 @@ class _GlobalKernel(torch.autograd.Function):
             dq = grad @ kv.transpose(-1, -2)
             _add_outer_(dq, grad_den, z)
             d_kv = q.transpose(-1, -2) @ grad  # (B, H, F, E)
+            del grad  # the scaled gradient is a (T, E) buffer: free it before dk and dv
             dz = (q.transpose(-1, -2) @ grad_den[..., None])[..., 0]  # (B, H, F)
             dk = v @ d_kv.transpose(-1, -2)
             dk.add_(dz[..., None, :])
