@@ -25,6 +25,7 @@ from attnkit.arena.cells import CellCache, machine_fingerprint
 from attnkit.arena.config import HEADLINE_INPUT, ArenaConfig
 from attnkit.arena.efficiency import project
 from attnkit.arena.fidelity import fidelity_params
+from attnkit.arena.quality import fidelity_options
 from attnkit.arena.runner import CellRunner, build_seeded, efficiency_sweep, fidelity_cell
 from attnkit.core.errors import check_positive_float, check_positive_int
 
@@ -220,12 +221,13 @@ def _measure_one(name: str, c: Constraints, cfg: ArenaConfig, cells: CellRunner)
     if (c.causal and not caps.causal) or (c.decode and caps.decoding is None):
         return cand
     options = spec.benchmark_options
+    fid_options = fidelity_options(name, cfg)
     fid = cells.get(
         "fidelity",
         name,
-        options,
+        fid_options,
         fidelity_params(cfg, HEADLINE_INPUT, c.causal),
-        partial(fidelity_cell, name, options, cfg, HEADLINE_INPUT, c.causal),
+        partial(fidelity_cell, name, fid_options, cfg, HEADLINE_INPUT, c.causal),
         machine_bound=False,
     )
     if fid["status"] == "ok":

@@ -72,6 +72,21 @@ def quality_options(name: str, cfg: ArenaConfig) -> dict[str, Any]:
     return options
 
 
+def fidelity_options(name: str, cfg: ArenaConfig) -> dict[str, Any]:
+    """The mechanism's ``benchmark_options`` with any fixed maximum length set to ``cfg.fidelity_length``.
+
+    A mechanism built for longer inputs than it is given (Linformer with ``max_len=16384`` on
+    1024 tokens) would leave most of its projection unused; sized to the input, as its own
+    benchmark builds it, the error measures the approximation rather than that mismatch.
+    """
+    options = dict(attnkit.get_spec(name).benchmark_options)
+    accepted = attnkit.accepted_options(name)
+    for key in LENGTH_OPTIONS:
+        if key in accepted:
+            options[key] = cfg.fidelity_length
+    return options
+
+
 def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 

@@ -26,7 +26,13 @@ from attnkit.arena.config import FIDELITY_INPUTS, MODES, ArenaConfig
 from attnkit.arena.efficiency import budget_stop, efficiency_params, measure_efficiency, warm_up_libraries
 from attnkit.arena.fidelity import fidelity_params, measure_fidelity
 from attnkit.arena.memory import PeakMemoryMeter
-from attnkit.arena.quality import quality_options, quality_params, task_is_causal, train_quality_cell
+from attnkit.arena.quality import (
+    fidelity_options,
+    quality_options,
+    quality_params,
+    task_is_causal,
+    train_quality_cell,
+)
 from attnkit.core.base import AttentionMechanism
 
 BASELINE = "full"
@@ -273,7 +279,7 @@ def _efficiency_rows(config: ArenaConfig, names: list[str], cells: CellRunner) -
 
 def _fidelity_rows(config: ArenaConfig, names: list[str], cells: CellRunner) -> Iterator[dict[str, Any]]:
     for name in names:
-        options = attnkit.get_spec(name).benchmark_options
+        options = fidelity_options(name, config)
         for input_kind in FIDELITY_INPUTS:
             for causal in causal_modes(name):
                 params = fidelity_params(config, input_kind, causal)

