@@ -32,7 +32,8 @@ questions=(
     echo
     echo '```'
     # shellcheck disable=SC2086  # the question is a list of options
-    .venv/bin/attnkit advise $q --cache "$OUT" 2>/dev/null
+    # an unsatisfiable question exits non-zero on purpose; record it and go on
+    .venv/bin/attnkit advise $q --cache "$OUT" 2>/dev/null || echo "(exit status $?)"
     echo '```'
   done
 } > "$OUT/advise.md"
