@@ -19,6 +19,15 @@ import torch
 from torch import Tensor
 
 
+def _smooth_walk(shape: tuple[int, int, int, int], g: torch.Generator) -> Tensor:
+    """float64 ``(B, H, L, D)``: a random walk along ``L`` (steps 0.3), centred and normalised to
+    unit variance, plus noise 0.3: neighbouring positions are similar, distant ones are not."""
+    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 0.3).cumsum(dim=2)
+    x = x - x.mean(dim=2, keepdim=True)
+    x = x / x.std(dim=(2, 3), keepdim=True).clamp(min=1e-6)
+    return x + 0.3 * torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
 def structured_qkv(
     batch: int,
     heads: int,
@@ -37,16 +46,8 @@ def structured_qkv(
     scaled so scores span a few units; values are standard normal.
     """
     g = torch.Generator().manual_seed(seed)
-
-    def walk(length: int) -> Tensor:
-        steps = torch.randn(batch, heads, length, dim, generator=g, dtype=torch.float64) * 0.3
-        x = steps.cumsum(dim=2)
-        x = x - x.mean(dim=2, keepdim=True)
-        x = x / x.std(dim=(2, 3), keepdim=True).clamp(min=1e-6)
-        return x + 0.3 * torch.randn(batch, heads, length, dim, generator=g, dtype=torch.float64)
-
-    q = walk(q_len) * 1.5
-    k = walk(kv_len) * 1.5
+    q = _smooth_walk((batch, heads, q_len, dim), g) * 1.5
+    k = _smooth_walk((batch, heads, kv_len, dim), g) * 1.5
     v = torch.randn(batch, heads, kv_len, dim, generator=g, dtype=torch.float64)
     out = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (q, k, v)]
     return out[0], out[1], out[2]
@@ -73,10 +74,7 @@ def self_attention_qkv(
     """
     g = torch.Generator().manual_seed(seed)
     shape = (batch, heads, length, dim)
-    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 0.3).cumsum(dim=2)
-    x = x - x.mean(dim=2, keepdim=True)
-    x = x / x.std(dim=(2, 3), keepdim=True).clamp(min=1e-6)
-    x = x + 0.3 * torch.randn(*shape, generator=g, dtype=torch.float64)
+    x = _smooth_walk(shape, g)
     w = torch.linalg.qr(torch.randn(heads, dim, dim, generator=g, dtype=torch.float64))[0]  # (H, D, D)
     q = x @ w
     k = q + 0.3 * torch.randn(*shape, generator=g, dtype=torch.float64)
