@@ -141,6 +141,48 @@ def test_linear_equals_naive_formula_with_gradients(causal: bool, lengths: tuple
         torch.testing.assert_close(got, exp, atol=1e-11, rtol=1e-9)
 
 
+@pytest.mark.parametrize("feature_map", ["elu+1", "relu", "identity"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths", [(37, 37), (9, 23), (23, 9)])
+def test_linear_in_small_blocks_equals_naive_with_padding_and_gradients(
+    monkeypatch: pytest.MonkeyPatch, feature_map: str, causal: bool, lengths: tuple[int, int]
+) -> None:
+    # blocks of 5 rows (and a ragged last block): the feature map is applied block by block inside
+    monkeypatch.setattr("attnkit.kernels.prefix.BLOCK_BYTES", 4 * 2 * 2 * 8 * 5)
+    t_len, s_len = lengths
+    q, k, v = structured_qkv(2, 2, t_len, s_len, 8, seed=6, dtype=F64)
+    real = random_padding(2, s_len, seed=6, min_real=3)
+    phi = {"elu+1": elu1, "relu": torch.relu, "identity": lambda x: x}[feature_map]
+    normalize = feature_map != "identity"
+    module = attnkit.build_attention("linear", feature_map=feature_map, normalize=normalize, chunk_size=4)
+    ours, ref = leaves(q, k, v), leaves(q, k, v)
+    out = module(*ours, causal=causal, key_padding_mask=real)
+    phi_q, phi_k = phi(ref[0]), phi(ref[1]) * real[:, None, :, None]
+    if causal and t_len > s_len:  # queries before the first key see nothing: zero weights
+        phi_q = torch.cat([torch.zeros_like(phi_q[:, :, : t_len - s_len]), phi_q[:, :, t_len - s_len :]], dim=2)
+        phi_k = torch.cat([torch.zeros_like(phi_k[:, :, : t_len - s_len]), phi_k], dim=2)
+        values = torch.cat([torch.zeros_like(ref[2][:, :, : t_len - s_len]), ref[2]], dim=2)
+    else:
+        values = ref[2]
+    want = naive_linear(phi_q, phi_k, values, causal=causal, normalize=False)
+    if normalize:  # a relu query that meets no key's features has a zero normaliser: zeros by convention
+        den = naive_linear(phi_q, phi_k, torch.ones_like(values[..., :1]), causal=causal, normalize=False)
+        want = want / torch.where(den > 0, den, torch.ones_like(den))
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-10)
+    for got, exp in zip(grads(out, ours), grads(want, ref)):
+        torch.testing.assert_close(got, exp, atol=1e-11, rtol=1e-9)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_gradcheck_in_small_blocks(monkeypatch: pytest.MonkeyPatch, causal: bool) -> None:
+    monkeypatch.setattr("attnkit.kernels.prefix.BLOCK_BYTES", 4 * 1 * 2 * 4 * 3)
+    q, k, v = leaves(*structured_qkv(1, 2, 11, 11, 4, seed=7, dtype=F64))
+    real = torch.ones(1, 11, dtype=torch.bool)
+    real[0, 4] = False
+    module = attnkit.build_attention("linear", chunk_size=4)
+    assert torch.autograd.gradcheck(lambda *x: module(*x, causal=causal, key_padding_mask=real), (q, k, v))
+
+
 def test_linear_feature_maps() -> None:
     q, k, v = structured_qkv(1, 2, 15, 15, 8, seed=4, dtype=F64)
     relu = attnkit.build_attention("linear", feature_map="relu")

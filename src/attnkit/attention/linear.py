@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit.core.base import AttentionMechanism
@@ -35,34 +34,39 @@ from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_choice, check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import ScoreBias
-from attnkit.kernels.prefix import PrefixState, kernel_attention, kernel_decode, upcast
+from attnkit.kernels.prefix import FeatureMap, PrefixState, apply_features, kernel_attention, kernel_decode, upcast
 from attnkit.masks.functions import Mask
 
 FEATURE_MAPS = ("elu+1", "relu", "identity")
 
 
-class _EluPlusOne(torch.autograd.Function):
-    """``elu(x) + 1 = max(exp(min(x, 0)) - 1, x) + 1``, whose derivative is ``min(φ(x), 1)``.
+class _EluPlusOne:
+    """``elu(x) + 1 = max(exp(min(x, 0)), x + 1)``, whose derivative is ``min(φ(x), 1)``.
 
-    Written out because ``F.elu`` plus autograd costs four full passes (``expm1`` is not
-    vectorised on CPU); the backward here needs only the output, which the attention core
-    keeps anyway.
+    Written out because ``F.elu`` costs extra passes (``expm1`` is not vectorised on CPU).
     """
 
-    @staticmethod
-    def forward(ctx: Any, *args: Any) -> Tensor:
-        (x,) = args
-        # expm1(min(x, 0)) >= x exactly where x <= 0, so the maximum picks each branch; one buffer
-        out = x.clamp(max=0.0).exp_().sub_(1.0)
-        torch.maximum(out, x, out=out)
-        out.add_(1.0)
-        ctx.save_for_backward(out)
-        return out
+    def into(self, x: Tensor, out: Tensor) -> Tensor:
+        # expm1(min(x, 0)) >= x exactly where x <= 0, so the maximum picks each branch in one buffer
+        torch.clamp(x, max=0.0, out=out).exp_().sub_(1.0)
+        return torch.maximum(out, x, out=out).add_(1.0)
 
-    @staticmethod
-    def backward(ctx: Any, *grads: Any) -> Tensor:
-        (out,) = ctx.saved_tensors
-        return out.clamp(max=1.0).mul_(grads[0])
+    def grad_into(self, phi: Tensor, grad: Tensor, out: Tensor) -> Tensor:
+        return torch.mul(grad, phi.clamp_(max=1.0), out=out)
+
+
+class _Relu:
+    """``max(x, 0)``, derivative ``1[φ(x) > 0]`` (0 at 0, as autograd has it)."""
+
+    def into(self, x: Tensor, out: Tensor) -> Tensor:
+        return torch.clamp(x, min=0.0, out=out)
+
+    def grad_into(self, phi: Tensor, grad: Tensor, out: Tensor) -> Tensor:
+        return torch.mul(grad, phi > 0, out=out)
+
+
+#: the feature maps applied inside the kernels; None is the identity (q and k are their own features)
+_MAPS: dict[str, FeatureMap | None] = {"elu+1": _EluPlusOne(), "relu": _Relu(), "identity": None}
 
 
 @register(
@@ -107,12 +111,8 @@ class LinearAttention(AttentionMechanism):
 
     def features(self, x: Tensor) -> Tensor:
         """``φ(x)`` for ``x (…, D)``, computed in float32 at least."""
-        x = upcast(x)
-        if self.feature_map == "elu+1":
-            return _EluPlusOne.apply(x)
-        if self.feature_map == "relu":
-            return F.relu(x)
-        return x
+        feature_map = _MAPS[self.feature_map]
+        return upcast(x) if feature_map is None else apply_features(upcast(x), feature_map)
 
     def _attend(
         self,
@@ -127,11 +127,12 @@ class LinearAttention(AttentionMechanism):
         **call_kwargs: Any,
     ) -> Tensor:
         return kernel_attention(
-            self.features(q),
-            self.features(k),
+            upcast(q),
+            upcast(k),
             upcast(v),
             causal=causal,
             key_padding_mask=key_padding_mask,
+            feature_map=_MAPS[self.feature_map],
             normalize=self.normalize,
             chunk_size=self.chunk_size,
         )
