@@ -141,22 +141,24 @@ def test_linear_equals_naive_formula_with_gradients(causal: bool, lengths: tuple
         torch.testing.assert_close(got, exp, atol=1e-11, rtol=1e-9)
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("feature_map", ["elu+1", "relu", "identity"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lengths", [(37, 37), (9, 23), (23, 9)])
-def test_linear_in_small_blocks_equals_naive_with_padding_and_gradients(
-    monkeypatch: pytest.MonkeyPatch, feature_map: str, causal: bool, lengths: tuple[int, int]
+def test_linear_in_small_blocks_equals_naive_with_gradients(
+    monkeypatch: pytest.MonkeyPatch, padded: bool, feature_map: str, causal: bool, lengths: tuple[int, int]
 ) -> None:
     # blocks of 5 rows (and a ragged last block): the feature map is applied block by block inside
+    # the kernels (bidirectional always, causal without padding; with it, features come first)
     monkeypatch.setattr("attnkit.kernels.prefix.BLOCK_BYTES", 4 * 2 * 2 * 8 * 5)
     t_len, s_len = lengths
     q, k, v = structured_qkv(2, 2, t_len, s_len, 8, seed=6, dtype=F64)
-    real = random_padding(2, s_len, seed=6, min_real=3)
+    real = random_padding(2, s_len, seed=6, min_real=3) if padded else torch.ones(2, s_len, dtype=torch.bool)
     phi = {"elu+1": elu1, "relu": torch.relu, "identity": lambda x: x}[feature_map]
     normalize = feature_map != "identity"
     module = attnkit.build_attention("linear", feature_map=feature_map, normalize=normalize, chunk_size=4)
     ours, ref = leaves(q, k, v), leaves(q, k, v)
-    out = module(*ours, causal=causal, key_padding_mask=real)
+    out = module(*ours, causal=causal, key_padding_mask=real if padded else None)
     phi_q, phi_k = phi(ref[0]), phi(ref[1]) * real[:, None, :, None]
     if causal and t_len > s_len:  # queries before the first key see nothing: zero weights
         phi_q = torch.cat([torch.zeros_like(phi_q[:, :, : t_len - s_len]), phi_q[:, :, t_len - s_len :]], dim=2)
@@ -173,14 +175,16 @@ def test_linear_in_small_blocks_equals_naive_with_padding_and_gradients(
         torch.testing.assert_close(got, exp, atol=1e-11, rtol=1e-9)
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_linear_gradcheck_in_small_blocks(monkeypatch: pytest.MonkeyPatch, causal: bool) -> None:
+def test_linear_gradcheck_in_small_blocks(monkeypatch: pytest.MonkeyPatch, padded: bool, causal: bool) -> None:
     monkeypatch.setattr("attnkit.kernels.prefix.BLOCK_BYTES", 4 * 1 * 2 * 4 * 3)
     q, k, v = leaves(*structured_qkv(1, 2, 11, 11, 4, seed=7, dtype=F64))
     real = torch.ones(1, 11, dtype=torch.bool)
     real[0, 4] = False
     module = attnkit.build_attention("linear", chunk_size=4)
-    assert torch.autograd.gradcheck(lambda *x: module(*x, causal=causal, key_padding_mask=real), (q, k, v))
+    kpm = real if padded else None
+    assert torch.autograd.gradcheck(lambda *x: module(*x, causal=causal, key_padding_mask=kpm), (q, k, v))
 
 
 def test_linear_feature_maps() -> None:

@@ -123,6 +123,17 @@ def _intra_scores(q: Tensor, k: Tensor, scales: _Scales | None) -> Tensor:
     return scores.mul_(scales.pair) if scales is not None else scores.tril_()
 
 
+def _reuse(buf: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``buf``'s storage as a ``shape`` tensor when it holds exactly that many elements, else a new one.
+
+    A fresh (T, D)-sized tensor costs a round of page faults (glibc maps large blocks anew), more
+    than the product written into it; exact size only, so no larger buffer outlives its use.
+    """
+    if buf.numel() == math.prod(shape) and buf.is_contiguous():
+        return buf.view(shape)
+    return buf.new_empty(shape)
+
+
 def _causal_forward(
     q: Tensor,
     k: Tensor,
@@ -149,11 +160,12 @@ def _causal_forward(
     scores = _intra_scores(q, k, scales)
     out = scores @ v
     den = scores.sum(dim=-1) if normalize else None
-    del scores
 
-    # the state before chunk c is the running sum of the earlier chunks' k_sᵀ v_s
+    # the state before chunk c is the running sum of the earlier chunks' k_sᵀ v_s (BH, n, F, E),
+    # in the scores' buffer when it is the same size (C = F = E)
     values = v * scales.key[..., None] if scales is not None else v
-    sums = k.transpose(-1, -2) @ values  # (BH, n, F, E)
+    sums = torch.matmul(k.transpose(-1, -2), values, out=_reuse(scores, (bh, q.shape[1], q.shape[-1], v.shape[-1])))
+    del scores
     decay = scales.decay if scales is not None else None
     if s0 is not None:
         sums[:, 0].addcmul_(s0, decay[:, 0, None, None]) if decay is not None else sums[:, 0].add_(s0)
@@ -254,13 +266,9 @@ def _causal_backward(
     decay = scales.decay if scales is not None else None
     # (BH, n, F, E), then Σ over chunks c..n-1; in the scores' buffer when it is large enough
     # (C >= F, E): a fresh tensor of this size costs a round of page faults
-    later_shape = (bh, q.shape[1], q.shape[-1], grad.shape[-1])
-    if scores.numel() >= math.prod(later_shape):
-        later = torch.matmul(
-            q.transpose(-1, -2), grad_read, out=scores.view(-1)[: math.prod(later_shape)].view(later_shape)
-        )
-    else:
-        later = q.transpose(-1, -2) @ grad_read
+    later = torch.matmul(
+        q.transpose(-1, -2), grad_read, out=_reuse(scores, (bh, q.shape[1], q.shape[-1], grad.shape[-1]))
+    )
     del scores, grad, grad_read  # (T, E) buffers no longer needed: lower the peak before dk, dv
     _scan_(later, decay, reverse=True)
     values = v * scales.key[..., None] if scales is not None else v
@@ -291,7 +299,7 @@ class _CausalKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-        q, k, v, a, s0, z0, ref0, chunk, normalize, need_state = args
+        q, k, v, a, s0, z0, ref0, chunk, normalize, need_state, feature_map = args
         bsz, heads, t_len, feat = q.shape
         e_dim = v.shape[-1]
         bh = bsz * heads
@@ -304,6 +312,8 @@ class _CausalKernel(torch.autograd.Function):
             x = x.reshape(bh, t_len, x.shape[-1])
             return (F.pad(x, (0, 0, 0, pad)) if pad else x).view(bh, n, chunk, x.shape[-1])
 
+        if feature_map is not None:
+            q, k = (_features_by_rows(x.reshape(bh, t_len, feat), feature_map) for x in (q, k))
         qc, kc, vc = chunked(q), chunked(k), chunked(v)
         scales = None
         if a is not None:
@@ -316,6 +326,7 @@ class _CausalKernel(torch.autograd.Function):
         out, den, sums, zsums = saved
         ctx.save_for_backward(qc, kc, vc, s0_, z0_, out, den, sums, zsums)
         ctx.scales = scales
+        ctx.feature_map = feature_map
         ctx.shape = (bsz, heads, t_len, pad)
         result = out.view(bh, n * chunk, e_dim)[:, :t_len].reshape(bsz, heads, t_len, e_dim)
         if not need_state:
@@ -336,11 +347,14 @@ class _CausalKernel(torch.autograd.Function):
         grad = grads[0].reshape(bh, t_len, out.shape[-1])
         grad = (F.pad(grad, (0, 0, 0, pad)) if pad else grad.contiguous()).view(bh, n, chunk, -1)
         dq, dk, dv = _causal_backward(grad, qc, kc, vc, ctx.scales, s0, z0, (out, den, sums, zsums))
+        if ctx.feature_map is not None:  # through φ in place: the saved qc, kc are φ(q), φ(k)
+            for d_phi, phi in ((dq, qc), (dk, kc)):
+                _chain_features_(d_phi.view(bh, n * chunk, -1), phi.view(bh, n * chunk, -1), ctx.feature_map)
 
         def unchunked(x: Tensor) -> Tensor:
             return x.view(bh, n * chunk, x.shape[-1])[:, :t_len].reshape(bsz, heads, t_len, x.shape[-1])
 
-        return unchunked(dq), unchunked(dk), unchunked(dv), None, None, None, None, None, None, None
+        return unchunked(dq), unchunked(dk), unchunked(dv), None, None, None, None, None, None, None, None
 
 
 # -- bidirectional: blocks of rows, feature maps applied inside ------------------------------
@@ -389,6 +403,23 @@ def _block_features(x: Tensor, feature_map: FeatureMap | None, buf: Tensor, real
     else:
         feature_map.into(x, phi)
     return phi.masked_fill_(~real[..., None], 0.0) if real is not None else phi
+
+
+def _features_by_rows(x: Tensor, feature_map: FeatureMap) -> Tensor:
+    """``φ(x)`` for ``x (BH, L, D)`` into a new tensor, a block of rows at a time so each pass stays in cache."""
+    out = torch.empty_like(x)
+    for a, b in _spans(x.shape[1], _block_rows(x.shape[0], x.shape[-1])):
+        feature_map.into(x[:, a:b], out[:, a:b])
+    return out
+
+
+def _chain_features_(grad: Tensor, phi: Tensor, feature_map: FeatureMap) -> None:
+    """``grad ← grad · φ'(x)`` in place for ``grad, phi = φ(x) (BH, L, D)``, a block of rows at a time."""
+    rows = _block_rows(phi.shape[0], phi.shape[-1])
+    buf = phi.new_empty(phi.shape[0], rows, phi.shape[-1])
+    for a, b in _spans(phi.shape[1], rows):
+        block = grad[:, a:b]
+        feature_map.grad_into(_scratch(buf, *block.shape).copy_(phi[:, a:b]), block, block)
 
 
 class _Features(torch.autograd.Function):
@@ -532,7 +563,7 @@ def causal_linear_attention(
         raise ValueError("key_log_scale must be given on every call or on none (it was not on an earlier one)")
     kv0 = state.kv if state is not None else None
     ref0 = state.ref if state is not None else None
-    out, kv, _, ref = _CausalKernel.apply(q, k, v, key_log_scale, kv0, None, ref0, chunk_size, False, need_state)
+    out, kv, _, ref = _CausalKernel.apply(q, k, v, key_log_scale, kv0, None, ref0, chunk_size, False, need_state, None)
     if not need_state:
         return out, None
     length = (state.length if state is not None else 0) + q.shape[2]
@@ -604,17 +635,20 @@ def kernel_attention(
                 key_log_scale = key_log_scale.masked_fill(~key_padding_mask[:, None, :], NEG)
             k = k * (key_log_scale - key_log_scale.amax(dim=-1, keepdim=True)).exp()[..., None]
         return _GlobalKernel.apply(q, k, v, key_padding_mask, feature_map, normalize)
-    if feature_map is not None:
-        q, k = apply_features(q, feature_map), apply_features(k, feature_map)
+    if feature_map is not None and key_padding_mask is not None:
+        # padded keys are zeroed as features: map first (without padding, φ is applied in the core)
+        q, k, feature_map = apply_features(q, feature_map), apply_features(k, feature_map), None
     k, v, key_log_scale = _drop_padded(k, v, key_log_scale, key_padding_mask)
     if t_len <= s_len:
         # queries sit at the last T positions: give the first S - T positions empty queries
         q_full = F.pad(q, (0, 0, s_len - t_len, 0)) if t_len < s_len else q
-        out = _CausalKernel.apply(q_full, k, v, key_log_scale, None, None, None, chunk_size, normalize, False)[0]
+        out = _CausalKernel.apply(
+            q_full, k, v, key_log_scale, None, None, None, chunk_size, normalize, False, feature_map
+        )[0]
         return out[:, :, s_len - t_len :]
     # the first T - S queries see no key at all
     out = _CausalKernel.apply(
-        q[:, :, t_len - s_len :], k, v, key_log_scale, None, None, None, chunk_size, normalize, False
+        q[:, :, t_len - s_len :], k, v, key_log_scale, None, None, None, chunk_size, normalize, False, feature_map
     )[0]
     return F.pad(out, (0, 0, t_len - s_len, 0))
 
@@ -656,7 +690,7 @@ def kernel_decode(
     s0 = z0 = None
     if state.kv is not None:
         s0, z0 = (state.kv[..., :dv], state.kv[..., dv]) if normalize else (state.kv, None)
-    out, kv, z, ref = _CausalKernel.apply(q, k, v, key_log_scale, s0, z0, state.ref, chunk_size, normalize, True)
+    out, kv, z, ref = _CausalKernel.apply(q, k, v, key_log_scale, s0, z0, state.ref, chunk_size, normalize, True, None)
     state.kv = torch.cat([kv, z[..., None]], dim=-1) if z is not None else kv
     state.ref = ref
     state.length += q.shape[2]
