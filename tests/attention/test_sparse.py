@@ -43,6 +43,16 @@ def brute_force(name: str, opts: dict[str, Any], length: int, causal: bool) -> t
     return allowed
 
 
+def assert_output_and_gradients_equal(out: torch.Tensor, ref: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> None:
+    """``out`` equals the float64 reference ``ref``, and so does the gradient of each input."""
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad((out * grad).sum(), inputs)
+    theirs = torch.autograd.grad((ref * grad).sum(), inputs)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
 PATTERNS = [
     ("sliding_window", {"window": 5}),
     ("sliding_window", {"window": 4, "dilation": 3}),
@@ -83,12 +93,7 @@ def test_matches_reference_with_padding_bias_and_gradients(
     out = module(q, k, v, causal=causal, key_padding_mask=kpm, score_bias=bias)
     mask = module.pattern(length, length, causal=causal)
     ref = reference_attention(q, k, v, causal=causal, key_padding_mask=kpm, mask=mask, score_bias=bias)
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
-    grad = torch.randn_like(out)
-    ours = torch.autograd.grad((out * grad).sum(), (q, k, v))
-    theirs = torch.autograd.grad((ref * grad).sum(), (q, k, v))
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    assert_output_and_gradients_equal(out, ref, (q, k, v))
 
 
 @pytest.mark.parametrize("where", ["start", "middle", "end", "mixed"])
@@ -110,12 +115,7 @@ def test_longformer_global_tokens_anywhere(where: str, causal: bool) -> None:
             assert dense_mask[b, 0, s, : (s + 1 if causal else length)].all()
             assert dense_mask[b, 0, s:, s].all()
     ref = reference_attention(q, k, v, causal=causal, key_padding_mask=kpm, mask=dense_mask)
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
-    grad = torch.randn_like(out)
-    ours = torch.autograd.grad((out * grad).sum(), (q, k, v))
-    theirs = torch.autograd.grad((ref * grad).sum(), (q, k, v))
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    assert_output_and_gradients_equal(out, ref, (q, k, v))
 
 
 def test_longformer_global_count_equals_leading_mask() -> None:
@@ -250,3 +250,61 @@ def test_bad_global_tokens_name_the_argument() -> None:
         module(q, k, v, global_tokens=torch.ones(2, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match="global_tokens must be a non-negative integer"):
         module(q, k, v, global_tokens=-1)
+
+
+BIGBIRD = {"block_size": 4, "num_random_blocks": 2, "num_global_blocks": 2, "seed": 1}
+
+
+def _check_against_reference(
+    module: attnkit.AttentionMechanism, q_len: int, kv_len: int, causal: bool, **kw: Any
+) -> None:
+    """Output and every gradient against the float64 reference over the materialised pattern."""
+    q, k, v = structured_qkv(B, H, q_len, kv_len, D, seed=q_len + kv_len, dtype=torch.float64, requires_grad=True)
+    out = module(q, k, v, causal=causal, **kw)
+    mask = module.pattern(q_len, kv_len, causal=causal)
+    ref = reference_attention(q, k, v, causal=causal, mask=mask, **kw)
+    assert_output_and_gradients_equal(out, ref, (q, k, v))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("length", [8, 9, 37, 40])
+@pytest.mark.parametrize("padded", [False, True])
+def test_bigbird_without_bias_matches_reference(causal: bool, length: int, padded: bool) -> None:
+    # no score bias: the global query blocks take the fused SDPA path
+    kpm = random_padding(B, length, seed=length, min_real=length // 2) if padded else None
+    if kpm is not None:
+        kpm[:, 0] = True  # every global row keeps a key: no fallback
+    _check_against_reference(
+        attnkit.build_attention("bigbird", **BIGBIRD), length, length, causal, key_padding_mask=kpm
+    )
+
+
+@pytest.mark.parametrize("steps", [[1] * 29, [3, 1, 4, 6, 9, 6], [8, 8, 13], [5, 24]])
+def test_bigbird_decoding_in_steps_matches_reference(steps: list[int]) -> None:
+    # each step's queries start on a block boundary or mid-block, before, inside or after the
+    # global blocks; the reference is the float64 causal pattern over the whole sequence
+    length = sum(steps)
+    q, k, v = structured_qkv(B, H, length, length, D, seed=10, dtype=torch.float64)
+    module = attnkit.build_attention("bigbird", **BIGBIRD)
+    ref = reference_attention(q, k, v, causal=True, mask=module.pattern(length, length, causal=True))
+    state, start = module.new_state(), 0
+    for step in steps:
+        part = slice(start, start + step)
+        out = module.decode(q[:, :, part], k[:, :, part], v[:, :, part], state)
+        torch.testing.assert_close(out, ref[:, :, part], atol=1e-10, rtol=0)
+        start += step
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bigbird_global_row_with_no_visible_key_is_zero(causal: bool) -> None:
+    # the first keys are padding: causal global rows see nothing (the SDPA path steps aside)
+    kpm = torch.ones(B, 23, dtype=torch.bool)
+    kpm[0, :3] = False
+    kpm[1] = False
+    module = attnkit.build_attention("bigbird", **BIGBIRD)
+    _check_against_reference(module, 23, 23, causal, key_padding_mask=kpm)
+    q, k, v = structured_qkv(B, H, 23, 23, D, seed=2, dtype=torch.float64)
+    out = module(q, k, v, causal=causal, key_padding_mask=kpm)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    if causal:
+        assert torch.equal(out[0, :, :3], torch.zeros_like(out[0, :, :3]))
