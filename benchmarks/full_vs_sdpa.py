@@ -171,10 +171,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.skip_harness:
         run_suite(name, CASES, lengths=args.lengths, repeats=args.repeats)
     data = json.loads((RESULTS / f"{name}.json").read_text())
-    data["wrapper_overhead"] = wrapper_overhead()
+    with quiet_machine():  # a few seconds of µs-scale calls: any other process on the cores skews them
+        data["wrapper_overhead"] = wrapper_overhead()
     print(f"[overhead] {data['wrapper_overhead']}", flush=True)
     if not args.overhead_only:
-        data["paired"] = paired(args.lengths, pairs=args.pairs)
+        # cells of other lengths measured before are kept, so one length can be re-measured alone
+        fresh = paired(args.lengths, pairs=args.pairs)
+        kept = [r for r in data.get("paired", []) if r["length"] not in args.lengths]
+        data["paired"] = kept + fresh
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
     (RESULTS / f"{name}.md").write_text(report(data))
 
