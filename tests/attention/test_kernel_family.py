@@ -15,7 +15,7 @@ from torch import Tensor
 
 import attnkit
 from attnkit.attention.linformer import LinformerAttention
-from attnkit.attention.nystrom import iterative_pinv
+from attnkit.attention.nystrom import iterative_pinv, segment_means
 from attnkit.attention.performer import PerformerAttention, random_projection, softmax_kernel_features
 from attnkit.attention.reference import reference_attention
 from attnkit.kernels.prefix import PrefixState, causal_linear_attention, recurrent_step
@@ -447,6 +447,18 @@ def test_nystrom_error_falls_towards_one_landmark_per_token() -> None:
     ref = reference_attention(q, k, v)
     errors = [relative_error(attnkit.build_attention("nystrom", num_landmarks=m)(q, k, v), ref) for m in (4, 16, 32)]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.05, errors  # 6 pinv steps: not yet converged
+
+
+@pytest.mark.parametrize("length", [24, 26])
+def test_segment_means_and_gradients_equal_an_explicit_loop(length: int) -> None:
+    x = torch.randn(2, 3, length, 5, generator=torch.Generator().manual_seed(12), dtype=F64)
+    ours, ref = leaves(x), leaves(x)
+    got, _ = segment_means(ours[0], None, 4)
+    run = math.ceil(length / 4)
+    want = torch.stack([ref[0][:, :, i * run : (i + 1) * run].mean(dim=2) for i in range(4)], dim=2)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(grads(got, ours)[0], grads(want, ref)[0], atol=1e-12, rtol=1e-10)
+    assert torch.autograd.gradcheck(lambda t: segment_means(t, None, 4)[0], leaves(x[:1, :1]))
 
 
 def test_iterative_pinv_converges_to_the_pseudo_inverse() -> None:

@@ -42,6 +42,27 @@ NO_CAUSAL_REASON = (
 )
 
 
+class _EqualSegmentMeans(torch.autograd.Function):
+    """Means of ``m`` equal runs of ``x (B, H, L, D)``, with a backward that writes the spread-out
+    gradient once (autograd's ``mean`` backward divides, expands and copies: full passes each)."""
+
+    @staticmethod
+    def forward(ctx: Any, *args: Any) -> Tensor:
+        x, segments = args
+        b, h, length, d = x.shape
+        ctx.shape = (b, h, segments, length // segments, d)
+        return x.reshape(ctx.shape).mean(dim=3)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple[Tensor | None, ...]:
+        b, h, segments, run, d = ctx.shape
+        # one pass over the output, which is no view: autograd can then add the queries' (keys')
+        # other gradient into it in place instead of allocating a sum
+        out = grads[0].new_empty(b, h, segments * run, d)
+        torch.div(grads[0][:, :, :, None, :].expand(ctx.shape), run, out=out.view(ctx.shape))
+        return out, None
+
+
 def segment_means(x: Tensor, real: Tensor | None, segments: int) -> tuple[Tensor, Tensor | None]:
     """Means of ``segments`` consecutive runs of ``x``, counting only real positions.
 
@@ -58,7 +79,7 @@ def segment_means(x: Tensor, real: Tensor | None, segments: int) -> tuple[Tensor
     run = math.ceil(length / segments)
     pad = run * segments - length
     if real is None and pad == 0:
-        return x.reshape(b, h, segments, run, d).mean(dim=3), None
+        return _EqualSegmentMeans.apply(x, segments), None
     if real is None:
         real = torch.ones(b, length, dtype=torch.bool, device=x.device)
     weight = F.pad(real.to(x.dtype), (0, pad))  # (B, m·run)
