@@ -10,7 +10,7 @@ prefills the context (chunked, not timed; the KV cache is filled directly), then
 
 Run (a few minutes)::
 
-    flock /tmp/attnkit-bench.lock .venv/bin/python -m benchmarks.decode_recurrent
+    ATTNKIT_BENCH_LOCK=/tmp/attnkit-quiet.lock .venv/bin/python -m benchmarks.decode_recurrent
 
 Writes ``benchmarks/results/decode_recurrent.{json,md}``.
 """
@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.harness import RESULTS, ROOT
+from benchmarks.harness import PYTHONPATH, RESULTS, ROOT, quiet_machine
 
 MECHANISMS: dict[str, dict[str, Any]] = {
     "linear": {},
@@ -68,9 +68,11 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 def measure(name: str, context: int, steps: int, threads: int) -> dict[str, Any]:
     """One fresh process per (mechanism, context)."""
     spec = {"name": name, "options": MECHANISMS[name], "context": context, "steps": steps, "threads": threads}
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    # this tree's src first (as in the harness): a snapshot must not measure the installed checkout
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": PYTHONPATH}
     cmd = [sys.executable, "-m", "benchmarks.decode_recurrent", "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    with quiet_machine():  # the exclusive $ATTNKIT_BENCH_LOCK around each measurement, as in the harness
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     row: dict[str, Any] = {"mechanism": name, "context": context}
     if proc.returncode != 0:
         return {**row, "status": "error", "error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:300]}
