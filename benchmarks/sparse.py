@@ -189,20 +189,24 @@ def long_cases() -> list[Case]:
 def summary(rows: list[dict[str, Any]]) -> str:
     """The issue's floors, read off the rows (ratios > 1 = attnkit faster)."""
 
-    def find(label: str, length: int, causal: bool, mode: str = "fwd+bwd") -> dict[str, Any] | None:
+    def find(label: str, length: int, causal: bool, part: str | None = None) -> dict[str, Any] | None:
         for r in rows:
-            if (r["label"], r["length"], r["causal"], r["mode"]) == (label, length, causal, mode) and r[
-                "status"
-            ] == "ok":
+            key = (r["label"], r["length"], r["causal"], r["mode"], r["status"])
+            if key == (label, length, causal, "fwd+bwd", "ok") and part in (None, r.get("part")):
                 return r
         return None
 
+    def pair(a: str, b: str, length: int, causal: bool) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        # the other row from the same sub-suite run as ours (SDPA is measured in several)
+        ra = find(a, length, causal)
+        return ra, find(b, length, causal, ra.get("part") if ra else None)
+
     def speedup(a: str, b: str, length: int, causal: bool) -> str:
-        ra, rb = find(a, length, causal), find(b, length, causal)
+        ra, rb = pair(a, b, length, causal)
         return f"{rb['median_s'] / ra['median_s']:.2f}×" if ra and rb else "n/a"
 
     def memory(a: str, b: str, length: int, causal: bool) -> str:
-        ra, rb = find(a, length, causal), find(b, length, causal)
+        ra, rb = pair(a, b, length, causal)
         return f"{ra['peak_mb']:.0f} vs {rb['peak_mb']:.0f} MB" if ra and rb else "n/a"
 
     lines = ["## Floors (fwd+bwd; speed-up = other time / attnkit time)", ""]
@@ -261,11 +265,13 @@ def main(argv: list[str] | None = None) -> None:
     for part in args.parts:
         make, lengths = suites[part]
         if lengths:
-            rows += run_suite(f"sparse_{part}", make(), lengths=lengths, repeats=args.repeats)
+            rows += [
+                {**r, "part": part} for r in run_suite(f"sparse_{part}", make(), lengths=lengths, repeats=args.repeats)
+            ]
     for part in suites:  # keep rows of parts measured in earlier invocations
         path = RESULTS / f"sparse_{part}.json"
         if part not in args.parts and path.exists():
-            rows += json.loads(path.read_text())["rows"]
+            rows += [{**r, "part": part} for r in json.loads(path.read_text())["rows"]]
     meta = {"suite": "sparse", "parts": list(suites), "protocol": "B=1, H=8, D=64, fp32, 2 threads"}
     (RESULTS / "sparse.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = f"# sparse benchmark\n\n{json.dumps(meta)}\n\n{summary(rows)}\n\n## All rows\n\n{markdown_table(rows)}\n"
