@@ -191,8 +191,9 @@ def _global_rows_sdpa(
     q: Tensor, k: Tensor, v: Tensor, m: int, *, causal: bool, key_padding_mask: Tensor | None, scale: float | None
 ) -> Tensor | None:
     """The first ``m`` queries attending to every key (up to causality and padding) with PyTorch's
-    fused SDPA: ``(B, H, m, Dv)`` in float32 or wider, or None when a row sees no key (SDPA's math
-    backend gives NaN there, so such calls go to the blocked core, which gives the contract's zeros).
+    fused SDPA: ``(B, H, m, Dv)`` in float32 or wider, or None when a row sees no key (what SDPA
+    returns there has differed between backends and torch versions, NaN in some; such calls go
+    to the blocked core, which gives the contract's zeros).
 
     Fused, it keeps no ``m × S`` probabilities and skips the gather of every key block: about
     half the time of the blocked core on these rows at 16K keys, 60% at 4K (measured, fwd+bwd)."""
