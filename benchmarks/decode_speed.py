@@ -11,7 +11,7 @@ Mechanisms are chosen from the registry by declared decoding kind: ``full`` (the
 baseline) plus every registered mechanism whose ``decoding`` is ``window_cache`` or
 ``recurrent``, each with its ``benchmark_options``. Run::
 
-    flock /tmp/attnkit-bench.lock python -m benchmarks.decode_speed
+    ATTNKIT_BENCH_LOCK=/tmp/attnkit-quiet.lock python -m benchmarks.decode_speed
 
 Writes ``benchmarks/results/decode_speed.{json,md,png}``.
 """

@@ -12,7 +12,7 @@ Two measurements, both written to ``benchmarks/results/full_vs_sdpa.{json,md,png
 
 Run (about 10 minutes up to 16K, 30 more for 32K)::
 
-    flock /tmp/attnkit-bench.lock .venv-bench/bin/python -m benchmarks.full_vs_sdpa --lengths 1024 2048 4096 8192 16384
+    ATTNKIT_BENCH_LOCK=/tmp/attnkit-quiet.lock .venv-bench/bin/python -m benchmarks.full_vs_sdpa --lengths 1024 2048 4096 8192 16384
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ track live tensors; set the variable yourself to measure something else.
 
 Run (about 5 minutes on 2 idle cores)::
 
-    flock /tmp/attnkit-bench.lock python -m benchmarks.reversible_memory
+    ATTNKIT_BENCH_LOCK=/tmp/attnkit-quiet.lock python -m benchmarks.reversible_memory
 
 Writes ``benchmarks/results/reversible_memory.{json,md,png}``.
 """

@@ -22,7 +22,7 @@ Each sub-suite writes its own ``benchmarks/results/sparse_<part>.{json,md,png}``
 
 Run (about 25 minutes)::
 
-    flock /tmp/attnkit-bench.lock .venv-bench/bin/python -m benchmarks.sparse
+    ATTNKIT_BENCH_LOCK=/tmp/attnkit-quiet.lock .venv-bench/bin/python -m benchmarks.sparse
 
 ``--parts window longformer`` measures some sub-suites only; ``--parts`` alone rebuilds the
 combined files from the saved ones.

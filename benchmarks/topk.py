@@ -6,7 +6,7 @@ backward, which touch only ``k`` keys per query. Results go to ``benchmarks/resu
 
 Run::
 
-    flock /tmp/attnkit-bench.lock .venv-bench/bin/python -m benchmarks.topk --lengths 1024 2048 4096 8192
+    ATTNKIT_BENCH_LOCK=/tmp/attnkit-quiet.lock .venv-bench/bin/python -m benchmarks.topk --lengths 1024 2048 4096 8192
 """
 
 from __future__ import annotations
