@@ -18,7 +18,14 @@ Anchors (``.venv-bench`` only, never package dependencies), at matched settings:
   sees its window and the previous one of its cluster, so ``window=128`` is the matched
   (≤ 256 keys per query) setting and ``window=256`` is shown too.
 * ``sinkhorn-transformer`` ``SinkhornAttention`` / ``SinkhornCausalAttention`` against
-  attnkit ``sinkhorn``: block 64.
+  attnkit ``sinkhorn``: block 64, 128 keys per query on both sides (own block + one sorted
+  block). The anchor's bidirectional module keeps its default ``non_permutative=True``, so
+  the ``sinkhorn_iter=8`` passed here is never used: its sort matrix is a softmax over key
+  blocks with only the top-1 entry per row kept (no Sinkhorn iteration), still applied as a
+  dense ``(nb × nb) @ (nb × c·D)`` mix like attnkit's. The matched attnkit row is therefore
+  ``sinkhorn_iters=0`` (row softmax); the default 8 iterations are shown too. (The anchor
+  also mixes the *keys* into its sorted values, ``b_v_r = b_k_r``, so it back-propagates
+  one mix where attnkit does two.)
 
 Run (about 20 minutes)::
 
@@ -163,6 +170,11 @@ def cases() -> list[Case]:
             **anchor,
         ),
         Case("attnkit sinkhorn (b64)", "benchmarks.hashing:ours", {"name": "sinkhorn", "block_size": 64}),
+        Case(
+            "attnkit sinkhorn (b64, 0 iters)",
+            "benchmarks.hashing:ours",
+            {"name": "sinkhorn", "block_size": 64, "sinkhorn_iters": 0},
+        ),
         Case("sinkhorn-transformer (b64)", "benchmarks.hashing:sinkhorn_anchor", {"block_size": 64}, **anchor),
     ]
 
@@ -245,6 +257,11 @@ def group_of(label: str) -> str:
 #: Issue 4's floor: at most this fraction of the fastest anchor's time (1.5x faster).
 FLOOR_RATIO = 1 / 1.5
 
+#: Groups whose anchor does not run at a matched setting: shown, but no floor is judged.
+NOT_MATCHED = {
+    "routing 4": "n/a: not matched (the anchor attends only 4 × 256 of the T queries, zeros elsewhere)",
+}
+
 
 def floor_table(rows: list[dict[str, Any]], lengths: tuple[int, ...] = (4096, 16384)) -> str:
     """The floors as markdown: each attnkit row at ``lengths``, fwd+bwd, vs the fastest anchor of its group."""
@@ -264,12 +281,20 @@ def floor_table(rows: list[dict[str, Any]], lengths: tuple[int, ...] = (4096, 16
             continue
         anchor = min(peers, key=lambda a: a["median_s"])
         ratio = r["median_s"] / anchor["median_s"]
+        reason = NOT_MATCHED.get(group_of(r["label"]))
+        time_ok = reason or ("met" if ratio <= FLOOR_RATIO else "not met")
+        memory_ok = reason or ("met" if r["peak_mb"] <= anchor["peak_mb"] else "not met")
         lines.append(
             f"| {r['label']} | {'yes' if r['causal'] else 'no'} | {r['length']} | {r['median_s'] * 1e3:.0f} "
             f"| {anchor['label']} | {anchor['median_s'] * 1e3:.0f} | {ratio:.2f} | {r['peak_mb']:.0f} "
-            f"| {anchor['peak_mb']:.0f} | {'met' if ratio <= FLOOR_RATIO else 'not met'} "
-            f"| {'met' if r['peak_mb'] <= anchor['peak_mb'] else 'not met'} |"
+            f"| {anchor['peak_mb']:.0f} | {time_ok} | {memory_ok} |"
         )
+    lines += [
+        "",
+        "Routing with 4 clusters is informational: the anchor's `KmeansAttention` keeps the top 256 "
+        "tokens of each of its 4 clusters (1024 of T queries; the other queries output zeros), so it "
+        "does T/1024 of attnkit's work, where every query is routed and attended.",
+    ]
     return "\n".join(lines)
 
 

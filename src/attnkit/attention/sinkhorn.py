@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from attnkit.core.base import AttentionMechanism
 from attnkit.core.capabilities import Capabilities
@@ -67,7 +68,8 @@ def sinkhorn_normalize(log_scores: Tensor, iters: int) -> Tensor:
 def _block_means(x: Tensor, weight: Tensor) -> Tensor:
     """Weighted mean per block: ``x (..., nb, c, D)``, ``weight (..., nb, c)`` -> ``(..., nb, D)``."""
     total = weight.sum(dim=-1, keepdim=True)
-    return (x * weight.unsqueeze(-1)).sum(dim=-2) / total.clamp(min=1.0)
+    # A batched (1 x c) @ (c x D) product: no (..., nb, c, D) weighted copy, forward or backward.
+    return (weight.unsqueeze(-2) @ x).squeeze(-2) / total.clamp(min=1.0)
 
 
 @register(
@@ -126,6 +128,10 @@ class SinkhornAttention(AttentionMechanism):
             has_block = allowed.any(dim=-1, keepdim=True)
             safe = scores.masked_fill(~has_block, 0.0)
             return torch.softmax(safe, dim=-1) * has_block
+        if self.sinkhorn_iters and torch.is_grad_enabled() and scores.requires_grad:
+            # Recomputed in the backward (deterministic, O(iters · nb²)): autograd would
+            # otherwise hold every iteration's (nb, nb) intermediates until then.
+            return checkpoint(sinkhorn_normalize, scores, self.sinkhorn_iters, use_reentrant=False)
         return sinkhorn_normalize(scores, self.sinkhorn_iters)
 
     def _attend(
@@ -163,31 +169,29 @@ class SinkhornAttention(AttentionMechanism):
         if causal:
             later = torch.ones(c, c, dtype=torch.bool, device=q.device).triu_(1)  # key offset > query offset
             own_blocked = later if own_blocked is None else own_blocked | later
-        keys, values, blocked = k_blocks, v_blocks, own_blocked
+        groups = b * h * nb
+        blocked = None if own_blocked is None else own_blocked.expand(b, h, nb, c, c).reshape(groups, c, c)
+        extra = None
         if nb > 1:  # the sorted block, as extra keys every query of the block sees
             weight = real.to(compute)
             k_mixed, v_mixed = (
                 (k_blocks, v_blocks) if not masked else (k_blocks * weight[..., None], v_blocks * weight[..., None])
             )
             perm = self.sort_matrix(q_blocks, k_mixed, weight, causal=causal)  # (B, H, nb, nb)
-            keys = torch.cat([k_blocks, torch.einsum("bhij,bhjcd->bhicd", perm, k_mixed)], dim=-2)
-            values = torch.cat([v_blocks, torch.einsum("bhij,bhjcd->bhicd", perm, v_mixed)], dim=-2)
+            # (nb, nb) @ (nb, c·D) per head: the sorted blocks, already in (B·H·nb, c, D) order.
+            sorted_keys = (perm @ k_mixed.flatten(-2)).view(groups, c, d)
+            sorted_values = (perm @ v_mixed.flatten(-2)).view(groups, c, v.shape[-1])
+            sorted_blocked = None
             if masked or causal:  # else every row of P has mass and every mixed slot holds real keys
                 with torch.no_grad():
-                    sorted_blocked = torch.einsum("bhij,bjc->bhic", perm.detach(), weight[:, 0]) <= 0
-                shape = (b, h, nb, c, c)
-                own = (
-                    torch.zeros(shape, dtype=torch.bool, device=q.device) if blocked is None else blocked.expand(shape)
-                )
-                blocked = torch.cat([own, sorted_blocked.unsqueeze(-2).expand(shape)], dim=-1)
-        groups = b * h * nb
-        if blocked is not None:
-            blocked = blocked.expand(b, h, nb, c, keys.shape[-2]).reshape(groups, c, -1)
+                    sorted_blocked = (perm.detach() @ weight <= 0).view(groups, 1, c)
+            extra = (sorted_keys, sorted_values, sorted_blocked)
         out, _ = chunk_attention(
             q_blocks.reshape(groups, c, d),
-            keys.reshape(groups, -1, d),
-            values.reshape(groups, -1, v.shape[-1]),
+            k_blocks.reshape(groups, c, d),
+            v_blocks.reshape(groups, c, v.shape[-1]),
             blocked,
             scale=d**-0.5,
+            extra=extra,
         )
         return out.view(b, h, nb * c, -1)[:, :, :t_len]

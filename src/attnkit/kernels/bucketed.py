@@ -231,10 +231,12 @@ class _ChunkAttention(torch.autograd.Function):
 
     Keys and values come either as ``(G, K, D)`` or, with ``chunk > 0``, as a flat buffer of
     ``G + 1`` chunks read through overlapping windows (previous + own chunk) without a copy.
-    Saves the normalised probabilities ``(G, c, K)`` instead of the boolean masks: the
-    backward needs them alongside ``dP`` anyway, so recomputing them would not lower the
-    peak, only add a matmul, a masked fill and an exponential. The output is not saved:
-    the backward gets ``rowsum(dO ∘ out)`` as ``rowsum(P ∘ dP)``.
+    An optional second part ``(G, E, D)`` of keys and values joins the same softmax (one
+    score tensor per part), so callers never concatenate keys. Saves the normalised
+    probabilities instead of the boolean masks: the backward needs them alongside ``dP``
+    anyway, so recomputing them would not lower the peak, only add a matmul, a masked fill
+    and an exponential. The output is not saved: the backward gets ``rowsum(dO ∘ out)`` as
+    ``rowsum(P ∘ dP)``.
     """
 
     @staticmethod
@@ -247,42 +249,63 @@ class _ChunkAttention(torch.autograd.Function):
         self_pair: Tensor | None,
         scale: float,
         chunk: int,
+        k_extra: Tensor | None = None,
+        v_extra: Tensor | None = None,
+        extra_blocked: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         k, v = (_windows(k_src, chunk), _windows(v_src, chunk)) if chunk else (k_src, v_src)
         q = q * scale  # (G, c, D): cheaper than scaling the (G, c, K) scores
-        p = _scores(q, k, blocked, self_pair)
-        row_max = p.amax(dim=-1, keepdim=True)
-        if blocked is not None:  # a row with every key blocked has max -inf
+        probs = [_scores(q, k, blocked, self_pair)]
+        if k_extra is not None:
+            probs.append(_scores(q, k_extra, extra_blocked, None))
+        row_max = probs[0].amax(dim=-1, keepdim=True)
+        for extra in probs[1:]:
+            row_max = torch.maximum(row_max, extra.amax(dim=-1, keepdim=True))
+        if blocked is not None or extra_blocked is not None:  # a row with every key blocked has max -inf
             row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        p.sub_(row_max).exp_()  # exactly 0 on blocked keys
-        denom = p.sum(dim=-1, keepdim=True)
+        denom = torch.zeros_like(row_max)
+        for p in probs:
+            denom += p.sub_(row_max).exp_().sum(dim=-1, keepdim=True)  # exactly 0 on blocked keys
         has_key = denom > 0
         safe = torch.where(has_key, denom, torch.ones_like(denom))
-        p.mul_(safe.reciprocal())  # the probabilities; rows without a key stay 0
-        out = torch.bmm(p, v)
+        inverse = safe.reciprocal()
+        for p in probs:
+            p.mul_(inverse)  # the probabilities; rows without a key stay 0
+        out = torch.bmm(probs[0], v)
+        if v_extra is not None:
+            out.baddbmm_(probs[1], v_extra)
         lse = torch.where(has_key, row_max + torch.log(safe), torch.full_like(denom, float("-inf"))).squeeze(-1)
-        ctx.save_for_backward(q, k_src, v_src, p, self_pair)
+        ctx.save_for_backward(q, k_src, v_src, self_pair, k_extra, v_extra, *probs)
         ctx.scale, ctx.chunk = scale, chunk
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, d_out: Tensor, d_lse: Tensor | None) -> tuple[Tensor | None, ...]:
-        q, k_src, v_src, p, self_pair = ctx.saved_tensors
+        q, k_src, v_src, self_pair, k_extra, v_extra, *probs = ctx.saved_tensors
         chunk = ctx.chunk
         k, v = (_windows(k_src, chunk), _windows(v_src, chunk)) if chunk else (k_src, v_src)
+        keys, values = [k, k_extra], [v, v_extra]
         d_out = d_out.contiguous()
-        d_v = _key_side_grad(p, d_out, chunk)
-        d_s = torch.bmm(d_out, v.transpose(-1, -2))  # dP
-        delta = _row_dot(p, d_s)  # = rowsum(dO ∘ out), without saving out
+        d_scores = [torch.bmm(d_out, value.transpose(-1, -2)) for value in values[: len(probs)]]  # dP
+        delta = _row_dot(probs[0], d_scores[0])  # = rowsum(dO ∘ out), without saving out
+        for p, d_s in zip(probs[1:], d_scores[1:]):
+            delta.add_(_row_dot(p, d_s))
         if d_lse is not None:
             delta = delta - d_lse.unsqueeze(-1)
-        d_s.sub_(delta).mul_(p)
-        del p
+        d_v = _key_side_grad(probs[0], d_out, chunk)
+        d_v_extra = torch.bmm(probs[1].transpose(-1, -2), d_out) if len(probs) > 1 else None
+        for p, d_s in zip(probs, d_scores):
+            d_s.sub_(delta).mul_(p)
+        del p, probs
         if self_pair is not None:
-            d_s.masked_fill_(self_pair, 0.0)  # the self score is a constant
-        d_q = torch.bmm(d_s, k).mul_(ctx.scale)
-        d_k = _key_side_grad(d_s, q, chunk)  # q is the scaled query
-        return d_q, d_k, d_v, None, None, None, None
+            d_scores[0].masked_fill_(self_pair, 0.0)  # the self score is a constant
+        d_q = torch.bmm(d_scores[0], k)
+        if len(d_scores) > 1:
+            d_q.baddbmm_(d_scores[1], keys[1])
+        d_q.mul_(ctx.scale)
+        d_k = _key_side_grad(d_scores[0], q, chunk)  # q is the scaled query
+        d_k_extra = torch.bmm(d_scores[1].transpose(-1, -2), q) if len(d_scores) > 1 else None
+        return d_q, d_k, d_v, None, None, None, None, d_k_extra, d_v_extra, None
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -309,7 +332,15 @@ def _key_side_grad(weights: Tensor, x: Tensor, chunk: int) -> Tensor:
     return out.view(-1, dim)
 
 
-def chunk_attention(q: Tensor, k: Tensor, v: Tensor, blocked: Tensor | None, *, scale: float) -> tuple[Tensor, Tensor]:
+def chunk_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    blocked: Tensor | None,
+    *,
+    scale: float,
+    extra: tuple[Tensor, Tensor, Tensor | None] | None = None,
+) -> tuple[Tensor, Tensor]:
     """Softmax attention of every group of queries over its own keys (memory-lean autograd).
 
     Args:
@@ -319,6 +350,9 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, blocked: Tensor | None, *, 
         blocked: bool, broadcastable to ``(G, c, K)``: True hides the key from the query;
             ``None`` when every key is visible.
         scale: score scale.
+        extra: optional more keys ``(G, E, D)``, values ``(G, E, Dv)`` and their ``blocked``
+            (broadcastable to ``(G, c, E)`` or ``None``), in the same softmax: the same
+            result as concatenating them after ``k`` and ``v``, without the copy.
 
     Returns:
         ``out (G, c, Dv)`` (zeros for a query with no visible key) and ``lse (G, c)``
@@ -326,7 +360,13 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, blocked: Tensor | None, *, 
     """
     if blocked is not None:
         blocked = blocked.expand(q.shape[0], q.shape[1], k.shape[1])
-    out, lse = _ChunkAttention.apply(q, k, v, blocked, None, scale, 0)
+    if extra is None:
+        out, lse = _ChunkAttention.apply(q, k, v, blocked, None, scale, 0)
+        return out, lse
+    k_extra, v_extra, extra_blocked = extra
+    if extra_blocked is not None:
+        extra_blocked = extra_blocked.expand(q.shape[0], q.shape[1], k_extra.shape[1])
+    out, lse = _ChunkAttention.apply(q, k, v, blocked, None, scale, 0, k_extra, v_extra, extra_blocked)
     return out, lse
 
 
