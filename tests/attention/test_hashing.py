@@ -18,7 +18,8 @@ from attnkit.attention.lsh import LSHAttention, lsh_buckets
 from attnkit.attention.reference import reference_attention
 from attnkit.attention.routing import RoutingAttention, update_routing_centroids
 from attnkit.attention.sinkhorn import SinkhornAttention, sinkhorn_normalize
-from attnkit.kernels.bucketed import bucket_layout
+from attnkit.kernels import bucketed
+from attnkit.kernels.bucketed import bucket_layout, chunk_attention
 from tests.helpers import random_padding, relative_error, structured_qkv
 
 NAMES = ["lsh", "routing", "sinkhorn"]
@@ -385,3 +386,46 @@ def test_memory_never_holds_a_t_by_s_matrix(name: str, causal: bool) -> None:
         module(q, k, v, causal=causal, key_padding_mask=kpm).sum().backward()
     # Scores are (rounds x slots x 2*chunk): ~2 * 1.6T * 32 here; T^2 would be 16x more.
     assert probe.largest < t_len * t_len / 4, probe.largest
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_chunk_attention_with_extra_keys_is_softmax_over_both(blocked: bool) -> None:
+    """Output, log-sum-exp and every gradient equal a dense float64 softmax over the concatenated keys."""
+    gen = torch.Generator().manual_seed(31)
+    g, c, e, d = 5, 3, 4, 6
+    q, k, v = (torch.randn(g, n, d, generator=gen, dtype=torch.float64, requires_grad=True) for n in (c, c, c))
+    k2, v2 = (torch.randn(g, e, d, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    own = torch.rand(g, c, c, generator=gen) < 0.4 if blocked else None
+    extra = torch.rand(g, 1, e, generator=gen) < 0.4 if blocked else None
+    if blocked:
+        assert own is not None and extra is not None
+        own[0], extra[0] = True, True  # group 0: rows with no visible key output zeros
+    out, lse = chunk_attention(q, k, v, own, scale=0.3, extra=(k2, v2, extra))
+    hidden = torch.zeros(g, c, c + e, dtype=torch.bool)
+    if own is not None and extra is not None:
+        hidden = torch.cat([own, extra.expand(g, c, e)], dim=-1)
+    scores = (q @ torch.cat([k, k2], 1).transpose(1, 2) * 0.3).masked_fill(hidden, float("-inf"))
+    ref_lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.where(hidden, 0.0, torch.exp(scores - ref_lse.masked_fill(hidden.all(-1), 0.0)[..., None]))
+    ref = probs @ torch.cat([v, v2], 1)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=0)
+    w, w_lse = torch.randn_like(ref), torch.randn_like(ref_lse).masked_fill(hidden.all(-1), 0.0)
+    inputs = (q, k, v, k2, v2)
+    grads = torch.autograd.grad((out * w).sum() + (lse.nan_to_num(neginf=0.0) * w_lse).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * w).sum() + (ref_lse.nan_to_num(neginf=0.0) * w_lse).sum(), inputs)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    assert torch.autograd.gradcheck(
+        lambda *x: chunk_attention(x[0], x[1], x[2], own, scale=0.3, extra=(x[3], x[4], extra))[0], inputs
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_core_block_loops_match_the_references(monkeypatch: pytest.MonkeyPatch, causal: bool) -> None:
+    """One group per block in the core's loops (the benchmark sizes run many): same references."""
+    monkeypatch.setattr(bucketed, "BLOCK_SCORES", 1)
+    test_lsh_equals_softmax_over_the_union_of_rounds(causal, padded=True)
+    test_routing_attends_within_clusters(causal)
+    test_sinkhorn_matches_a_brute_force_loop(causal)
+    test_chunk_attention_with_extra_keys_is_softmax_over_both(blocked=True)

@@ -23,10 +23,10 @@ this module does the rest:
    Rows with no visible key output zeros.
 
 The chunk attention has its own autograd (the look-back read through overlapping views
-instead of copies; the backward reuses the saved probabilities, which it needs next to
-``dP`` anyway), so memory is the gathered ``q, k, v`` plus ``R · T · 2·chunk``
-probabilities and one transient buffer of that size: never ``T × S``. Time
-``O(R · T · chunk · D)``.
+instead of copies; forward and backward loop over cache-sized blocks of chunks, and the
+backward recomputes each block's probabilities from the saved log-sum-exp), so memory is
+the gathered ``q, k, v``, the boolean masks and one block of scores: never ``T × S``, nor
+the ``R · T · 2·chunk`` probabilities. Time ``O(R · T · chunk · D)``.
 """
 
 from __future__ import annotations
@@ -226,17 +226,55 @@ def _scores(q: Tensor, k: Tensor, blocked: Tensor | None, self_pair: Tensor | No
     return s
 
 
+#: Scores per block of groups (floats): the loops of :class:`_ChunkAttention` keep one
+#: block's scores, probabilities and gradients in cache across their elementwise passes.
+BLOCK_SCORES = 1 << 18
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One set of keys of a block of groups: ``k (g, K, D)``, ``v (g, K, Dv)`` and their masks."""
+
+    k: Tensor
+    v: Tensor
+    blocked: Tensor | None
+    self_pair: Tensor | None
+
+
+def _block_parts(saved: tuple[Tensor | None, ...], chunk: int, g0: int, g1: int) -> list[_Part]:
+    """The key parts of groups ``g0:g1`` from ``(k_src, v_src, blocked, self_pair, k_extra, v_extra, extra_blocked)``."""
+    k_src, v_src, blocked, self_pair, k_extra, v_extra, extra_blocked = saved
+    assert k_src is not None and v_src is not None
+    if chunk:  # chunks g0 .. g1 of the buffer hold the windows of groups g0 .. g1 - 1
+        k, v = (
+            _windows(k_src[g0 * chunk : (g1 + 1) * chunk], chunk),
+            _windows(v_src[g0 * chunk : (g1 + 1) * chunk], chunk),
+        )
+    else:
+        k, v = k_src[g0:g1], v_src[g0:g1]
+    parts = [_Part(k, v, _rows_of(blocked, g0, g1), _rows_of(self_pair, g0, g1))]
+    if k_extra is not None and v_extra is not None:
+        parts.append(_Part(k_extra[g0:g1], v_extra[g0:g1], _rows_of(extra_blocked, g0, g1), None))
+    return parts
+
+
+def _rows_of(mask: Tensor | None, g0: int, g1: int) -> Tensor | None:
+    return None if mask is None else mask[g0:g1]
+
+
 class _ChunkAttention(torch.autograd.Function):
     """Softmax attention per chunk over unblocked keys, returning the output and log-sum-exp.
 
     Keys and values come either as ``(G, K, D)`` or, with ``chunk > 0``, as a flat buffer of
     ``G + 1`` chunks read through overlapping windows (previous + own chunk) without a copy.
     An optional second part ``(G, E, D)`` of keys and values joins the same softmax (one
-    score tensor per part), so callers never concatenate keys. Saves the normalised
-    probabilities instead of the boolean masks: the backward needs them alongside ``dP``
-    anyway, so recomputing them would not lower the peak, only add a matmul, a masked fill
-    and an exponential. The output is not saved: the backward gets ``rowsum(dO ∘ out)`` as
-    ``rowsum(P ∘ dP)``.
+    score tensor per part), so callers never concatenate keys.
+
+    Both passes loop over blocks of groups (about :data:`BLOCK_SCORES` scores each), so the
+    elementwise passes over scores run in cache, and nothing of size ``G · c · K`` is saved:
+    the backward recomputes each block's probabilities from the saved inputs, masks and
+    log-sum-exp (one more ``q kᵀ`` product, instead of holding ``P`` from the forward to the
+    backward; the peak is then the inputs plus one block).
     """
 
     @staticmethod
@@ -253,59 +291,79 @@ class _ChunkAttention(torch.autograd.Function):
         v_extra: Tensor | None = None,
         extra_blocked: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        k, v = (_windows(k_src, chunk), _windows(v_src, chunk)) if chunk else (k_src, v_src)
-        q = q * scale  # (G, c, D): cheaper than scaling the (G, c, K) scores
-        probs = [_scores(q, k, blocked, self_pair)]
-        if k_extra is not None:
-            probs.append(_scores(q, k_extra, extra_blocked, None))
-        row_max = probs[0].amax(dim=-1, keepdim=True)
-        for extra in probs[1:]:
-            row_max = torch.maximum(row_max, extra.amax(dim=-1, keepdim=True))
-        if blocked is not None or extra_blocked is not None:  # a row with every key blocked has max -inf
-            row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        denom = torch.zeros_like(row_max)
-        for p in probs:
-            denom += p.sub_(row_max).exp_().sum(dim=-1, keepdim=True)  # exactly 0 on blocked keys
-        has_key = denom > 0
-        safe = torch.where(has_key, denom, torch.ones_like(denom))
-        inverse = safe.reciprocal()
-        for p in probs:
-            p.mul_(inverse)  # the probabilities; rows without a key stay 0
-        out = torch.bmm(probs[0], v)
-        if v_extra is not None:
-            out.baddbmm_(probs[1], v_extra)
-        lse = torch.where(has_key, row_max + torch.log(safe), torch.full_like(denom, float("-inf"))).squeeze(-1)
-        ctx.save_for_backward(q, k_src, v_src, self_pair, k_extra, v_extra, *probs)
+        saved = (k_src, v_src, blocked, self_pair, k_extra, v_extra, extra_blocked)
+        groups, rows, _ = q.shape
+        out = q.new_empty(groups, rows, v_src.shape[-1])
+        lse = q.new_empty(groups, rows, 1)
+        for g0, g1 in _blocks(q, saved, chunk):
+            parts = _block_parts(saved, chunk, g0, g1)
+            probs = [_scores(q[g0:g1] * scale, part.k, part.blocked, part.self_pair) for part in parts]
+            row_max = probs[0].amax(dim=-1, keepdim=True)
+            for extra in probs[1:]:
+                row_max = torch.maximum(row_max, extra.amax(dim=-1, keepdim=True))
+            row_max.masked_fill_(row_max == float("-inf"), 0.0)  # a row with every key blocked
+            denom = torch.zeros_like(row_max)
+            for p in probs:
+                denom += p.sub_(row_max).exp_().sum(dim=-1, keepdim=True)  # exactly 0 on blocked keys
+            has_key = denom > 0
+            safe = torch.where(has_key, denom, torch.ones_like(denom))
+            torch.bmm(probs[0], parts[0].v, out=out[g0:g1])
+            for p, part in zip(probs[1:], parts[1:]):
+                out[g0:g1].baddbmm_(p, part.v)
+            out[g0:g1].div_(safe)  # rows without a key stay 0
+            lse[g0:g1] = torch.where(has_key, row_max + torch.log(safe), float("-inf"))
+        ctx.save_for_backward(q, *saved, lse)
         ctx.scale, ctx.chunk = scale, chunk
-        return out, lse
+        return out, lse.squeeze(-1)
 
     @staticmethod
     def backward(ctx: Any, d_out: Tensor, d_lse: Tensor | None) -> tuple[Tensor | None, ...]:
-        q, k_src, v_src, self_pair, k_extra, v_extra, *probs = ctx.saved_tensors
-        chunk = ctx.chunk
-        k, v = (_windows(k_src, chunk), _windows(v_src, chunk)) if chunk else (k_src, v_src)
-        keys, values = [k, k_extra], [v, v_extra]
+        q, *stored, lse = ctx.saved_tensors
+        saved = tuple(stored)
+        k_src, v_src, _, self_pair, k_extra, v_extra, _ = saved
+        scale, chunk = ctx.scale, ctx.chunk
         d_out = d_out.contiguous()
-        d_scores = [torch.bmm(d_out, value.transpose(-1, -2)) for value in values[: len(probs)]]  # dP
-        delta = _row_dot(probs[0], d_scores[0])  # = rowsum(dO ∘ out), without saving out
-        for p, d_s in zip(probs[1:], d_scores[1:]):
-            delta.add_(_row_dot(p, d_s))
-        if d_lse is not None:
-            delta = delta - d_lse.unsqueeze(-1)
-        d_v = _key_side_grad(probs[0], d_out, chunk)
-        d_v_extra = torch.bmm(probs[1].transpose(-1, -2), d_out) if len(probs) > 1 else None
-        for p, d_s in zip(probs, d_scores):
-            d_s.sub_(delta).mul_(p)
-        del p, probs
-        if self_pair is not None:
-            d_scores[0].masked_fill_(self_pair, 0.0)  # the self score is a constant
-        d_q = torch.bmm(d_scores[0], k)
-        if len(d_scores) > 1:
-            d_q.baddbmm_(d_scores[1], keys[1])
-        d_q.mul_(ctx.scale)
-        d_k = _key_side_grad(d_scores[0], q, chunk)  # q is the scaled query
-        d_k_extra = torch.bmm(d_scores[1].transpose(-1, -2), q) if len(d_scores) > 1 else None
+        d_q = torch.empty_like(q)
+        # Windowed keys: each chunk of the buffer gets gradient from two windows, so accumulate.
+        d_k = torch.zeros_like(k_src) if chunk else torch.empty_like(k_src)
+        d_v = torch.zeros_like(v_src) if chunk else torch.empty_like(v_src)
+        d_k_extra = None if k_extra is None else torch.empty_like(k_extra)
+        d_v_extra = None if v_extra is None else torch.empty_like(v_extra)
+        # exp(s - lse) recomputes P; +inf on rows without a key makes theirs exactly 0.
+        lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+        for g0, g1 in _blocks(q, saved, chunk):
+            parts = _block_parts(saved, chunk, g0, g1)
+            q_block, d_o = q[g0:g1] * scale, d_out[g0:g1]
+            probs = [_scores(q_block, part.k, part.blocked, part.self_pair).sub_(lse[g0:g1]).exp_() for part in parts]
+            d_scores = [torch.bmm(d_o, part.v.transpose(-1, -2)) for part in parts]  # dP
+            delta = _row_dot(probs[0], d_scores[0])  # = rowsum(dO ∘ out), without saving out
+            for p, d_s in zip(probs[1:], d_scores[1:]):
+                delta.add_(_row_dot(p, d_s))
+            if d_lse is not None:
+                delta.sub_(d_lse[g0:g1].unsqueeze(-1))
+            for p, d_s in zip(probs, d_scores):
+                d_s.sub_(delta).mul_(p)
+            if self_pair is not None:
+                d_scores[0].masked_fill_(self_pair[g0:g1], 0.0)  # the self score is a constant
+            torch.bmm(d_scores[0], parts[0].k, out=d_q[g0:g1])
+            _key_side_grad(probs[0], d_o, chunk, d_v, g0, g1)
+            _key_side_grad(d_scores[0], q_block, chunk, d_k, g0, g1)
+            if d_k_extra is not None and d_v_extra is not None:
+                d_q[g0:g1].baddbmm_(d_scores[1], parts[1].k)
+                torch.bmm(probs[1].transpose(-1, -2), d_o, out=d_v_extra[g0:g1])
+                torch.bmm(d_scores[1].transpose(-1, -2), q_block, out=d_k_extra[g0:g1])
+        d_q.mul_(scale)
         return d_q, d_k, d_v, None, None, None, None, d_k_extra, d_v_extra, None
+
+
+def _blocks(q: Tensor, saved: tuple[Tensor | None, ...], chunk: int) -> list[tuple[int, int]]:
+    """Ranges ``(g0, g1)`` of groups holding about :data:`BLOCK_SCORES` scores each."""
+    groups, rows, _ = q.shape
+    k_src, k_extra = saved[0], saved[4]
+    keys = 2 * chunk if chunk or k_src is None else k_src.shape[1]
+    keys += 0 if k_extra is None else k_extra.shape[1]
+    step = max(1, BLOCK_SCORES // (rows * keys))
+    return [(g0, min(groups, g0 + step)) for g0 in range(0, groups, step)]
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -318,18 +376,19 @@ def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.view(-1, 1, keys), b.view(-1, keys, 1)).view(groups, rows, 1)
 
 
-def _key_side_grad(weights: Tensor, x: Tensor, chunk: int) -> Tensor:
-    """``weightsᵀ @ x`` for keys/values: ``(G, c, K)``, ``(G, c, E)`` -> ``(G, K, E)``, or with
-    ``chunk`` folded straight into the ``((G + 1) · chunk, E)`` buffer the windows were read from
-    (the adjoint of :func:`_windows`, without a ``(G, 2c, E)`` temporary)."""
+def _key_side_grad(weights: Tensor, x: Tensor, chunk: int, out: Tensor, g0: int, g1: int) -> None:
+    """Write ``weightsᵀ @ x`` (``(g, c, K)``, ``(g, c, E)``) for the keys/values of groups ``g0:g1``.
+
+    ``out`` is ``(G, K, E)``, or with ``chunk`` the zero-initialised ``((G + 1) · chunk, E)``
+    buffer the windows were read from: each window adds its previous chunk's share to chunk
+    ``g`` and its own chunk's to chunk ``g + 1`` (the adjoint of :func:`_windows`).
+    """
     if not chunk:
-        return torch.bmm(weights.transpose(-1, -2), x)
-    groups, _, dim = x.shape
-    out = torch.empty(groups + 1, chunk, dim, dtype=x.dtype, device=x.device)
-    torch.bmm(weights[..., :chunk].transpose(-1, -2), x, out=out[:-1])  # each window's previous chunk
-    out[-1].zero_()
-    out[1:].baddbmm_(weights[..., chunk:].transpose(-1, -2), x)  # each window's own chunk
-    return out.view(-1, dim)
+        torch.bmm(weights.transpose(-1, -2), x, out=out[g0:g1])
+        return
+    buffer = out.view(-1, chunk, out.shape[-1])
+    buffer[g0:g1].baddbmm_(weights[..., :chunk].transpose(-1, -2), x)  # each window's previous chunk
+    buffer[g0 + 1 : g1 + 1].baddbmm_(weights[..., chunk:].transpose(-1, -2), x)  # each window's own chunk
 
 
 def chunk_attention(
@@ -437,8 +496,10 @@ def bucketed_attention(
     if not look_back:
         ks, vs = ks.view(groups, c, d), vs.view(groups, c, d_v)
     flat_self = None if self_pair is None else self_pair.reshape(groups, c, -1)
+    # Without causal order or rounds, the mask depends on the key only: keep it (G, 1, K).
+    flat_blocked = blocked[..., :1, :] if not causal and rounds == 1 else blocked
     out, lse = _ChunkAttention.apply(
-        qs, ks, vs, blocked.reshape(groups, c, -1), flat_self, scale, c if look_back else 0
+        qs, ks, vs, flat_blocked.reshape(groups, flat_blocked.shape[-2], -1), flat_self, scale, c if look_back else 0
     )
 
     # Back to token order: (B, H, R, T, Dv) and (B, H, R, T).
