@@ -6,11 +6,14 @@ masks it, and normalises by its row sums: no chunks, no running sums, no stabili
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import Tensor
 
-from attnkit.kernels.prefix import PrefixState, kernel_attention, kernel_decode
+from attnkit.kernels import prefix
+from attnkit.kernels.prefix import PrefixState, empty_buffer, kernel_attention, kernel_decode
 
 F64 = torch.float64
 
@@ -57,6 +60,46 @@ def test_normalised_attention_equals_naive_with_gradients(chunk: int, scaled: bo
     torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-10)
     for got, expected in zip(weighted_grads(out, ours), weighted_grads(want, ref)):
         torch.testing.assert_close(got, expected, atol=1e-11, rtol=1e-9)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_buffers_with_huge_page_advice_give_the_same_results(
+    monkeypatch: pytest.MonkeyPatch, scaled: bool, causal: bool
+) -> None:
+    # every buffer takes the advice path (the 2 MB-aligned interior of these is empty: no call)
+    monkeypatch.setattr(prefix, "HUGE_PAGE_MIN_BYTES", 1)
+    q, k, v, a = inputs(29, seed=3)
+    ours = tuple(x.clone().requires_grad_(True) for x in (q, k, v))
+    ref = tuple(x.clone().requires_grad_(True) for x in (q, k, v))
+    out = kernel_attention(*ours, causal=causal, key_log_scale=a if scaled else None, chunk_size=8)
+    want = naive(*ref, a if scaled else None, None, causal)
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-10)
+    for got, expected in zip(weighted_grads(out, ours), weighted_grads(want, ref)):
+        torch.testing.assert_close(got, expected, atol=1e-11, rtol=1e-9)
+
+
+def test_large_buffer_is_advised_and_usable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prefix, "HUGE_PAGE_MIN_BYTES", 1)
+    calls: list[tuple[int, int]] = []
+    advise = prefix._madvise()
+    if advise is not None:  # record the calls, still advising for real
+
+        def recorded(start: int, length: int, flag: int) -> int:
+            calls.append((start, length))
+            return advise(start, length, flag)
+
+        monkeypatch.setattr(prefix, "_madvise", lambda: recorded)
+    like = torch.zeros(1, dtype=torch.float32)
+    buf = empty_buffer(like, (3, 1 << 20))  # 12 MB: at least one aligned 2 MB page inside
+    assert buf.shape == (3, 1 << 20) and buf.dtype == torch.float32
+    buf.fill_(2.0)
+    assert float(buf.sum()) == 2.0 * buf.numel()
+    if sys.platform.startswith("linux"):
+        assert len(calls) == 1
+        start, length = calls[0]
+        assert start % (1 << 21) == 0 and length % (1 << 21) == 0 and length >= 1 << 21
+        assert buf.data_ptr() <= start and start + length <= buf.data_ptr() + 4 * buf.numel()
 
 
 @pytest.mark.parametrize("scaled", [False, True])

@@ -38,7 +38,7 @@ from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_choice, check_non_negative_int, check_positive_float, check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import ScoreBias
-from attnkit.kernels.prefix import NEG, PrefixState, kernel_attention, kernel_decode, upcast
+from attnkit.kernels.prefix import NEG, PrefixState, empty_buffer, kernel_attention, kernel_decode, upcast
 from attnkit.masks.functions import Mask
 
 
@@ -114,7 +114,7 @@ class _FavorFeatures(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor]:
         x, w, square_scale, real, per_row = args
-        exponent = x @ w.T  # (…, L, m)
+        exponent = torch.matmul(x, w.T, out=empty_buffer(x, (*x.shape[:-1], w.shape[0])))  # (…, L, m)
         exponent.sub_((0.5 * square_scale) * torch.linalg.vecdot(x, x)[..., None])
         if real is not None:
             exponent.masked_fill_(~real, NEG)
@@ -132,7 +132,7 @@ class _FavorFeatures(torch.autograd.Function):
         grad = grads[0].reshape(-1, m)
         features = features.reshape(-1, m)
         rows = x.reshape(-1, d)
-        dx = torch.empty_like(rows)
+        dx = empty_buffer(rows, rows.shape)
         block = min(_FavorFeatures.BLOCK, rows.shape[0])
         buffer = features.new_empty(block, m)
         for lo in range(0, rows.shape[0], block):
