@@ -19,9 +19,14 @@ Anchors (installed in ``.venv-bench`` only):
   attention itself, as for ours.
 - ``pytorch-fast-transformers`` does not build here (its setup requires CUDA), so it has no row.
 
-Run (about 20 minutes; the floors of issue 5 are measured at 4K and 16K forward+backward)::
+Run (about 25 minutes; the floors of issue 5 are measured at 4K and 16K forward+backward), each
+measurement under the quiet-machine lock the harness takes itself (never inside ``flock -x``)::
 
-    flock -x /tmp/attnkit-quiet.lock .venv-bench/bin/python -m benchmarks.kernel
+    ATTNKIT_BENCH_LOCK=/tmp/attnkit-quiet.lock .venv-bench/bin/python -m benchmarks.kernel
+
+Five timed repeats per measurement (median), the same for ours and the anchors: on this shared
+2-core machine a 4K step varies by 20% from one run to the next, and three repeats left the
+4K ratios at the mercy of one slow step.
 """
 
 from __future__ import annotations
@@ -200,7 +205,7 @@ def floors_table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--modes", nargs="+", default=["fwd+bwd"])
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="seconds per measurement before it counts as failed"
