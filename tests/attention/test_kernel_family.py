@@ -461,6 +461,22 @@ def test_segment_means_and_gradients_equal_an_explicit_loop(length: int) -> None
     assert torch.autograd.gradcheck(lambda t: segment_means(t, None, 4)[0], leaves(x[:1, :1]))
 
 
+@pytest.mark.parametrize("lengths", [(32, 32), (16, 48)])
+def test_nystrom_whole_runs_path_equals_the_general_path(lengths: tuple[int, int]) -> None:
+    # without padding and with whole runs the three score matrices come from one fused function
+    # (landmark gradients added in place); an all-real padding mask takes the general path
+    t_len, s_len = lengths
+    q, k, v = structured_qkv(2, 3, t_len, s_len, 8, seed=11, dtype=F64)
+    module = attnkit.build_attention("nystrom", num_landmarks=8)
+    fast, general = leaves(q, k, v), leaves(q, k, v)
+    out = module(*fast)
+    want = module(*general, key_padding_mask=torch.ones(2, s_len, dtype=torch.bool))
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-10)
+    for got, exp in zip(grads(out, fast), grads(want, general)):
+        torch.testing.assert_close(got, exp, atol=1e-11, rtol=1e-9)
+    assert torch.autograd.gradcheck(lambda *x: module(*x), leaves(q[:1, :1], k[:1, :1], v[:1, :1]))
+
+
 def test_iterative_pinv_converges_to_the_pseudo_inverse() -> None:
     g = torch.Generator().manual_seed(15)
     a = torch.softmax(torch.randn(3, 6, 6, generator=g, dtype=F64), dim=-1)

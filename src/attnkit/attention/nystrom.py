@@ -63,6 +63,42 @@ class _EqualSegmentMeans(torch.autograd.Function):
         return out, None
 
 
+class _LandmarkScores(torch.autograd.Function):
+    """The three score matrices of the Nyström form, for sequences of whole runs and no padding.
+
+    ``Q̃ = s·means(Q)``, ``K̃ = means(K)``; returns ``Q (sK̃)ᵀ (T, m)``, ``Q̃ K̃ᵀ (m, m)`` and
+    ``Q̃ Kᵀ (m, S)``. ``Q`` and ``K`` each feed a product and their landmarks: autograd would
+    sum those two gradients out of place, a fresh (L, D) tensor per input (page faults, more
+    than the sum itself: 4 ms each at L = 4096, H = 8); here the landmarks' share is added in
+    place into the product's gradient, a broadcast over each run.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, segments, scale = args
+        b, h, t_len, d = q.shape
+        q_land = q.reshape(b, h, segments, t_len // segments, d).mean(dim=3).mul_(scale)  # (B, H, m, D)
+        k_land = k.reshape(b, h, segments, k.shape[2] // segments, d).mean(dim=3)
+        ctx.save_for_backward(q, k, q_land, k_land)
+        ctx.scale = scale
+        # the 1/√D scale goes on the (m, D) landmarks, never on a copy of the (T, D) queries
+        return q @ (k_land * scale).transpose(-1, -2), q_land @ k_land.transpose(-1, -2), q_land @ k.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple[Tensor | None, ...]:
+        q, k, q_land, k_land = ctx.saved_tensors
+        g_qk, g_land, g_lk = grads  # never None: autograd materialises unused outputs' gradients as zeros
+        scale, segments = ctx.scale, q_land.shape[2]
+        dq = g_qk @ (k_land * scale)  # (B, H, T, D)
+        dk = g_lk.transpose(-1, -2) @ q_land  # (B, H, S, D)
+        d_k_land = (g_qk.transpose(-1, -2) @ q).mul_(scale).add_(g_land.transpose(-1, -2) @ q_land)
+        d_q_land = (g_land @ k_land).add_(g_lk @ k).mul_(scale)
+        for dx, d_land in ((dq, d_q_land), (dk, d_k_land)):
+            run = dx.shape[2] // segments
+            dx.view(*dx.shape[:2], segments, run, -1).add_(d_land.div_(run)[:, :, :, None, :])
+        return dq, dk, None, None
+
+
 def segment_means(x: Tensor, real: Tensor | None, segments: int) -> tuple[Tensor, Tensor | None]:
     """Means of ``segments`` consecutive runs of ``x``, counting only real positions.
 
@@ -170,6 +206,12 @@ class NystromAttention(AttentionMechanism):
     ) -> Tensor:
         scale = q.shape[-1] ** -0.5
         m = self.num_landmarks
+        if key_padding_mask is None and q.shape[2] % m == 0 and k.shape[2] % m == 0:
+            scores_1, scores_2, scores_3 = _LandmarkScores.apply(q, k, m, scale)
+            kernel_2 = torch.softmax(scores_2, dim=-1)
+            return torch.softmax(scores_1, dim=-1) @ (
+                iterative_pinv(kernel_2, self.pinv_iterations) @ (torch.softmax(scores_3, dim=-1) @ v)
+            )
         # the 1/√D scale goes on the (m, D) landmarks, never on a copy of the (T, D) queries
         q_land, q_ok = segment_means(q, None, m)  # (B, H, m, D), (B, m) or None
         q_land = q_land * scale
