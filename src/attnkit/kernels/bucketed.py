@@ -22,15 +22,19 @@ this module does the rest:
    combined by their log-sum-exp give exactly softmax over the union of keys seen.
    Rows with no visible key output zeros.
 
-The chunk attention has its own autograd (the look-back read through overlapping views
-instead of copies; forward and backward loop over cache-sized blocks of chunks, and the
-backward recomputes each block's probabilities from the saved log-sum-exp), so memory is
-the gathered ``q, k, v``, the boolean masks and one block of scores: never ``T × S``, nor
-the ``R · T · 2·chunk`` probabilities. Time ``O(R · T · chunk · D)``.
+The chunk attention has its own autograd: forward and backward loop over cache-sized
+blocks of chunks, reading each block's queries, keys and values by row from the flat
+inputs (no copy of ``q``, ``k``, ``v`` in chunk order, no scatter of their gradients
+outside), writing outputs straight to token order, and the backward recomputes each
+block's probabilities from the saved log-sum-exp. Chunks holding no query are skipped, and
+a chunk that starts its bucket computes no look-back (it would be fully masked). Memory is
+the inputs, the boolean masks and one block of scores: never ``T × S``, nor the
+``R · T · 2·chunk`` probabilities. Time ``O(R · T · chunk · D)``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +45,15 @@ from torch import Tensor
 #: only visible key is itself puts all its weight there, and far enough below any real
 #: score that ``exp(SELF_SCORE - lse)`` underflows to exactly 0 whenever another key exists.
 SELF_SCORE = -1.0e4
+
+#: Score of a blocked key: finite (it is written by the product's ``beta``, where
+#: ``-inf · 0`` would be NaN), and so low that every visible key, even a self pair, outranks it;
+#: its weight is made exactly 0 by :func:`_exp_`.
+BLOCKED_SCORE = -1.0e30
+
+#: Inputs of ``exp`` are clamped here (see :func:`_exp_`).
+EXP_FLOOR = -80.0
+_EXP_ZERO = math.exp(EXP_FLOOR + 1.0)
 
 
 @dataclass(frozen=True)
@@ -160,15 +173,6 @@ def _rows(token_of_slot: Tensor, tokens_per_sequence: int) -> Tensor:
     return (token_of_slot + base).reshape(-1)
 
 
-def _windows(src: Tensor, chunk: int) -> Tensor:
-    """Overlapping ``2 · chunk``-row windows of ``src ((G + 1) · chunk, D)``, one per chunk, as a view.
-
-    Window ``g`` holds chunk ``g`` of the buffer (the previous chunk) then chunk ``g + 1`` (its own).
-    """
-    groups = src.shape[0] // chunk - 1
-    return src.as_strided((groups, 2 * chunk, src.shape[1]), (chunk * src.shape[1], src.shape[1], 1))
-
-
 def _with_look_back(x: Tensor, continues: Tensor, fill: bool | int | None = None) -> Tensor:
     """Prepend the previous chunk along the slot axis: ``(..., nc, c, *E)`` -> ``(..., nc, 2c, *E)``.
 
@@ -215,60 +219,154 @@ def _block_seen_in_earlier_rounds(
 
 
 def _scores(q: Tensor, k: Tensor, blocked: Tensor | None, self_pair: Tensor | None) -> Tensor:
-    """Masked scores ``(G, c, K)`` of pre-scaled ``q``: ``-inf`` where blocked, :data:`SELF_SCORE` on self pairs."""
-    # bmm, not matmul: matmul of a 3-d tensor with a transposed contiguous one takes a slower
-    # path on CPU (about 2x here).
-    s = torch.bmm(q, k.transpose(-1, -2))
-    if blocked is not None:
-        s.masked_fill_(blocked, float("-inf"))
-    if self_pair is not None:
-        s.masked_fill_(self_pair, SELF_SCORE)
+    """Masked scores ``(G, c, K)`` of pre-scaled ``q``: :data:`BLOCKED_SCORE` where blocked, :data:`SELF_SCORE` on self pairs."""
+    # bmm, not matmul: matmul of a 3-d tensor with a transposed contiguous one takes a
+    # slower path on CPU (about 2x here).
+    keys = k.transpose(-1, -2)
+    if blocked is None:
+        s = torch.bmm(q, keys)
+    else:
+        # The mask enters the product's epilogue, s = BLOCKED_SCORE · blocked + q kᵀ, as fast
+        # as the plain product (a boolean masked_fill_ pass costs more than the product here).
+        s = q.new_empty(q.shape[0], q.shape[1], k.shape[1])
+        s.copy_(blocked.view(torch.uint8).expand_as(s))
+        s.baddbmm_(q, keys, beta=BLOCKED_SCORE)
+    if self_pair is not None:  # lerp: exactly SELF_SCORE where the weight is 1, unchanged where 0
+        s.lerp_(s.new_tensor(SELF_SCORE), _weights(self_pair, s))
     return s
+
+
+def _weights(mask: Tensor, like: Tensor) -> Tensor:
+    """A boolean mask as 0/1 floats of ``like``'s dtype (through ``uint8``: the direct cast is slower)."""
+    return mask.view(torch.uint8).to(like.dtype).expand_as(like)
+
+
+def _exp_(x: Tensor) -> Tensor:
+    """In-place ``exp`` of shifted scores (``<= 0``), exactly 0 for every masked score.
+
+    ``exp`` runs 10 to 30 times slower on inputs below about -87 (its underflow and
+    subnormal path) than on ordinary ones, and every masked score is far below. So the
+    inputs are clamped at :data:`EXP_FLOOR` and results at or under ``exp(EXP_FLOOR + 1)``
+    are set to 0: masked keys (and rows without keys, shifted by ``+inf``) get exactly 0,
+    and an unmasked weight changes only where it is below ``e^-79`` of the row's largest
+    (which is 1), far under float32 resolution.
+    """
+    x.clamp_(min=EXP_FLOOR).exp_()
+    return torch.threshold_(x, _EXP_ZERO, 0.0)
 
 
 #: Scores per block of groups (floats): the loops of :class:`_ChunkAttention` keep one
 #: block's scores, probabilities and gradients in cache across their elementwise passes.
-BLOCK_SCORES = 1 << 18
+BLOCK_SCORES = 1 << 19
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where :class:`_ChunkAttention` reads its groups and writes their results (no gradient).
+
+    Every ``*_rows`` is either None (the tensor is already laid out by group: ``(G, n, E)``)
+    or long ``(G, n)``: the rows of a flat ``(N, E)`` tensor that group ``g`` reads (or, for
+    ``out_rows``, writes). Reading by rows inside the loops gathers one block at a time in
+    cache, instead of copying all of ``q``, ``k`` and ``v`` into group order (and scattering
+    their gradients back) outside.
+
+    Attributes:
+        q_rows: queries ``(G, c)``.
+        key_rows: own keys and values ``(G, K)``.
+        extra_rows: extra keys and values ``(G_e, E)``, read from ``k``, ``v`` (no separate
+            extra tensors) when given.
+        out_rows: output and log-sum-exp ``(G, c)``; every row is written at most once,
+            except a last dummy row that takes empty slots.
+        out_len: rows of the output buffer (with ``out_rows``).
+        blocked: bool ``(G, c or 1, K)`` or None; True hides the key.
+        self_pair: bool ``(G, c, K)`` or None: scores set to :data:`SELF_SCORE` (constant).
+        extra_blocked: as ``blocked``, ``(G_e, c or 1, E)``.
+        extra_self: as ``self_pair``, ``(G_e, c, E)``.
+    """
+
+    q_rows: Tensor | None = None
+    key_rows: Tensor | None = None
+    extra_rows: Tensor | None = None
+    out_rows: Tensor | None = None
+    out_len: int = 0
+    blocked: Tensor | None = None
+    self_pair: Tensor | None = None
+    extra_blocked: Tensor | None = None
+    extra_self: Tensor | None = None
+
+
+def _take(src: Tensor, rows: Tensor | None, g0: int, g1: int) -> Tensor:
+    """Groups ``g0:g1`` of ``src``: a view when ``src`` is by group, else gathered rows ``(g, n, E)``."""
+    if rows is None:
+        return src[g0:g1]
+    part = rows[g0:g1]
+    return src.index_select(0, part.reshape(-1)).view(part.shape[0], part.shape[1], src.shape[-1])
+
+
+def _emit(dst: Tensor, rows: Tensor | None, g0: int, g1: int, a: Tensor, b: Tensor) -> None:
+    """Write ``a @ b`` (``(g, n, E)``) to groups ``g0:g1`` of ``dst``, or add it to its rows.
+
+    By group, each group's slice is written once (no zero fill); by rows, ``dst`` starts
+    at zero and rows met several times (rounds, look-backs) accumulate.
+    """
+    if rows is None:  # (with extra keys read by rows, own keys are read by rows too)
+        torch.bmm(a, b, out=dst[g0:g1])
+    else:
+        dst.index_add_(0, rows[g0:g1].reshape(-1), torch.bmm(a, b).view(-1, dst.shape[-1]))
 
 
 @dataclass(frozen=True)
 class _Part:
-    """One set of keys of a block of groups: ``k (g, K, D)``, ``v (g, K, Dv)`` and their masks."""
+    """One set of keys of a block of groups: ``k (g, K, D)``, ``v (g, K, Dv)``, their masks and rows."""
 
     k: Tensor
     v: Tensor
     blocked: Tensor | None
     self_pair: Tensor | None
+    rows: Tensor | None
+    extra: bool
 
 
-def _block_parts(saved: tuple[Tensor | None, ...], chunk: int, g0: int, g1: int) -> list[_Part]:
-    """The key parts of groups ``g0:g1`` from ``(k_src, v_src, blocked, self_pair, k_extra, v_extra, extra_blocked)``."""
-    k_src, v_src, blocked, self_pair, k_extra, v_extra, extra_blocked = saved
-    assert k_src is not None and v_src is not None
-    if chunk:  # chunks g0 .. g1 of the buffer hold the windows of groups g0 .. g1 - 1
-        k, v = (
-            _windows(k_src[g0 * chunk : (g1 + 1) * chunk], chunk),
-            _windows(v_src[g0 * chunk : (g1 + 1) * chunk], chunk),
-        )
-    else:
-        k, v = k_src[g0:g1], v_src[g0:g1]
-    parts = [_Part(k, v, _rows_of(blocked, g0, g1), _rows_of(self_pair, g0, g1))]
-    if k_extra is not None and v_extra is not None:
-        parts.append(_Part(k_extra[g0:g1], v_extra[g0:g1], _rows_of(extra_blocked, g0, g1), None))
+def _block_parts(plan: _Plan, keys: tuple[Tensor | None, ...], g0: int, g1: int) -> list[_Part]:
+    """The key parts of groups ``g0:g1``: own keys, and the extra keys when these groups have them.
+
+    ``keys`` is ``(k, v, k_extra, v_extra)`` (the extra pair may be None: then the extra
+    part reads ``k`` and ``v`` at ``plan.extra_rows``).
+    """
+    k, v, k_extra, v_extra = keys
+    assert k is not None and v is not None
+
+    def part(k_src: Tensor, v_src: Tensor, rows: Tensor | None, masks: tuple[Tensor | None, ...], extra: bool) -> _Part:
+        blocked, self_pair = (_rows_of(mask, g0, g1) for mask in masks)
+        return _Part(_take(k_src, rows, g0, g1), _take(v_src, rows, g0, g1), blocked, self_pair, rows, extra)
+
+    parts = [part(k, v, plan.key_rows, (plan.blocked, plan.self_pair), False)]
+    if g0 < _extra_groups(plan, keys):
+        separate = k_extra is not None and v_extra is not None
+        k_src, v_src = (k_extra, v_extra) if separate else (k, v)
+        assert k_src is not None and v_src is not None
+        parts.append(part(k_src, v_src, plan.extra_rows, (plan.extra_blocked, plan.extra_self), separate))
     return parts
 
 
-def _rows_of(mask: Tensor | None, g0: int, g1: int) -> Tensor | None:
-    return None if mask is None else mask[g0:g1]
+def _extra_groups(plan: _Plan, keys: tuple[Tensor | None, ...]) -> int:
+    """How many leading groups have extra keys."""
+    if plan.extra_rows is not None:
+        return plan.extra_rows.shape[0]
+    return 0 if keys[2] is None else keys[2].shape[0]
+
+
+def _rows_of(x: Tensor | None, g0: int, g1: int) -> Tensor | None:
+    return None if x is None else x[g0:g1]
 
 
 class _ChunkAttention(torch.autograd.Function):
-    """Softmax attention per chunk over unblocked keys, returning the output and log-sum-exp.
+    """Softmax attention per group of ``c`` queries over its unblocked keys; returns the output and log-sum-exp.
 
-    Keys and values come either as ``(G, K, D)`` or, with ``chunk > 0``, as a flat buffer of
-    ``G + 1`` chunks read through overlapping windows (previous + own chunk) without a copy.
-    An optional second part ``(G, E, D)`` of keys and values joins the same softmax (one
-    score tensor per part), so callers never concatenate keys.
+    Each group has ``K`` own keys and, for the first ``G_e`` groups, ``E`` extra keys in the
+    same softmax (one score tensor per part: callers never concatenate keys, and groups
+    without extra keys compute none). Queries, keys and outputs are read and written by
+    group, or by rows of flat tensors (see :class:`_Plan`).
 
     Both passes loop over blocks of groups (about :data:`BLOCK_SCORES` scores each), so the
     elementwise passes over scores run in cache, and nothing of size ``G · c · K`` is saved:
@@ -280,90 +378,124 @@ class _ChunkAttention(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any,
-        q: Tensor,
-        k_src: Tensor,
-        v_src: Tensor,
-        blocked: Tensor | None,
-        self_pair: Tensor | None,
+        plan: _Plan,
         scale: float,
-        chunk: int,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
         k_extra: Tensor | None = None,
         v_extra: Tensor | None = None,
-        extra_blocked: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        saved = (k_src, v_src, blocked, self_pair, k_extra, v_extra, extra_blocked)
-        groups, rows, _ = q.shape
-        out = q.new_empty(groups, rows, v_src.shape[-1])
-        lse = q.new_empty(groups, rows, 1)
-        for g0, g1 in _blocks(q, saved, chunk):
-            parts = _block_parts(saved, chunk, g0, g1)
-            probs = [_scores(q[g0:g1] * scale, part.k, part.blocked, part.self_pair) for part in parts]
+        keys = (k, v, k_extra, v_extra)
+        groups, rows = _group_shape(plan, q)
+        d_v = v.shape[-1]
+        by_rows = plan.out_rows is not None
+        out = q.new_zeros(plan.out_len, d_v) if by_rows else q.new_empty(groups, rows, d_v)
+        lse = q.new_full((plan.out_len, 1), float("-inf")) if by_rows else q.new_empty(groups, rows, 1)
+        for g0, g1 in _blocks(plan, keys, groups, rows):
+            parts = _block_parts(plan, keys, g0, g1)
+            q_block = _take(q, plan.q_rows, g0, g1) * scale
+            probs = [_scores(q_block, part.k, part.blocked, part.self_pair) for part in parts]
             row_max = probs[0].amax(dim=-1, keepdim=True)
             for extra in probs[1:]:
                 row_max = torch.maximum(row_max, extra.amax(dim=-1, keepdim=True))
-            row_max.masked_fill_(row_max == float("-inf"), 0.0)  # a row with every key blocked
+            row_max.masked_fill_(row_max <= BLOCKED_SCORE / 2, 0.0)  # a row with every key blocked
             denom = torch.zeros_like(row_max)
             for p in probs:
-                denom += p.sub_(row_max).exp_().sum(dim=-1, keepdim=True)  # exactly 0 on blocked keys
+                denom += _exp_(p.sub_(row_max)).sum(dim=-1, keepdim=True)  # exactly 0 on blocked keys
             has_key = denom > 0
             safe = torch.where(has_key, denom, torch.ones_like(denom))
-            torch.bmm(probs[0], parts[0].v, out=out[g0:g1])
+            block_out = torch.bmm(probs[0], parts[0].v)
             for p, part in zip(probs[1:], parts[1:]):
-                out[g0:g1].baddbmm_(p, part.v)
-            out[g0:g1].div_(safe)  # rows without a key stay 0
-            lse[g0:g1] = torch.where(has_key, row_max + torch.log(safe), float("-inf"))
-        ctx.save_for_backward(q, *saved, lse)
-        ctx.scale, ctx.chunk = scale, chunk
+                block_out.baddbmm_(p, part.v)
+            block_out.div_(safe)  # rows without a key stay 0
+            block_lse = torch.where(has_key, row_max + torch.log(safe), float("-inf"))
+            if by_rows:
+                assert plan.out_rows is not None
+                where = plan.out_rows[g0:g1].reshape(-1)
+                out.index_copy_(0, where, block_out.view(-1, d_v))
+                lse.index_copy_(0, where, block_lse.view(-1, 1))
+            else:
+                out[g0:g1], lse[g0:g1] = block_out, block_lse
+        ctx.save_for_backward(q, k, v, k_extra, v_extra, lse)
+        ctx.plan, ctx.scale = plan, scale
         return out, lse.squeeze(-1)
 
     @staticmethod
     def backward(ctx: Any, d_out: Tensor, d_lse: Tensor | None) -> tuple[Tensor | None, ...]:
-        q, *stored, lse = ctx.saved_tensors
-        saved = tuple(stored)
-        k_src, v_src, _, self_pair, k_extra, v_extra, _ = saved
-        scale, chunk = ctx.scale, ctx.chunk
+        q, k, v, k_extra, v_extra, lse = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        keys = (k, v, k_extra, v_extra)
+        groups, rows = _group_shape(plan, q)
         d_out = d_out.contiguous()
-        d_q = torch.empty_like(q)
-        # Windowed keys: each chunk of the buffer gets gradient from two windows, so accumulate.
-        d_k = torch.zeros_like(k_src) if chunk else torch.empty_like(k_src)
-        d_v = torch.zeros_like(v_src) if chunk else torch.empty_like(v_src)
-        d_k_extra = None if k_extra is None else torch.empty_like(k_extra)
-        d_v_extra = None if v_extra is None else torch.empty_like(v_extra)
+        # Gradients by group are written once per group; those by rows accumulate (see _emit).
+        k_by_rows = plan.key_rows is not None or plan.extra_rows is not None
+        grads = {
+            name: None if x is None else torch.zeros_like(x) if by_rows else torch.empty_like(x)
+            for name, x, by_rows in zip(("k", "v", "k_extra", "v_extra"), keys, (k_by_rows, k_by_rows, False, False))
+        }
+        d_q_all = torch.empty_like(q) if plan.q_rows is None else torch.zeros_like(q)
         # exp(s - lse) recomputes P; +inf on rows without a key makes theirs exactly 0.
         lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-        for g0, g1 in _blocks(q, saved, chunk):
-            parts = _block_parts(saved, chunk, g0, g1)
-            q_block, d_o = q[g0:g1] * scale, d_out[g0:g1]
-            probs = [_scores(q_block, part.k, part.blocked, part.self_pair).sub_(lse[g0:g1]).exp_() for part in parts]
+        if d_lse is not None:
+            d_lse = d_lse.unsqueeze(-1)
+        for g0, g1 in _blocks(plan, keys, groups, rows):
+            parts = _block_parts(plan, keys, g0, g1)
+            q_block = _take(q, plan.q_rows, g0, g1) * scale
+            d_o = _take(d_out, plan.out_rows, g0, g1)
+            block_lse = _take(lse, plan.out_rows, g0, g1)
+            probs = [_exp_(_scores(q_block, part.k, part.blocked, part.self_pair).sub_(block_lse)) for part in parts]
             d_scores = [torch.bmm(d_o, part.v.transpose(-1, -2)) for part in parts]  # dP
             delta = _row_dot(probs[0], d_scores[0])  # = rowsum(dO ∘ out), without saving out
             for p, d_s in zip(probs[1:], d_scores[1:]):
                 delta.add_(_row_dot(p, d_s))
             if d_lse is not None:
-                delta.sub_(d_lse[g0:g1].unsqueeze(-1))
-            for p, d_s in zip(probs, d_scores):
+                delta.sub_(_take(d_lse, plan.out_rows, g0, g1))
+            d_q = None
+            for p, d_s, part in zip(probs, d_scores, parts):
                 d_s.sub_(delta).mul_(p)
-            if self_pair is not None:
-                d_scores[0].masked_fill_(self_pair[g0:g1], 0.0)  # the self score is a constant
-            torch.bmm(d_scores[0], parts[0].k, out=d_q[g0:g1])
-            _key_side_grad(probs[0], d_o, chunk, d_v, g0, g1)
-            _key_side_grad(d_scores[0], q_block, chunk, d_k, g0, g1)
-            if d_k_extra is not None and d_v_extra is not None:
-                d_q[g0:g1].baddbmm_(d_scores[1], parts[1].k)
-                torch.bmm(probs[1].transpose(-1, -2), d_o, out=d_v_extra[g0:g1])
-                torch.bmm(d_scores[1].transpose(-1, -2), q_block, out=d_k_extra[g0:g1])
-        d_q.mul_(scale)
-        return d_q, d_k, d_v, None, None, None, None, d_k_extra, d_v_extra, None
+                if part.self_pair is not None:  # the self score is a constant: no gradient
+                    d_s.lerp_(d_s.new_tensor(0.0), _weights(part.self_pair, d_s))
+                d_q = torch.bmm(d_s, part.k) if d_q is None else d_q.baddbmm_(d_s, part.k)
+                k_grad, v_grad = (grads["k_extra"], grads["v_extra"]) if part.extra else (grads["k"], grads["v"])
+                assert k_grad is not None and v_grad is not None
+                _emit(k_grad, part.rows, g0, g1, d_s.transpose(-1, -2), q_block)
+                _emit(v_grad, part.rows, g0, g1, p.transpose(-1, -2), d_o)
+            assert d_q is not None
+            if plan.q_rows is None:
+                d_q_all[g0:g1] = d_q
+            else:
+                d_q_all.index_add_(0, plan.q_rows[g0:g1].reshape(-1), d_q.view(-1, q.shape[-1]))
+        d_q_all.mul_(scale)
+        return None, None, d_q_all, grads["k"], grads["v"], grads["k_extra"], grads["v_extra"]
 
 
-def _blocks(q: Tensor, saved: tuple[Tensor | None, ...], chunk: int) -> list[tuple[int, int]]:
-    """Ranges ``(g0, g1)`` of groups holding about :data:`BLOCK_SCORES` scores each."""
-    groups, rows, _ = q.shape
-    k_src, k_extra = saved[0], saved[4]
-    keys = 2 * chunk if chunk or k_src is None else k_src.shape[1]
-    keys += 0 if k_extra is None else k_extra.shape[1]
-    step = max(1, BLOCK_SCORES // (rows * keys))
-    return [(g0, min(groups, g0 + step)) for g0 in range(0, groups, step)]
+def _group_shape(plan: _Plan, q: Tensor) -> tuple[int, int]:
+    """``(G, c)``: groups and queries per group."""
+    return (q.shape[0], q.shape[1]) if plan.q_rows is None else (plan.q_rows.shape[0], plan.q_rows.shape[1])
+
+
+def _blocks(plan: _Plan, keys: tuple[Tensor | None, ...], groups: int, rows: int) -> list[tuple[int, int]]:
+    """Ranges ``(g0, g1)`` of groups holding about :data:`BLOCK_SCORES` scores each.
+
+    No range straddles the end of the groups that have extra keys, so every group of a
+    block has the same parts.
+    """
+    k, _, k_extra, _ = keys
+    assert k is not None
+    own = k.shape[1] if plan.key_rows is None else plan.key_rows.shape[1]
+    with_extra = _extra_groups(plan, keys)
+    spans = [(0, groups, own)]
+    if with_extra:
+        extra = (
+            plan.extra_rows.shape[1] if plan.extra_rows is not None else k_extra.shape[1] if k_extra is not None else 0
+        )
+        spans = [(0, with_extra, own + extra), (with_extra, groups, own)]
+    ranges = []
+    for start, stop, width in spans:
+        step = max(1, BLOCK_SCORES // (rows * width))
+        ranges += [(g0, min(stop, g0 + step)) for g0 in range(start, stop, step)]
+    return ranges
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -374,21 +506,6 @@ def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     """
     groups, rows, keys = a.shape
     return torch.bmm(a.view(-1, 1, keys), b.view(-1, keys, 1)).view(groups, rows, 1)
-
-
-def _key_side_grad(weights: Tensor, x: Tensor, chunk: int, out: Tensor, g0: int, g1: int) -> None:
-    """Write ``weightsᵀ @ x`` (``(g, c, K)``, ``(g, c, E)``) for the keys/values of groups ``g0:g1``.
-
-    ``out`` is ``(G, K, E)``, or with ``chunk`` the zero-initialised ``((G + 1) · chunk, E)``
-    buffer the windows were read from: each window adds its previous chunk's share to chunk
-    ``g`` and its own chunk's to chunk ``g + 1`` (the adjoint of :func:`_windows`).
-    """
-    if not chunk:
-        torch.bmm(weights.transpose(-1, -2), x, out=out[g0:g1])
-        return
-    buffer = out.view(-1, chunk, out.shape[-1])
-    buffer[g0:g1].baddbmm_(weights[..., :chunk].transpose(-1, -2), x)  # each window's previous chunk
-    buffer[g0 + 1 : g1 + 1].baddbmm_(weights[..., chunk:].transpose(-1, -2), x)  # each window's own chunk
 
 
 def chunk_attention(
@@ -409,9 +526,10 @@ def chunk_attention(
         blocked: bool, broadcastable to ``(G, c, K)``: True hides the key from the query;
             ``None`` when every key is visible.
         scale: score scale.
-        extra: optional more keys ``(G, E, D)``, values ``(G, E, Dv)`` and their ``blocked``
-            (broadcastable to ``(G, c, E)`` or ``None``), in the same softmax: the same
-            result as concatenating them after ``k`` and ``v``, without the copy.
+        extra: optional more keys ``(G_e, E, D)``, values ``(G_e, E, Dv)`` and their ``blocked``
+            (broadcastable to ``(G_e, c, E)`` or ``None``) for the first ``G_e <= G`` groups,
+            in the same softmax: the same result as concatenating them after ``k`` and ``v``,
+            without the copy.
 
     Returns:
         ``out (G, c, Dv)`` (zeros for a query with no visible key) and ``lse (G, c)``
@@ -420,13 +538,36 @@ def chunk_attention(
     if blocked is not None:
         blocked = blocked.expand(q.shape[0], q.shape[1], k.shape[1])
     if extra is None:
-        out, lse = _ChunkAttention.apply(q, k, v, blocked, None, scale, 0)
+        out, lse = _ChunkAttention.apply(_Plan(blocked=blocked), scale, q, k, v)
         return out, lse
     k_extra, v_extra, extra_blocked = extra
     if extra_blocked is not None:
-        extra_blocked = extra_blocked.expand(q.shape[0], q.shape[1], k_extra.shape[1])
-    out, lse = _ChunkAttention.apply(q, k, v, blocked, None, scale, 0, k_extra, v_extra, extra_blocked)
+        extra_blocked = extra_blocked.expand(k_extra.shape[0], q.shape[1], k_extra.shape[1])
+    plan = _Plan(blocked=blocked, extra_blocked=extra_blocked)
+    out, lse = _ChunkAttention.apply(plan, scale, q, k, v, k_extra, v_extra)
     return out, lse
+
+
+def _chunk_order(layout: ChunkLayout, look_back: bool) -> tuple[Tensor, int]:
+    """The chunks worth computing, those that see the previous chunk first.
+
+    Returns ``order``, flat chunk ids (over ``B·H·R·nc``) of every chunk holding a query
+    (the others produce nothing), the ``n`` chunks that continue a bucket first; and ``n``.
+    Chunks that start a bucket see no previous chunk, so they compute half the scores.
+    """
+    c = layout.chunk_size
+    has_query = layout.queries.slot_filled.reshape(-1, c).any(dim=1)
+    order = has_query.nonzero().squeeze(1)
+    if not look_back:
+        return order, 0
+    continues = layout.chunk_continues.reshape(-1)[order]
+    order = order[torch.argsort((~continues).to(torch.int8), stable=True)]
+    return order, int(continues.sum())
+
+
+def _pick(x: Tensor | None, groups: Tensor, keys: slice) -> Tensor | None:
+    """``x (chunks, rows, K)`` at the chunks ``groups`` and the key columns ``keys`` (a copy), or None."""
+    return None if x is None else x[groups, :, keys]
 
 
 def bucketed_attention(
@@ -462,16 +603,7 @@ def bucketed_attention(
     b, h, t_len, d = q.shape
     d_v = v.shape[-1]
     rounds, c, nc = layout.chunk_continues.shape[2], layout.chunk_size, layout.num_chunks
-    groups = b * h * rounds * nc
     scale = d**-0.5 if scale is None else scale
-
-    q_rows = _rows(layout.queries.token_of_slot, t_len)
-    k_rows = _rows(layout.keys.token_of_slot, t_len)
-    if look_back:  # one leading dummy chunk: the (masked) look-back of the very first chunk
-        k_rows = torch.cat([k_rows[:c], k_rows])
-    qs = q.reshape(-1, d).index_select(0, q_rows).view(groups, c, d)
-    ks = k.reshape(-1, d).index_select(0, k_rows)
-    vs = v.reshape(-1, d_v).index_select(0, k_rows)
 
     query_tok = layout.queries.token_of_slot.reshape(b, h, rounds, nc, c)
     key_tok = layout.keys.token_of_slot.reshape(b, h, rounds, nc, c)
@@ -479,7 +611,7 @@ def bucketed_attention(
     if key_padding_mask is not None:
         real = key_padding_mask[:, None, None, :].expand(b, h, rounds, t_len)
         key_ok = key_ok & real.gather(3, layout.keys.token_of_slot).reshape(key_ok.shape)
-    if look_back:
+    if look_back:  # keys (previous chunk, own chunk): (B, H, R, nc, 2c)
         key_tok = _with_look_back(key_tok, layout.chunk_continues)
         key_ok = _with_look_back(key_ok, layout.chunk_continues, fill=False)
 
@@ -493,24 +625,37 @@ def bucketed_attention(
     if rounds > 1:
         _block_seen_in_earlier_rounds(blocked, layout, q_pos, k_pos, look_back)
     self_pair = ((k_pos == q_pos) & ~blocked) if exclude_self else None
-    if not look_back:
-        ks, vs = ks.view(groups, c, d), vs.view(groups, c, d_v)
-    flat_self = None if self_pair is None else self_pair.reshape(groups, c, -1)
-    # Without causal order or rounds, the mask depends on the key only: keep it (G, 1, K).
-    flat_blocked = blocked[..., :1, :] if not causal and rounds == 1 else blocked
-    out, lse = _ChunkAttention.apply(
-        qs, ks, vs, flat_blocked.reshape(groups, flat_blocked.shape[-2], -1), flat_self, scale, c if look_back else 0
-    )
+    # Without causal order or rounds, the mask depends on the key only: keep it (chunks, 1, K).
+    chunks = b * h * rounds * nc
+    flat_blocked = (blocked[..., :1, :] if not causal and rounds == 1 else blocked).reshape(chunks, -1, shape[-1])
+    flat_self = None if self_pair is None else self_pair.reshape(chunks, c, -1)
 
-    # Back to token order: (B, H, R, T, Dv) and (B, H, R, T).
-    length = nc * c
-    sequence = torch.arange(b * h * rounds, device=q.device).view(b, h, rounds, 1)  # (B, H, R) -> B·H·R·L rows
-    slot_rows = (layout.queries.slot_of_token + sequence * length).reshape(-1)
-    out = out.reshape(-1, d_v).index_select(0, slot_rows).view(b, h, rounds, t_len, d_v)
+    # The chunks computed (see _chunk_order) and the rows their queries, keys and outputs use.
+    order, n_back = _chunk_order(layout, look_back)
+    q_rows = _rows(layout.queries.token_of_slot, t_len).view(chunks, c)
+    key_rows = _rows(layout.keys.token_of_slot, t_len).view(chunks, c)
+    sequences = b * h * rounds  # outputs: (B·H·R·T) rows, plus a dummy row for empty slots
+    out_rows = layout.queries.token_of_slot.reshape(sequences, -1) + t_len * torch.arange(
+        sequences, device=q.device
+    ).unsqueeze(1)
+    out_rows = out_rows.masked_fill_(~layout.queries.slot_filled.reshape(sequences, -1), sequences * t_len)
+    back, own, previous = order[:n_back], slice(shape[-1] - c, None), slice(0, c)
+    plan = _Plan(
+        q_rows=q_rows[order],
+        key_rows=key_rows[order],
+        extra_rows=key_rows[back - 1] if n_back else None,
+        out_rows=out_rows.view(chunks, c)[order],
+        out_len=sequences * t_len + 1,
+        blocked=_pick(flat_blocked, order, own),
+        self_pair=_pick(flat_self, order, own),
+        extra_blocked=_pick(flat_blocked, back, previous) if n_back else None,
+        extra_self=_pick(flat_self, back, previous) if n_back else None,
+    )
+    out, lse = _ChunkAttention.apply(plan, scale, q.reshape(-1, d), k.reshape(-1, d), v.reshape(-1, d_v))
+    out = out[:-1].view(b, h, rounds, t_len, d_v)
     if rounds == 1:
         return out[:, :, 0]
-    lse = lse.reshape(-1).index_select(0, slot_rows).view(b, h, rounds, t_len)
-    return combine_rounds(out, lse)
+    return combine_rounds(out, lse[:-1].view(b, h, rounds, t_len))
 
 
 def combine_rounds(out: Tensor, lse: Tensor) -> Tensor:
