@@ -46,6 +46,11 @@ from attnkit.core.types import ScoreBias
 from attnkit.kernels.bucketed import bucket_layout, bucketed_attention
 from attnkit.masks.functions import Mask
 
+#: Tokens per pass of the routing and the centroid statistics: their ``(B, H, tokens, ·)``
+#: temporaries stay well under the allocator's 32 MB mmap threshold (each larger one is
+#: fresh memory, page-faulted on every call).
+_TOKENS_PER_PASS = 2048
+
 
 def _check_decay(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -130,25 +135,29 @@ class RoutingAttention(AttentionMechanism):
             centroids = self._centroids_for(x.shape[1], x.shape[3], x.device)
             # No need to normalise x: dividing a row of scores by |x| > 0 keeps its argmax
             # (and a zero vector scores 0 everywhere either way).
-            return torch.einsum("bhtd,hcd->bhtc", x.float(), centroids).argmax(dim=-1)
+            ids = [
+                torch.einsum("bhtd,hcd->bhtc", part.float(), centroids).argmax(dim=-1)
+                for part in x.split(_TOKENS_PER_PASS, dim=2)
+            ]
+            return torch.cat(ids, dim=2)
 
     def _record(self, q: Tensor, k: Tensor, q_ids: Tensor, k_ids: Tensor, key_padding_mask: Tensor | None) -> None:
         """Store this batch's per-cluster sums of unit queries and real unit keys (training only)."""
         with torch.no_grad():
             h, c, d = self.centroids.shape
-            sums = torch.zeros(h * c, d, device=q.device)
+            sums = torch.zeros(h * c + 1, d, device=q.device)  # + 1: a dummy row for padded keys
             counts = torch.zeros(h * c, device=q.device)
             head_row = torch.arange(h, device=q.device).view(1, h, 1) * c  # row of (head, cluster) in sums
             for x, ids, keys in ((q, q_ids, False), (k, k_ids, True)):
-                unit = nn.functional.normalize(x.float(), dim=-1)
                 rows = ids + head_row  # (B, H, T)
                 if keys and key_padding_mask is not None:
-                    real = key_padding_mask[:, None, :].expand_as(ids)
-                    unit, rows = unit[real], rows[real]
-                sums.index_add_(0, rows.reshape(-1), unit.reshape(-1, d))
-                counts += torch.bincount(rows.reshape(-1), minlength=h * c).to(counts.dtype)
+                    rows = torch.where(key_padding_mask[:, None, :], rows, h * c)  # padded keys: a dummy row
+                for part, part_rows in zip(x.split(_TOKENS_PER_PASS, dim=2), rows.split(_TOKENS_PER_PASS, dim=2)):
+                    unit = nn.functional.normalize(part.float(), dim=-1)
+                    sums.index_add_(0, part_rows.reshape(-1), unit.reshape(-1, d))
+                counts += torch.bincount(rows.reshape(-1), minlength=h * c + 1)[: h * c].to(counts.dtype)
             # Overwritten, not accumulated: a replayed forward records the same.
-            self._pending = (sums.view(h, c, d), counts.view(h, c))
+            self._pending = (sums[: h * c].view(h, c, d), counts.view(h, c))
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

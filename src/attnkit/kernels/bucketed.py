@@ -218,19 +218,19 @@ def _block_seen_in_earlier_rounds(
         blocked[:, :, later] |= hit
 
 
-def _scores(q: Tensor, k: Tensor, blocked: Tensor | None, self_pair: Tensor | None) -> Tensor:
-    """Masked scores ``(G, c, K)`` of pre-scaled ``q``: :data:`BLOCKED_SCORE` where blocked, :data:`SELF_SCORE` on self pairs."""
-    # bmm, not matmul: matmul of a 3-d tensor with a transposed contiguous one takes a
-    # slower path on CPU (about 2x here).
+def _scores(q: Tensor, k: Tensor, blocked: Tensor | None, self_pair: Tensor | None, scale: float) -> Tensor:
+    """Masked scores ``scale · q kᵀ`` ``(G, c, K)``: :data:`BLOCKED_SCORE` where blocked, :data:`SELF_SCORE` on self pairs."""
+    # Batched products (bmm-like, not matmul: matmul of a 3-d tensor with a transposed
+    # contiguous one takes a slower path on CPU, about 2x here), with the scale as alpha.
     keys = k.transpose(-1, -2)
+    s = q.new_empty(q.shape[0], q.shape[1], k.shape[1])
     if blocked is None:
-        s = torch.bmm(q, keys)
+        torch.baddbmm(s, q, keys, beta=0.0, alpha=scale, out=s)  # beta 0: s is not read
     else:
-        # The mask enters the product's epilogue, s = BLOCKED_SCORE · blocked + q kᵀ, as fast
-        # as the plain product (a boolean masked_fill_ pass costs more than the product here).
-        s = q.new_empty(q.shape[0], q.shape[1], k.shape[1])
+        # The mask enters the product's epilogue, s = BLOCKED_SCORE · blocked + scale · q kᵀ,
+        # as fast as the plain product (a boolean masked_fill_ pass costs more than the product).
         s.copy_(blocked.view(torch.uint8).expand_as(s))
-        s.baddbmm_(q, keys, beta=BLOCKED_SCORE)
+        s.baddbmm_(q, keys, beta=BLOCKED_SCORE, alpha=scale)
     if self_pair is not None:  # lerp: exactly SELF_SCORE where the weight is 1, unchanged where 0
         s.lerp_(s.new_tensor(SELF_SCORE), _weights(self_pair, s))
     return s
@@ -394,8 +394,8 @@ class _ChunkAttention(torch.autograd.Function):
         lse = q.new_full((plan.out_len, 1), float("-inf")) if by_rows else q.new_empty(groups, rows, 1)
         for g0, g1 in _blocks(plan, keys, groups, rows):
             parts = _block_parts(plan, keys, g0, g1)
-            q_block = _take(q, plan.q_rows, g0, g1) * scale
-            probs = [_scores(q_block, part.k, part.blocked, part.self_pair) for part in parts]
+            q_block = _take(q, plan.q_rows, g0, g1)
+            probs = [_scores(q_block, part.k, part.blocked, part.self_pair, scale) for part in parts]
             row_max = probs[0].amax(dim=-1, keepdim=True)
             for extra in probs[1:]:
                 row_max = torch.maximum(row_max, extra.amax(dim=-1, keepdim=True))
@@ -405,7 +405,7 @@ class _ChunkAttention(torch.autograd.Function):
                 denom += _exp_(p.sub_(row_max)).sum(dim=-1, keepdim=True)  # exactly 0 on blocked keys
             has_key = denom > 0
             safe = torch.where(has_key, denom, torch.ones_like(denom))
-            block_out = torch.bmm(probs[0], parts[0].v)
+            block_out = torch.bmm(probs[0], parts[0].v, out=None if by_rows else out[g0:g1])
             for p, part in zip(probs[1:], parts[1:]):
                 block_out.baddbmm_(p, part.v)
             block_out.div_(safe)  # rows without a key stay 0
@@ -416,7 +416,7 @@ class _ChunkAttention(torch.autograd.Function):
                 out.index_copy_(0, where, block_out.view(-1, d_v))
                 lse.index_copy_(0, where, block_lse.view(-1, 1))
             else:
-                out[g0:g1], lse[g0:g1] = block_out, block_lse
+                lse[g0:g1] = block_lse  # (the output was written in place)
         ctx.save_for_backward(q, k, v, k_extra, v_extra, lse)
         ctx.plan, ctx.scale = plan, scale
         return out, lse.squeeze(-1)
@@ -441,10 +441,12 @@ class _ChunkAttention(torch.autograd.Function):
             d_lse = d_lse.unsqueeze(-1)
         for g0, g1 in _blocks(plan, keys, groups, rows):
             parts = _block_parts(plan, keys, g0, g1)
-            q_block = _take(q, plan.q_rows, g0, g1) * scale
+            q_block = _take(q, plan.q_rows, g0, g1)
             d_o = _take(d_out, plan.out_rows, g0, g1)
             block_lse = _take(lse, plan.out_rows, g0, g1)
-            probs = [_exp_(_scores(q_block, part.k, part.blocked, part.self_pair).sub_(block_lse)) for part in parts]
+            probs = [
+                _exp_(_scores(q_block, part.k, part.blocked, part.self_pair, scale).sub_(block_lse)) for part in parts
+            ]
             d_scores = [torch.bmm(d_o, part.v.transpose(-1, -2)) for part in parts]  # dP
             delta = _row_dot(probs[0], d_scores[0])  # = rowsum(dO ∘ out), without saving out
             for p, d_s in zip(probs[1:], d_scores[1:]):
@@ -466,7 +468,9 @@ class _ChunkAttention(torch.autograd.Function):
                 d_q_all[g0:g1] = d_q
             else:
                 d_q_all.index_add_(0, plan.q_rows[g0:g1].reshape(-1), d_q.view(-1, q.shape[-1]))
-        d_q_all.mul_(scale)
+        for grad in (d_q_all, grads["k"], grads["k_extra"]):  # d(scale · q kᵀ): the scale, once at the end
+            if grad is not None:
+                grad.mul_(scale)
         return None, None, d_q_all, grads["k"], grads["v"], grads["k_extra"], grads["v_extra"]
 
 
