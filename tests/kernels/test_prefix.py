@@ -79,6 +79,23 @@ def test_buffers_with_huge_page_advice_give_the_same_results(
         torch.testing.assert_close(got, expected, atol=1e-11, rtol=1e-9)
 
 
+@pytest.mark.parametrize("features", [4, 6])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_retained_graph_gives_the_same_gradients_twice(features: int, scaled: bool) -> None:
+    # the backward writes into buffers of its own, never into saved tensors (chunk = features = values
+    # reuses the scores' buffer for the running sums; 6 features keeps the scores for the backward)
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.rand(1, 2, 19, features, generator=g, dtype=F64, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, 19, 4, generator=g, dtype=F64, requires_grad=True)
+    a = torch.randn(1, 2, 19, generator=g, dtype=F64) if scaled else None
+    out = kernel_attention(q, k, v, causal=True, key_log_scale=a, chunk_size=4)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=F64)).sum()
+    first = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
+    second = torch.autograd.grad(loss, (q, k, v))
+    for x, y in zip(first, second):
+        torch.testing.assert_close(x, y, atol=0.0, rtol=0.0)
+
+
 def test_large_buffer_is_advised_and_usable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prefix, "HUGE_PAGE_MIN_BYTES", 1)
     calls: list[tuple[int, int]] = []

@@ -100,6 +100,9 @@ def softmax_kernel_features(
     return _FavorFeatures.apply(x, projection * scale, scale * scale, real, per_row)
 
 
+_LOG2_E = 1.0 / math.log(2.0)
+
+
 class _FavorFeatures(torch.autograd.Function):
     """``exp(x Wᵀ - c‖x‖²/2 - log_scale)`` with a hand-written backward.
 
@@ -114,12 +117,26 @@ class _FavorFeatures(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor]:
         x, w, square_scale, real, per_row = args
-        exponent = torch.matmul(x, w.T, out=empty_buffer(x, (*x.shape[:-1], w.shape[0])))  # (…, L, m)
-        exponent.sub_((0.5 * square_scale) * torch.linalg.vecdot(x, x)[..., None])
-        if real is not None:
-            exponent.masked_fill_(~real, NEG)
-        log_scale = exponent.amax(dim=-1) if per_row else exponent.amax(dim=(-2, -1), keepdim=True)
-        exponent.sub_(log_scale[..., None] if per_row else log_scale).exp_()
+        half_square = (0.5 * square_scale) * torch.linalg.vecdot(x, x)[..., None]  # (…, L, 1)
+        shape = (*x.shape[:-1], w.shape[0])
+        if per_row:
+            # ‖x‖²/2 is constant along a row: it goes into the log-scale and the row maximum is
+            # taken of x Wᵀ alone, one pass fewer over the (L, m) exponent; log₂e is folded into
+            # W so that one exp2 pass makes the features (exp2 is 30% cheaper than exp here)
+            exponent = torch.matmul(x, w.T * _LOG2_E, out=empty_buffer(x, shape))
+            if real is not None:
+                exponent.masked_fill_(~real, NEG)
+            row_max = exponent.amax(dim=-1, keepdim=True)
+            exponent.sub_(row_max).exp2_()
+            log_scale = (row_max * math.log(2.0)).sub_(half_square)[..., 0]
+            if real is not None:
+                log_scale.masked_fill_(~real[..., 0], NEG)
+        else:
+            exponent = torch.matmul(x, w.T, out=empty_buffer(x, shape)).sub_(half_square)  # (…, L, m)
+            if real is not None:
+                exponent.masked_fill_(~real, NEG)
+            log_scale = exponent.amax(dim=(-2, -1), keepdim=True)
+            exponent.sub_(log_scale).exp_()
         ctx.save_for_backward(x, w, exponent)
         ctx.square_scale = square_scale
         ctx.mark_non_differentiable(log_scale)
