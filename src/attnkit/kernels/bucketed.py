@@ -218,12 +218,14 @@ def _block_seen_in_earlier_rounds(
         blocked[:, :, later] |= hit
 
 
-def _scores(q: Tensor, k: Tensor, blocked: Tensor | None, self_pair: Tensor | None, scale: float) -> Tensor:
+def _scores(
+    q: Tensor, k: Tensor, blocked: Tensor | None, self_pair: Tensor | None, scale: float, out: Tensor | None = None
+) -> Tensor:
     """Masked scores ``scale · q kᵀ`` ``(G, c, K)``: :data:`BLOCKED_SCORE` where blocked, :data:`SELF_SCORE` on self pairs."""
     # Batched products (bmm-like, not matmul: matmul of a 3-d tensor with a transposed
     # contiguous one takes a slower path on CPU, about 2x here), with the scale as alpha.
     keys = k.transpose(-1, -2)
-    s = q.new_empty(q.shape[0], q.shape[1], k.shape[1])
+    s = q.new_empty(q.shape[0], q.shape[1], k.shape[1]) if out is None else out
     if blocked is None:
         torch.baddbmm(s, q, keys, beta=0.0, alpha=scale, out=s)  # beta 0: s is not read
     else:
@@ -282,6 +284,9 @@ class _Plan:
         self_pair: bool ``(G, c, K)`` or None: scores set to :data:`SELF_SCORE` (constant).
         extra_blocked: as ``blocked``, ``(G_e, c or 1, E)``.
         extra_self: as ``self_pair``, ``(G_e, c, E)``.
+        keep_probs: hold the probabilities from the forward to the backward (``G · c · K``
+            more floats, one product and the exponentials fewer in the backward) instead
+            of recomputing them from the log-sum-exp.
     """
 
     q_rows: Tensor | None = None
@@ -293,6 +298,7 @@ class _Plan:
     self_pair: Tensor | None = None
     extra_blocked: Tensor | None = None
     extra_self: Tensor | None = None
+    keep_probs: bool = False
 
 
 def _take(src: Tensor, rows: Tensor | None, g0: int, g1: int) -> Tensor:
@@ -390,12 +396,18 @@ class _ChunkAttention(torch.autograd.Function):
         groups, rows = _group_shape(plan, q)
         d_v = v.shape[-1]
         by_rows = plan.out_rows is not None
-        out = q.new_zeros(plan.out_len, d_v) if by_rows else q.new_empty(groups, rows, d_v)
-        lse = q.new_full((plan.out_len, 1), float("-inf")) if by_rows else q.new_empty(groups, rows, 1)
+        # Every row of a by-rows output is written: each token's slot is in a computed chunk,
+        # and the dummy row is read only where an empty slot wrote it.
+        out = q.new_empty(plan.out_len, d_v) if by_rows else q.new_empty(groups, rows, d_v)
+        lse = q.new_empty(plan.out_len, 1) if by_rows else q.new_empty(groups, rows, 1)
+        kept = _kept_probs(plan, keys, groups, rows) if plan.keep_probs else (None, None)
         for g0, g1 in _blocks(plan, keys, groups, rows):
             parts = _block_parts(plan, keys, g0, g1)
             q_block = _take(q, plan.q_rows, g0, g1)
-            probs = [_scores(q_block, part.k, part.blocked, part.self_pair, scale) for part in parts]
+            probs = [
+                _scores(q_block, part.k, part.blocked, part.self_pair, scale, _rows_of(buffer, g0, g1))
+                for part, buffer in zip(parts, kept)
+            ]
             row_max = probs[0].amax(dim=-1, keepdim=True)
             for extra in probs[1:]:
                 row_max = torch.maximum(row_max, extra.amax(dim=-1, keepdim=True))
@@ -405,10 +417,14 @@ class _ChunkAttention(torch.autograd.Function):
                 denom += _exp_(p.sub_(row_max)).sum(dim=-1, keepdim=True)  # exactly 0 on blocked keys
             has_key = denom > 0
             safe = torch.where(has_key, denom, torch.ones_like(denom))
+            if plan.keep_probs:  # normalised once here, for the output and the backward
+                for p in probs:
+                    p.div_(safe)
             block_out = torch.bmm(probs[0], parts[0].v, out=None if by_rows else out[g0:g1])
             for p, part in zip(probs[1:], parts[1:]):
                 block_out.baddbmm_(p, part.v)
-            block_out.div_(safe)  # rows without a key stay 0
+            if not plan.keep_probs:
+                block_out.div_(safe)  # rows without a key stay 0
             block_lse = torch.where(has_key, row_max + torch.log(safe), float("-inf"))
             if by_rows:
                 assert plan.out_rows is not None
@@ -417,13 +433,13 @@ class _ChunkAttention(torch.autograd.Function):
                 lse.index_copy_(0, where, block_lse.view(-1, 1))
             else:
                 lse[g0:g1] = block_lse  # (the output was written in place)
-        ctx.save_for_backward(q, k, v, k_extra, v_extra, lse)
+        ctx.save_for_backward(q, k, v, k_extra, v_extra, lse, *kept)
         ctx.plan, ctx.scale = plan, scale
         return out, lse.squeeze(-1)
 
     @staticmethod
     def backward(ctx: Any, d_out: Tensor, d_lse: Tensor | None) -> tuple[Tensor | None, ...]:
-        q, k, v, k_extra, v_extra, lse = ctx.saved_tensors
+        q, k, v, k_extra, v_extra, lse, *kept = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
         keys = (k, v, k_extra, v_extra)
         groups, rows = _group_shape(plan, q)
@@ -444,9 +460,13 @@ class _ChunkAttention(torch.autograd.Function):
             q_block = _take(q, plan.q_rows, g0, g1)
             d_o = _take(d_out, plan.out_rows, g0, g1)
             block_lse = _take(lse, plan.out_rows, g0, g1)
-            probs = [
-                _exp_(_scores(q_block, part.k, part.blocked, part.self_pair, scale).sub_(block_lse)) for part in parts
-            ]
+            if plan.keep_probs:
+                probs = [buffer[g0:g1] for buffer, _ in zip(kept, parts)]
+            else:
+                probs = [
+                    _exp_(_scores(q_block, part.k, part.blocked, part.self_pair, scale).sub_(block_lse))
+                    for part in parts
+                ]
             d_scores = [torch.bmm(d_o, part.v.transpose(-1, -2)) for part in parts]  # dP
             delta = _row_dot(probs[0], d_scores[0])  # = rowsum(dO ∘ out), without saving out
             for p, d_s in zip(probs[1:], d_scores[1:]):
@@ -474,6 +494,27 @@ class _ChunkAttention(torch.autograd.Function):
         return None, None, d_q_all, grads["k"], grads["v"], grads["k_extra"], grads["v_extra"]
 
 
+def _widths(plan: _Plan, keys: tuple[Tensor | None, ...]) -> tuple[int, int]:
+    """Keys per group: own ``K`` and extra ``E`` (0 without extra keys)."""
+    k, _, k_extra, _ = keys
+    assert k is not None
+    own = k.shape[1] if plan.key_rows is None else plan.key_rows.shape[1]
+    extra = plan.extra_rows.shape[1] if plan.extra_rows is not None else 0 if k_extra is None else k_extra.shape[1]
+    return own, extra
+
+
+def _kept_probs(plan: _Plan, keys: tuple[Tensor | None, ...], groups: int, rows: int) -> tuple[Tensor | None, ...]:
+    """Buffers for the probabilities of the own keys ``(G, c, K)`` and the extra keys ``(G_e, c, E)``."""
+    own, extra = _widths(plan, keys)
+    with_extra = _extra_groups(plan, keys)
+    q_like = keys[0]
+    assert q_like is not None
+    return (
+        q_like.new_empty(groups, rows, own),
+        q_like.new_empty(with_extra, rows, extra) if with_extra else None,
+    )
+
+
 def _group_shape(plan: _Plan, q: Tensor) -> tuple[int, int]:
     """``(G, c)``: groups and queries per group."""
     return (q.shape[0], q.shape[1]) if plan.q_rows is None else (plan.q_rows.shape[0], plan.q_rows.shape[1])
@@ -485,15 +526,10 @@ def _blocks(plan: _Plan, keys: tuple[Tensor | None, ...], groups: int, rows: int
     No range straddles the end of the groups that have extra keys, so every group of a
     block has the same parts.
     """
-    k, _, k_extra, _ = keys
-    assert k is not None
-    own = k.shape[1] if plan.key_rows is None else plan.key_rows.shape[1]
+    own, extra = _widths(plan, keys)
     with_extra = _extra_groups(plan, keys)
     spans = [(0, groups, own)]
     if with_extra:
-        extra = (
-            plan.extra_rows.shape[1] if plan.extra_rows is not None else k_extra.shape[1] if k_extra is not None else 0
-        )
         spans = [(0, with_extra, own + extra), (with_extra, groups, own)]
     ranges = []
     for start, stop, width in spans:
@@ -654,6 +690,7 @@ def bucketed_attention(
         self_pair=_pick(flat_self, order, own),
         extra_blocked=_pick(flat_blocked, back, previous) if n_back else None,
         extra_self=_pick(flat_self, back, previous) if n_back else None,
+        keep_probs=True,  # R·T·2c floats, affordable here: the backward skips a product and exp
     )
     out, lse = _ChunkAttention.apply(plan, scale, q.reshape(-1, d), k.reshape(-1, d), v.reshape(-1, d_v))
     out = out[:-1].view(b, h, rounds, t_len, d_v)
