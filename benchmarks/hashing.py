@@ -27,9 +27,16 @@ Anchors (``.venv-bench`` only, never package dependencies), at matched settings:
   also mixes the *keys* into its sorted values, ``b_v_r = b_k_r``, so it back-propagates
   one mix where attnkit does two.)
 
-Run (about 20 minutes)::
+Run (about 20 minutes on a quiet machine) from a snapshot of the tree, taking the quiet-machine
+lock around each measurement only (never wrap this command in ``flock -x``: the harness takes
+the same lock itself)::
 
-    flock -x /tmp/attnkit-quiet.lock .venv-bench/bin/python -m benchmarks.hashing
+    git worktree add --detach /tmp/wt-hash HEAD && cd /tmp/wt-hash
+    ln -s /work/main/.venv .venv && ln -s /work/main/.venv-bench .venv-bench
+    ATTNKIT_BENCH_LOCK=/tmp/attnkit-quiet.lock .venv-bench/bin/python -m benchmarks.hashing
+
+then copy ``benchmarks/results/hashing*`` back. ``--lengths`` and ``--repeats`` change the
+cells and the repeats of every row alike (the committed results say which were used).
 
 ``--error-only`` writes just the error-budget table ``benchmarks/results/hashing_error.md``.
 ``hashing.md`` starts with the issue-4 floors: at 4K and 16K forward+backward, every
