@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import pathlib
 
 import pytest
 import torch
@@ -429,3 +430,35 @@ def test_core_block_loops_match_the_references(monkeypatch: pytest.MonkeyPatch, 
     test_routing_attends_within_clusters(causal)
     test_sinkhorn_matches_a_brute_force_loop(causal)
     test_chunk_attention_with_extra_keys_is_softmax_over_both(blocked=True)
+
+
+def _routing_update_on_rank(rank: int, store: str, q: torch.Tensor, k: torch.Tensor, out_dir: str) -> None:
+    """One replica: a training forward on its share of the batch, then the EMA step."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        module = RoutingAttention(num_clusters=3, window=4, decay=0.5, seed=3)
+        module(q[rank : rank + 1], k[rank : rank + 1], k[rank : rank + 1])
+        assert module.update_centroids()
+        torch.save(module.centroids, f"{out_dir}/centroids{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_routing_centroid_update_is_global_under_torch_distributed(tmp_path: pathlib.Path) -> None:
+    """Two gloo replicas, one sequence each: both end with the centroids of one process fed both sequences."""
+    import torch.multiprocessing as mp
+
+    q, k, _ = structured_qkv(2, 2, 19, 19, 8, seed=28)
+    args = (str(tmp_path / "store"), q, k, str(tmp_path))
+    mp.spawn(_routing_update_on_rank, args=args, nprocs=2, join=True)
+    single = RoutingAttention(num_clusters=3, window=4, decay=0.5, seed=3)
+    single(q, k, k)
+    single.update_centroids()
+    replicas = [torch.load(tmp_path / f"centroids{rank}.pt") for rank in range(2)]
+    assert torch.equal(replicas[0], replicas[1])  # identical replicas
+    assert not torch.equal(
+        replicas[0], RoutingAttention(num_clusters=3, window=4, seed=3)._centroids_for(2, 8, q.device)
+    )
+    torch.testing.assert_close(replicas[0], single.centroids, atol=1e-6, rtol=0)

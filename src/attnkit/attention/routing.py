@@ -168,12 +168,19 @@ class RoutingAttention(AttentionMechanism):
         """Apply the EMA step recorded by the last training forward; return whether one was applied.
 
         ``μ_c ← normalize(decay · μ_c + (1 - decay) · mean of the unit vectors routed to c)``
-        for every cluster that received a vector; the others stay put.
+        for every cluster that received a vector; the others stay put. Under
+        ``torch.distributed``, the per-cluster sums and counts are summed over all ranks
+        first (every rank must call this at the same step), so replicas keep identical
+        centroids: the mean is that of the whole global batch.
         """
         if self._pending is None:
             return False
         sums, counts = self._pending
         self._pending = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sums, counts = sums.contiguous(), counts.contiguous()
+            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(counts)
         means = sums / counts.clamp(min=1.0).unsqueeze(-1)
         moved = nn.functional.normalize(self.decay * self.centroids + (1.0 - self.decay) * means, dim=-1)
         self.centroids.copy_(torch.where(counts.unsqueeze(-1) > 0, moved, self.centroids))
