@@ -119,6 +119,21 @@ def test_large_buffer_is_advised_and_usable(monkeypatch: pytest.MonkeyPatch) -> 
         assert buf.data_ptr() <= start and start + length <= buf.data_ptr() + 4 * buf.numel()
 
 
+def test_huge_page_advice_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(prefix.HUGE_PAGES_ENV, "0")
+    prefix._madvise.cache_clear()
+    try:
+        assert prefix._madvise() is None
+        monkeypatch.setattr(prefix, "HUGE_PAGE_MIN_BYTES", 1)
+        buf = empty_buffer(torch.zeros(1), (2, 1 << 20))
+        assert buf.shape == (2, 1 << 20)
+    finally:
+        monkeypatch.delenv(prefix.HUGE_PAGES_ENV)
+        prefix._madvise.cache_clear()
+    if sys.platform.startswith("linux"):
+        assert prefix._madvise() is not None
+
+
 @pytest.mark.parametrize("scaled", [False, True])
 def test_decoding_in_pieces_carries_numerator_and_normaliser(scaled: bool) -> None:
     """Prompt pieces through the chunked core with a state, then single tokens, equal one causal pass."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,9 +54,13 @@ _HUGE_PAGE = 1 << 21
 _MADV_HUGEPAGE = 14
 
 
+#: set to ``0`` to turn the huge-page advice of :func:`empty_buffer` off (read once per process)
+HUGE_PAGES_ENV = "ATTNKIT_HUGE_PAGES"
+
+
 @functools.cache
 def _madvise() -> Callable[[int, int, int], int] | None:
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get(HUGE_PAGES_ENV, "1") == "0":
         return None
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
@@ -73,7 +78,8 @@ def empty_buffer(like: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
     marked ``MADV_HUGEPAGE`` before anything touches it, so first writes to fresh pages fault
     512x less often (pages already in use are unaffected) (measured: a fresh 32 MB tensor filled in 4.3 ms instead of
     13.7; PyTorch's ``THP_MEM_ALLOC_ENABLE`` does the same for every allocation). Only
-    advice: where transparent huge pages are off, or not on Linux, nothing changes.
+    advice: where transparent huge pages are off, or not on Linux, nothing changes; the
+    environment variable ``ATTNKIT_HUGE_PAGES=0`` turns it off.
     """
     out = like.new_empty(shape)
     nbytes = out.numel() * out.element_size()
