@@ -157,6 +157,22 @@ def measure(
     return {**row, "status": "ok", **result}
 
 
+def _merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a case's measurements in one cell (one per round; the first failure ends them)."""
+    ok = [r for r in results if r["status"] == "ok"]
+    failed = {"failed_rounds": len(results) - len(ok)} if ok and len(ok) < len(results) else {}
+    if len(ok) < 2:
+        return {**ok[0], **failed} if ok else results[0]
+    return {
+        **ok[0],
+        "median_s": statistics.median(r["median_s"] for r in ok),
+        "round_medians_s": [r["median_s"] for r in ok],
+        "times": [t for r in ok for t in r["times"]],
+        "peak_mb": max(r["peak_mb"] for r in ok),
+        **failed,
+    }
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Add ``vs_sdpa`` (time / SDPA time in the same cell) and ``vs_anchor`` (time / fastest anchor)."""
     cells: dict[tuple[int, bool, str], list[dict[str, Any]]] = {}
@@ -243,12 +259,21 @@ def run_suite(
     threads: int = 2,
     timeout: float = 600.0,
     max_seconds_per_step: float = 60.0,
+    rounds: int = 1,
+    max_round_seconds: float = 10.0,
     out_dir: Path = RESULTS,
 ) -> list[dict[str, Any]]:
     """Measure every case in every cell; write ``<name>.json``, ``<name>.md`` and ``<name>.png``.
 
     A case that errors, times out, runs out of memory or takes longer than
     ``max_seconds_per_step`` per step is not run at longer lengths in that (causal, mode).
+
+    With ``rounds > 1`` the cases of a cell are measured round-robin, ``rounds`` times (the
+    order reversed every other round), and a row's time is the median of its per-round
+    medians (``round_medians_s``), its peak memory the largest: a slow phase of a shared
+    machine that outlasts one measurement then hits every case of the cell rather than one.
+    A case whose first round took more than ``max_round_seconds`` per step keeps that one
+    round (its ratios are far from any floor and more rounds would take minutes).
     """
     import platform
 
@@ -260,15 +285,33 @@ def run_suite(
     for mode in modes:
         for causal in causal_values:
             for length in lengths:
-                for case in cases:
-                    if (case.causal_only and not causal) or (case.bidirectional_only and causal):
-                        continue
+                cell = [
+                    case
+                    for case in cases
+                    if not ((case.causal_only and not causal) or (case.bidirectional_only and causal))
+                    and (case.label, causal, mode) not in stopped
+                ]
+                measured: dict[str, list[dict[str, Any]]] = {case.label: [] for case in cell}
+                for r in range(rounds):
+                    for case in cell if r % 2 == 0 else cell[::-1]:
+                        done = measured[case.label]
+                        if done and (done[0]["status"] != "ok" or done[0]["median_s"] > max_round_seconds):
+                            continue
+                        done.append(
+                            measure(
+                                case,
+                                length,
+                                causal,
+                                mode,
+                                repeats=repeats,
+                                warmup=warmup,
+                                threads=threads,
+                                timeout=timeout,
+                            )
+                        )
+                for case in cell:
                     key = (case.label, causal, mode)
-                    if key in stopped:
-                        continue
-                    row = measure(
-                        case, length, causal, mode, repeats=repeats, warmup=warmup, threads=threads, timeout=timeout
-                    )
+                    row = _merge_rounds(measured[case.label])
                     rows.append(row)
                     shown = (
                         f"{row['median_s'] * 1e3:9.1f} ms {row['peak_mb']:7.0f} MB"
@@ -284,6 +327,7 @@ def run_suite(
         "torch": torch.__version__,
         "threads": threads,
         "repeats": repeats,
+        "rounds": rounds,
         "machine": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),

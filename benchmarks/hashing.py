@@ -237,6 +237,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure the cases of each cell round-robin this many times (median of rounds)",
+    )
     parser.add_argument("--error-only", action="store_true", help="write only hashing_error.md")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -245,7 +251,7 @@ def main() -> None:
         return
     # Forward+backward first (the floors): its files are complete on their own; the forward-only
     # cells are then merged in, so a run cut short still leaves the important table.
-    run = partial(run_suite, lengths=args.lengths, repeats=args.repeats, max_seconds_per_step=40.0)
+    run = partial(run_suite, lengths=args.lengths, repeats=args.repeats, rounds=args.rounds, max_seconds_per_step=40.0)
     rows = run("hashing", cases(), modes=("fwd+bwd",))
     write_results(rows)
     with tempfile.TemporaryDirectory() as tmp:

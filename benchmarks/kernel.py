@@ -211,6 +211,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure the cases of each cell round-robin this many times (median of rounds)",
+    )
     parser.add_argument("--modes", nargs="+", default=["fwd+bwd"])
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="seconds per measurement before it counts as failed"
@@ -221,6 +227,7 @@ def main() -> None:
         cases(args.lengths),
         lengths=args.lengths,
         repeats=args.repeats,
+        rounds=args.rounds,
         modes=args.modes,
         timeout=args.timeout,
     )

@@ -254,6 +254,12 @@ def main(argv: list[str] | None = None) -> None:
         help="sub-suites to measure; none: just rebuild sparse.{json,md,png} from the saved parts",
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure the cases of each cell round-robin this many times (median of rounds)",
+    )
     args = parser.parse_args(argv)
     suites = {
         "window": (window_cases, args.lengths),
@@ -266,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         make, lengths = suites[part]
         if lengths:
             rows += [
-                {**r, "part": part} for r in run_suite(f"sparse_{part}", make(), lengths=lengths, repeats=args.repeats)
+                {**r, "part": part}
+                for r in run_suite(f"sparse_{part}", make(), lengths=lengths, repeats=args.repeats, rounds=args.rounds)
             ]
     for part in suites:  # keep rows of parts measured in earlier invocations
         path = RESULTS / f"sparse_{part}.json"
