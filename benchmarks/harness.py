@@ -157,6 +157,16 @@ def measure(
     return {**row, "status": "ok", **result}
 
 
+def add_rounds_argument(parser: argparse.ArgumentParser) -> None:
+    """The suites' ``--rounds N`` option (see :func:`run_suite`)."""
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure the cases of each cell round-robin this many times (median of rounds)",
+    )
+
+
 def _merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from a case's measurements in one cell (one per round; the first failure ends them)."""
     ok = [r for r in results if r["status"] == "ok"]

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import qkv
-from benchmarks.harness import RESULTS, Case, markdown_table, plot, run_suite
+from benchmarks.harness import RESULTS, Case, add_rounds_argument, markdown_table, plot, run_suite
 
 BENCH_PY = ".venv-bench/bin/python"
 HEADS, DIM = 8, 64
@@ -237,12 +237,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="measure the cases of each cell round-robin this many times (median of rounds)",
-    )
+    add_rounds_argument(parser)
     parser.add_argument("--error-only", action="store_true", help="write only hashing_error.md")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import qkv
-from benchmarks.harness import RESULTS, Case, run_suite
+from benchmarks.harness import RESULTS, Case, add_rounds_argument, run_suite
 
 BENCH_PY = ".venv-bench/bin/python"
 
@@ -211,12 +211,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="measure the cases of each cell round-robin this many times (median of rounds)",
-    )
+    add_rounds_argument(parser)
     parser.add_argument("--modes", nargs="+", default=["fwd+bwd"])
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="seconds per measurement before it counts as failed"

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import qkv
-from benchmarks.harness import RESULTS, Case, markdown_table, plot, run_suite
+from benchmarks.harness import RESULTS, Case, add_rounds_argument, markdown_table, plot, run_suite
 
 BENCH_PY = ".venv-bench/bin/python"
 HEADS, DIM = 8, 64
@@ -254,12 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         help="sub-suites to measure; none: just rebuild sparse.{json,md,png} from the saved parts",
     )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="measure the cases of each cell round-robin this many times (median of rounds)",
-    )
+    add_rounds_argument(parser)
     args = parser.parse_args(argv)
     suites = {
         "window": (window_cases, args.lengths),
