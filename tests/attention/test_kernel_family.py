@@ -148,8 +148,8 @@ def test_linear_equals_naive_formula_with_gradients(causal: bool, lengths: tuple
 def test_linear_in_small_blocks_equals_naive_with_gradients(
     monkeypatch: pytest.MonkeyPatch, padded: bool, feature_map: str, causal: bool, lengths: tuple[int, int]
 ) -> None:
-    # blocks of 5 rows (and a ragged last block): the feature map is applied block by block inside
-    # the kernels (bidirectional always, causal without padding; with it, features come first)
+    # tiny blocks: the bidirectional kernel takes one (batch, head) slice at a time, the causal one
+    # applies the feature map in blocks of rows (without padding; with it, features come first)
     monkeypatch.setattr("attnkit.kernels.prefix.BLOCK_BYTES", 4 * 2 * 2 * 8 * 5)
     t_len, s_len = lengths
     q, k, v = structured_qkv(2, 2, t_len, s_len, 8, seed=6, dtype=F64)
@@ -185,6 +185,23 @@ def test_linear_gradcheck_in_small_blocks(monkeypatch: pytest.MonkeyPatch, padde
     module = attnkit.build_attention("linear", chunk_size=4)
     kpm = real if padded else None
     assert torch.autograd.gradcheck(lambda *x: module(*x, causal=causal, key_padding_mask=kpm), (q, k, v))
+
+
+@pytest.mark.parametrize("feature_map", ["elu+1", "relu"])
+def test_linear_bidirectional_retained_graph_gives_the_same_gradients_twice(
+    monkeypatch: pytest.MonkeyPatch, feature_map: str
+) -> None:
+    # the backward reads the saved features and writes derivatives into buffers of its own: a second
+    # backward over the same graph must see them unchanged (two groups of heads, padded keys)
+    monkeypatch.setattr("attnkit.kernels.prefix.BLOCK_BYTES", 4 * 2 * 19 * 8)
+    q, k, v = leaves(*structured_qkv(2, 2, 19, 19, 8, seed=8, dtype=F64))
+    real = random_padding(2, 19, seed=8, min_real=3)
+    out = attnkit.build_attention("linear", feature_map=feature_map)(q, k, v, causal=False, key_padding_mask=real)
+    loss = (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(8), dtype=F64)).sum()
+    first = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
+    second = torch.autograd.grad(loss, (q, k, v))
+    for x, y in zip(first, second):
+        torch.testing.assert_close(x, y, atol=0.0, rtol=0.0)
 
 
 def test_linear_feature_maps() -> None:

@@ -55,8 +55,8 @@ class _EluPlusOne:
         torch.clamp(x, max=0.0, out=out).mul_(_LOG2_E).exp2_().sub_(1.0)
         return torch.maximum(out, x, out=out).add_(1.0)
 
-    def grad_into(self, phi: Tensor, grad: Tensor, out: Tensor) -> Tensor:
-        return torch.mul(grad, phi.clamp_(max=1.0), out=out)
+    def derivative_into(self, phi: Tensor, out: Tensor) -> Tensor:
+        return torch.clamp(phi, max=1.0, out=out)
 
 
 class _Relu:
@@ -65,8 +65,8 @@ class _Relu:
     def into(self, x: Tensor, out: Tensor) -> Tensor:
         return torch.clamp(x, min=0.0, out=out)
 
-    def grad_into(self, phi: Tensor, grad: Tensor, out: Tensor) -> Tensor:
-        return torch.mul(grad, phi > 0, out=out)
+    def derivative_into(self, phi: Tensor, out: Tensor) -> Tensor:
+        return torch.sign(phi, out=out)  # φ >= 0: 1 where positive, 0 at 0
 
 
 #: the feature maps applied inside the kernels; None is the identity (q and k are their own features)

@@ -434,25 +434,25 @@ class _CausalKernel(torch.autograd.Function):
         return unchunked(dq), unchunked(dk), unchunked(dv), None, None, None, None, None, None, None, None
 
 
-# -- bidirectional: blocks of rows, feature maps applied inside ------------------------------
+# -- feature maps; bidirectional attention a group of heads at a time --------------------------
 class FeatureMap(Protocol):
-    """A feature map ``φ`` the kernels apply block by block, so no full-size ``φ(x)`` is ever stored.
+    """A feature map ``φ`` the kernels apply themselves, into buffers of their own.
 
-    The backward pass recomputes ``φ`` from the inputs; its derivative must be expressible
-    through ``φ(x)`` itself (true for elu+1, relu and identity).
+    Its derivative must be expressible through ``φ(x)`` itself (true for elu+1, relu and
+    identity), so that the backward pass needs only the saved features.
     """
 
     def into(self, x: Tensor, out: Tensor) -> Tensor:
         """Write ``φ(x)`` into ``out`` (same shape) and return it."""
         ...
 
-    def grad_into(self, phi: Tensor, grad: Tensor, out: Tensor) -> Tensor:
-        """Write ``grad · φ'(x)`` into ``out`` given ``phi = φ(x)`` (which may be overwritten)."""
+    def derivative_into(self, phi: Tensor, out: Tensor) -> Tensor:
+        """Write ``φ'(x)`` into ``out`` given ``phi = φ(x)`` (left unchanged) and return it."""
         ...
 
 
-#: bytes of one block's (B·H, rows, D) buffer: whole tensors of this size come from glibc's heap
-#: (no fresh pages, which cost more than the arithmetic) and stay in the last-level cache
+#: bytes of one block of features: small enough that the passes over it and the products that
+#: read it right after find it in cache
 BLOCK_BYTES = 1 << 21
 
 
@@ -470,18 +470,6 @@ def _scratch(buf: Tensor, *shape: int) -> Tensor:
     return buf.view(-1)[: math.prod(shape)].view(shape)
 
 
-def _block_features(x: Tensor, feature_map: FeatureMap | None, buf: Tensor, real: Tensor | None) -> Tensor:
-    """``φ(x)`` for one block ``x (BH, n, D)``, rows of padded keys zeroed; ``x`` itself when it is φ already."""
-    if feature_map is None and real is None:
-        return x
-    phi = _scratch(buf, *x.shape)
-    if feature_map is None:
-        phi.copy_(x)
-    else:
-        feature_map.into(x, phi)
-    return phi.masked_fill_(~real[..., None], 0.0) if real is not None else phi
-
-
 def _features_by_rows(x: Tensor, feature_map: FeatureMap) -> Tensor:
     """``φ(x)`` for ``x (BH, L, D)`` into a new tensor, a block of rows at a time so each pass stays in cache."""
     # advised, unlike the bidirectional outputs: measured 329-425 ms per 16K causal step with, 442-444 without
@@ -497,7 +485,7 @@ def _chain_features_(grad: Tensor, phi: Tensor, feature_map: FeatureMap) -> None
     buf = phi.new_empty(phi.shape[0], rows, phi.shape[-1])
     for a, b in _spans(phi.shape[1], rows):
         block = grad[:, a:b]
-        feature_map.grad_into(_scratch(buf, *block.shape).copy_(phi[:, a:b]), block, block)
+        block.mul_(feature_map.derivative_into(phi[:, a:b], _scratch(buf, *block.shape)))
 
 
 class _Features(torch.autograd.Function):
@@ -514,8 +502,8 @@ class _Features(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> tuple[Tensor | None, ...]:
         (phi,) = ctx.saved_tensors
-        scratch = phi.clone()  # grad_into may overwrite its φ; the saved one must survive
-        return ctx.feature_map.grad_into(scratch, grads[0], scratch), None
+        derivative = ctx.feature_map.derivative_into(phi, torch.empty_like(phi))
+        return derivative.mul_(grads[0]), None
 
 
 def apply_features(x: Tensor, feature_map: FeatureMap) -> Tensor:
@@ -524,13 +512,28 @@ def apply_features(x: Tensor, feature_map: FeatureMap) -> Tensor:
     return out
 
 
-class _GlobalKernel(torch.autograd.Function):
-    """Bidirectional linear attention ``φq (φkᵀ v) / φq (φkᵀ 1)`` over blocks of rows.
+def _head_groups(bh: int, length: int, width: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of consecutive groups of (batch, head) slices of about :data:`BLOCK_BYTES`."""
+    return _spans(bh, max(1, BLOCK_BYTES // (4 * length * width)))
 
-    The feature map is applied inside, a block of rows at a time into reused buffers, and
-    recomputed in the backward pass, which is written by hand: only the inputs, the (F, E)
-    sums, the output and its normaliser are kept. (The normaliser is a separate matrix-vector
-    product: a ones column on ``v`` makes every product 65 wide, which MKL runs 40% slower.)
+
+def _group_features(x: Tensor, feature_map: FeatureMap | None, out: Tensor, real: Tensor | None) -> Tensor:
+    """``φ(x)`` for a group ``x (n, L, D)`` into ``out``, rows of padded keys zeroed; ``x`` when it is φ already."""
+    if feature_map is None and real is None:
+        return x
+    phi = out.copy_(x) if feature_map is None else feature_map.into(x, out)
+    return phi.masked_fill_(~real, 0.0) if real is not None else phi
+
+
+class _GlobalKernel(torch.autograd.Function):
+    """Bidirectional linear attention ``φq (φkᵀ v) / φq (φkᵀ 1)``, a group of heads at a time.
+
+    A group's features are written into the saved ``(B·H, L, F)`` buffers and read by its
+    products at once, while still in cache; the backward pass, written by hand, reads them back
+    (measured at 4K: no slower than recomputing them, which costs four elementwise passes of
+    which one is an ``exp``). A group is contiguous in memory, unlike a block of rows across
+    heads. The normaliser is a separate matrix-vector product: a ones column on ``v`` makes every
+    product 65 wide, which MKL runs 40% slower.
     """
 
     @staticmethod
@@ -541,76 +544,75 @@ class _GlobalKernel(torch.autograd.Function):
         bh = bsz * heads
         q3, k3, v3 = (x.reshape(bh, x.shape[2], x.shape[3]) for x in (q, k, v))
         # True = real key, one row per (batch, head)
-        real3 = real[:, None].expand(bsz, heads, s_len).reshape(bh, s_len) if real is not None else None
-        rows = _block_rows(bh, feat)
-        buf = q3.new_empty(bh, rows, feat)
-        kv = q3.new_zeros(bh, feat, e_dim)
-        z = q3.new_zeros(bh, feat, 1)
-        for a, b in _spans(s_len, rows):
-            mask = real3[:, a:b] if real3 is not None else None
-            phi = _block_features(k3[:, a:b], feature_map, buf, mask)
-            # padded values are zeroed too, so that no inf or nan there leaks through 0 · v
-            vals = v3[:, a:b] if mask is None else v3[:, a:b].masked_fill(~mask[..., None], 0.0)
-            kv.baddbmm_(phi.transpose(-1, -2), vals)
-            if normalize:
-                z.add_(phi.sum(dim=1)[..., None])
-        # plain allocations: written a block of rows at a time (8 scattered pieces per block), huge
-        # pages make the first touch slower, not faster (measured at 16K: 199-240 vs 316-346 ms)
-        out = q3.new_empty(bh, t_len, e_dim)
+        real3 = real[:, None, :, None].expand(bsz, heads, s_len, 1).reshape(bh, s_len, 1) if real is not None else None
+        if real3 is not None:  # padded values are zeroed too: no inf or nan there leaks through 0 · v
+            v3 = v3.masked_fill(~real3, 0.0)
+        phi_q = q3 if feature_map is None else empty_buffer(q3, q3.shape)
+        phi_k = k3 if feature_map is None and real3 is None else empty_buffer(k3, k3.shape)
+        kv = q3.new_empty(bh, feat, e_dim)
+        z = q3.new_empty(bh, 1, feat) if normalize else None
+        out = empty_buffer(q3, (bh, t_len, e_dim))
         den = q3.new_empty(bh, t_len, 1) if normalize else None
-        for a, b in _spans(t_len, rows):
-            phi = _block_features(q3[:, a:b], feature_map, buf, None)
-            block = torch.bmm(phi, kv, out=out[:, a:b])
-            if den is not None:
-                torch.bmm(phi, z, out=den[:, a:b])
-                block.div_(_safe_denominator(den[:, a:b]))
-        ctx.save_for_backward(q3, k3, v3, real3, kv, z, out, den)
+        for a, b in _head_groups(bh, max(t_len, s_len), feat):
+            phi = _group_features(k3[a:b], feature_map, phi_k[a:b], real3[a:b] if real3 is not None else None)
+            torch.bmm(phi.transpose(1, 2), v3[a:b], out=kv[a:b])
+            if z is not None:
+                torch.sum(phi, dim=1, keepdim=True, out=z[a:b])
+            phi = _group_features(q3[a:b], feature_map, phi_q[a:b], None)
+            block = torch.bmm(phi, kv[a:b], out=out[a:b])
+            if z is not None and den is not None:
+                block.div_(_safe_denominator(torch.bmm(phi, z[a:b].transpose(1, 2), out=den[a:b])))
+        ctx.save_for_backward(phi_q, phi_k, v3, real3, kv, z, out, den)
         ctx.feature_map = feature_map
         return out.view(bsz, heads, t_len, e_dim)
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> tuple[Tensor | None, ...]:
-        q3, k3, v3, real3, kv, z, out, den = ctx.saved_tensors
+        phi_q, phi_k, v3, real3, kv, z, out, den = ctx.saved_tensors
         feature_map = ctx.feature_map
-        bh, t_len, feat = q3.shape
-        s_len, e_dim = k3.shape[1], v3.shape[-1]
+        bh, t_len, feat = phi_q.shape
+        s_len, e_dim = phi_k.shape[1], v3.shape[-1]
         grad = grads[0].reshape(bh, t_len, e_dim)
-        rows = _block_rows(bh, feat)
-        buf, dphi_buf, scaled_buf = (q3.new_empty(bh, rows, width) for width in (feat, feat, e_dim))
-        dq, dk, dv = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
-        d_kv, d_z = q3.new_zeros(bh, feat, e_dim), q3.new_zeros(bh, feat, 1)
-        for a, b in _spans(t_len, rows):
-            phi = _block_features(q3[:, a:b], feature_map, buf, None)
-            g = grad[:, a:b]
+        groups = _head_groups(bh, max(t_len, s_len), max(feat, e_dim))
+        # one group's scaled gradient (n, T, E), then the features' derivative (n, L, F)
+        scratch = empty_buffer(phi_q, (groups[0][1], max(t_len, s_len), max(feat, e_dim)))
+        dq, dk, dv = (empty_buffer(x, x.shape) for x in (phi_q, phi_k, v3))
+        d_kv = phi_q.new_empty(groups[0][1], feat, e_dim)
+        d_z = phi_q.new_empty(groups[0][1], 1, feat)
+        for a, b in groups:
+            n = b - a
+            g, phi = grad[a:b], phi_q[a:b]
             grad_den = None
-            if den is not None:
+            if den is not None and z is not None:
                 # out = num / den: d num = g / den, d den = -(g · out) / den (zero where den was not positive)
-                block_den = den[:, a:b]
-                g = torch.div(g, _safe_denominator(block_den), out=_scratch(scaled_buf, bh, b - a, e_dim))
-                grad_den = torch.linalg.vecdot(g, out[:, a:b])[..., None].neg_().masked_fill_(block_den <= 0, 0.0)
-                d_z.baddbmm_(phi.transpose(-1, -2), grad_den)
-            d_kv.baddbmm_(phi.transpose(-1, -2), g)
-            target = dq[:, a:b] if feature_map is None else _scratch(dphi_buf, bh, b - a, feat)
-            torch.bmm(g, kv.transpose(-1, -2), out=target)
-            if grad_den is not None:
-                target.baddbmm_(grad_den, z.transpose(-1, -2))
+                block_den = den[a:b]
+                g = torch.div(g, _safe_denominator(block_den), out=_scratch(scratch, n, t_len, e_dim))
+                grad_den = _rowdot(g, out[a:b], dq[a:b]).neg_().masked_fill_(block_den <= 0, 0.0)
+                torch.bmm(grad_den.transpose(1, 2), phi, out=d_z[:n])
+            torch.bmm(phi.transpose(1, 2), g, out=d_kv[:n])
+            target = torch.bmm(g, kv[a:b].transpose(1, 2), out=dq[a:b])
+            if grad_den is not None and z is not None:
+                target.addcmul_(grad_den, z[a:b])
             if feature_map is not None:
-                feature_map.grad_into(phi, target, dq[:, a:b])
-        for a, b in _spans(s_len, rows):
-            mask = real3[:, a:b] if real3 is not None else None
-            phi = _block_features(k3[:, a:b], feature_map, buf, mask)
-            torch.bmm(phi, d_kv, out=dv[:, a:b])
-            target = dk[:, a:b] if feature_map is None else _scratch(dphi_buf, bh, b - a, feat)
-            if den is not None:  # the normaliser's gradient reaches every key's features alike
-                torch.baddbmm(d_z.transpose(-1, -2), v3[:, a:b], d_kv.transpose(-1, -2), out=target)
-            else:
-                torch.bmm(v3[:, a:b], d_kv.transpose(-1, -2), out=target)
+                target.mul_(feature_map.derivative_into(phi, _scratch(scratch, n, t_len, feat)))
+            phi = phi_k[a:b]
+            torch.bmm(phi, d_kv[:n], out=dv[a:b])
+            target = torch.bmm(v3[a:b], d_kv[:n].transpose(1, 2), out=dk[a:b])
+            if grad_den is not None:  # the normaliser's gradient reaches every key's features alike
+                target.add_(d_z[:n])
             if feature_map is not None:
-                feature_map.grad_into(phi, target, dk[:, a:b])
-            if mask is not None:
-                dk[:, a:b].masked_fill_(~mask[..., None], 0.0)
+                target.mul_(feature_map.derivative_into(phi, _scratch(scratch, n, s_len, feat)))
+            if real3 is not None:
+                target.masked_fill_(~real3[a:b], 0.0)
         lead = grads[0].shape[:2]
         return dq.view(*lead, t_len, feat), dk.view(*lead, s_len, feat), dv.view(*lead, s_len, e_dim), None, None, None
+
+
+def _rowdot(x: Tensor, y: Tensor, spare: Tensor) -> Tensor:
+    """``(n, L, 1)`` row-wise dot products of ``x, y (n, L, E)``, the product formed in ``spare``'s storage when it fits."""
+    if spare.is_contiguous() and spare.numel() >= x.numel():
+        return torch.mul(x, y, out=_scratch(spare, *x.shape)).sum(dim=-1, keepdim=True)
+    return torch.linalg.vecdot(x, y)[..., None]
 
 
 # -- public functions ----------------------------------------------------------------------
@@ -700,8 +702,8 @@ def kernel_attention(
         causal: end-aligned causal (query ``i`` sees keys ``j <= i + S - T``).
         key_padding_mask: bool ``(B, S)``, True = real key; padded keys are removed exactly.
         key_log_scale: ``(B, H, S)`` detached per-key log-scales of ``k`` (see module docstring).
-        feature_map: ``φ``, applied here to ``q`` and ``k`` (bidirectional: block by block
-            inside the kernel, never stored), or None when they are features already.
+        feature_map: ``φ``, applied here to ``q`` and ``k`` (inside the kernels, a group of
+            heads or a block of rows at a time), or None when they are features already.
         normalize: divide by ``Σ φ(q)·φ(k)`` (rows whose normaliser is not positive give zeros).
         chunk_size: chunk length of the causal core.
 
