@@ -38,6 +38,12 @@ the same lock itself)::
 then copy ``benchmarks/results/hashing*`` back. ``--lengths`` and ``--repeats`` change the
 cells and the repeats of every row alike (the committed results say which were used).
 
+``--cases TEXT ...`` re-measures only the cases whose label contains one of the texts
+(``--cases sinkhorn`` takes the attnkit Sinkhorn rows and their anchor; name the anchor too
+when filtering more narrowly, so the ratios compare rows of one run) and merges their rows
+into the committed ``hashing.json``: rows of other cases, and of cells not measured, are kept
+from the file, and its ``meta.reruns`` records what was re-measured when.
+
 ``--error-only`` writes just the error-budget table ``benchmarks/results/hashing_error.md``.
 ``hashing.md`` starts with the issue-4 floors: at 4K and 16K forward+backward, every
 attnkit row's time over the fastest anchor of its group (floor: ≤ 0.67, i.e. 1.5× faster)
@@ -49,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -239,19 +246,56 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     add_rounds_argument(parser)
     parser.add_argument("--error-only", action="store_true", help="write only hashing_error.md")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        metavar="TEXT",
+        help="measure only the cases whose label contains one of these (e.g. --cases sinkhorn sdpa) and "
+        "merge their rows into the existing hashing.json; the other rows are kept from the file",
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "hashing_error.md").write_text(error_table())
     if args.error_only:
         return
+    selected = cases()
+    kept: list[dict[str, Any]] = []
+    meta: dict[str, Any] | None = None
+    if args.cases:
+        selected = [case for case in selected if any(text in case.label for text in args.cases)]
+        if not selected:
+            known = ", ".join(repr(case.label) for case in cases())
+            parser.error(f"--cases {' '.join(args.cases)} matches no case label (labels: {known})")
+        previous = json.loads((RESULTS / "hashing.json").read_text())
+        meta, kept = previous["meta"], previous["rows"]
+        meta.setdefault("reruns", []).append(
+            {
+                "cases": [case.label for case in selected],
+                "lengths": args.lengths,
+                "repeats": args.repeats,
+                "rounds": args.rounds,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            }
+        )
     # Forward+backward first (the floors): its files are complete on their own; the forward-only
     # cells are then merged in, so a run cut short still leaves the important table.
     run = partial(run_suite, lengths=args.lengths, repeats=args.repeats, rounds=args.rounds, max_seconds_per_step=40.0)
-    rows = run("hashing", cases(), modes=("fwd+bwd",))
-    write_results(rows)
+    rows = run("hashing", selected, modes=("fwd+bwd",))
+    write_results(merge_rows(kept, rows), meta)
     with tempfile.TemporaryDirectory() as tmp:
-        rows += run("hashing_fwd", cases(), modes=("fwd",), out_dir=Path(tmp))
-    write_results(rows)
+        rows += run("hashing_fwd", selected, modes=("fwd",), out_dir=Path(tmp))
+    write_results(merge_rows(kept, rows), meta)
+
+
+def merge_rows(kept: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``kept`` with every row of a cell measured in ``new`` replaced by its new row (others kept in place)."""
+
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r["label"], r["length"], r["causal"], r["mode"]
+
+    fresh = {key(r): r for r in new}
+    merged = [fresh.pop(key(r), r) for r in kept]
+    return merged + [r for r in new if key(r) in fresh]
 
 
 def group_of(label: str) -> str:
@@ -306,11 +350,12 @@ def floor_table(rows: list[dict[str, Any]], lengths: tuple[int, ...] = (4096, 16
     return "\n".join(lines)
 
 
-def write_results(rows: list[dict[str, Any]]) -> None:
+def write_results(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> None:
     """Rewrite ``hashing.{json,md,png}`` with ``vs_anchor`` against the fastest anchor of the row's own group.
 
     (The harness's own ratio takes the fastest anchor of the whole cell, which here would
-    compare LSH with the Sinkhorn anchor.)
+    compare LSH with the Sinkhorn anchor.) ``meta``: the file's header (default: the one the
+    harness just wrote).
     """
     cells: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
@@ -321,7 +366,18 @@ def write_results(rows: list[dict[str, Any]]) -> None:
             r.pop("vs_anchor", None)
             if anchors and r["status"] == "ok" and r["role"] == "attnkit":
                 r["vs_anchor"] = r["median_s"] / min(anchors)
-    meta = json.loads((RESULTS / "hashing.json").read_text())["meta"]
+    sdpa = {
+        (r["length"], r["causal"], r["mode"]): r["median_s"]
+        for r in rows
+        if r["status"] == "ok" and r["role"] == "sdpa"
+    }
+    for r in rows:  # again over the whole cell: with --cases its rows come from two runs
+        r.pop("vs_sdpa", None)
+        base = sdpa.get((r["length"], r["causal"], r["mode"]))
+        if base and r["status"] == "ok":
+            r["vs_sdpa"] = r["median_s"] / base
+    if meta is None:
+        meta = json.loads((RESULTS / "hashing.json").read_text())["meta"]
     meta["vs_anchor"] = "time / fastest anchor of the same mechanism and cluster setting (see benchmarks/hashing.py)"
     (RESULTS / "hashing.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (RESULTS / "hashing.md").write_text(
