@@ -270,6 +270,104 @@ def test_sinkhorn_matches_a_brute_force_loop(causal: bool) -> None:
         torch.testing.assert_close(out[0, 0, i], w @ torch.stack(vals), atol=1e-10, rtol=0)
 
 
+def _log_space_sinkhorn(scores: torch.Tensor, iters: int) -> torch.Tensor:
+    """The definition, iterate by iterate (autograd differentiates it)."""
+    x = scores
+    for _ in range(iters):
+        x = x - torch.logsumexp(x, dim=-1, keepdim=True)
+        x = x - torch.logsumexp(x, dim=-2, keepdim=True)
+    return torch.softmax(x, dim=-1)
+
+
+@pytest.mark.parametrize("iters", [1, 3, 8])
+def test_sinkhorn_normalize_and_its_gradient_match_the_iterates(iters: int) -> None:
+    gen = torch.Generator().manual_seed(33)
+    scores = 3 * torch.randn(2, 7, 7, generator=gen, dtype=torch.float64)
+    scores = scores.masked_fill(torch.eye(7, dtype=torch.bool), float("-inf")).requires_grad_()
+    out, ref = sinkhorn_normalize(scores, iters), _log_space_sinkhorn(scores, iters)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    assert torch.all(out.diagonal(dim1=-2, dim2=-1) == 0)
+    w = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((out * w).sum(), scores)
+    (ref_grad,) = torch.autograd.grad((ref * w).sum(), scores)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda s: sinkhorn_normalize(s, iters), (scores,))
+
+
+def _toy_sort(q_sum: torch.Tensor, k_sum: torch.Tensor) -> torch.Tensor:
+    """A differentiable mix from block sums: a row softmax, block 0's row zero (it sees no block)."""
+    scores = 0.3 * q_sum @ k_sum.transpose(-1, -2)
+    first = torch.zeros(scores.shape[-2], 1, dtype=scores.dtype)
+    first[0] = 1.0
+    return torch.softmax(scores, dim=-1) * (1 - first)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("blocked", [False, True])
+def test_mixed_chunk_attention_and_its_gradients_match_a_dense_reference(weighted: bool, blocked: bool) -> None:
+    """Output and every gradient (through the mix and the block sums too) equal dense float64 autograd."""
+    gen = torch.Generator().manual_seed(34)
+    n_b, n_h, nb, c, d, d_v = 2, 2, 4, 3, 5, 4
+    q, k = (torch.randn(n_b, n_h, nb * c, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(n_b, n_h, nb * c, d_v, generator=gen, dtype=torch.float64)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    weight = (torch.rand(n_b, 1, nb, c, generator=gen) < 0.7).double() if weighted else None
+    own = torch.rand(n_b * n_h * nb, c, c, generator=gen) < 0.3 if blocked else None
+    out = bucketed.mixed_chunk_attention(
+        q, k, v, _toy_sort, own, blocks=nb, scale=0.4, key_weight=weight, hide_empty_slots=True
+    )
+    # The reference: block sums, mix, sorted keys and values, one masked softmax over both.
+    w = torch.ones(1, 1, nb, c, dtype=torch.float64) if weight is None else weight
+    kb, vb = (x.reshape(n_b, n_h, nb, c, -1) * w[..., None] for x in (k, v))
+    mix = _toy_sort(q.reshape(n_b, n_h, nb, c, d).sum(-2), kb.sum(-2))
+    keys = torch.cat([k.reshape(n_b, n_h, nb, c, d), torch.einsum("bhij,bhjsd->bhisd", mix, kb)], dim=-2)
+    values = torch.cat([v.reshape(n_b, n_h, nb, c, d_v), torch.einsum("bhij,bhjsd->bhisd", mix, vb)], dim=-2)
+    hidden_extra = (mix @ w <= 0)[..., None, :].expand(n_b, n_h, nb, c, c)
+    hidden_own = torch.zeros(n_b, n_h, nb, c, c, dtype=torch.bool) if own is None else own.view(n_b, n_h, nb, c, c)
+    hidden = torch.cat([hidden_own, hidden_extra], dim=-1)
+    scores = (q.reshape(n_b, n_h, nb, c, d) @ keys.transpose(-1, -2) * 0.4).masked_fill(hidden, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key: zeros
+    ref = (probs @ values).reshape(n_b, n_h, nb * c, d_v)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    seed = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((out * seed).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * seed).sum(), (q, k, v))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    assert torch.autograd.gradcheck(  # backward run many times over one graph (retain_graph)
+        lambda *x: bucketed.mixed_chunk_attention(
+            *x, _toy_sort, own, blocks=nb, scale=0.4, key_weight=weight, hide_empty_slots=True
+        ),
+        (q, k, v),
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("iters", [0, 3])
+def test_sinkhorn_gradients_match_dense_autograd(causal: bool, iters: int) -> None:
+    """Whole blocks, no padding (the path without masks): every gradient equals plain float64 autograd."""
+    t_len, c, d = 16, 4, 6
+    q, k, v = structured_qkv(2, 2, t_len, t_len, d, seed=35, dtype=torch.float64, requires_grad=True)
+    module = SinkhornAttention(block_size=c, sinkhorn_iters=iters).double()
+    out = module(q, k, v, causal=causal)
+    nb = t_len // c
+    qb, kb, vb = (x.reshape(2, 2, nb, c, d) for x in (q, k, v))
+    perm = module.sort_matrix(qb, kb, torch.ones(1, 1, nb, c, dtype=torch.float64), causal=causal)
+    keys = torch.cat([kb, torch.einsum("bhij,bhjsd->bhisd", perm, kb)], dim=-2)
+    values = torch.cat([vb, torch.einsum("bhij,bhjsd->bhisd", perm, vb)], dim=-2)
+    hidden = torch.zeros(nb, c, 2 * c, dtype=torch.bool)
+    if causal:
+        hidden[:, :, :c] = torch.ones(c, c, dtype=torch.bool).triu(1)
+        hidden[0, :, c:] = True  # block 0 has no sorted block
+    scores = (qb @ keys.transpose(-1, -2) / d**0.5).masked_fill(hidden, float("-inf"))
+    ref = (torch.softmax(scores, dim=-1) @ values).reshape(2, 2, t_len, d)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    seed = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * seed).sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad((ref * seed).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
 # -- the whole family ------------------------------------------------------------------------
 
 
@@ -424,11 +522,15 @@ def test_chunk_attention_with_extra_keys_is_softmax_over_both(blocked: bool) -> 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_core_block_loops_match_the_references(monkeypatch: pytest.MonkeyPatch, causal: bool) -> None:
-    """One group per block in the core's loops (the benchmark sizes run many): same references."""
+    """One group per block in the core's loops, one sequence per segment of the mixed backward
+    (the benchmark sizes run many): same references."""
     monkeypatch.setattr(bucketed, "BLOCK_SCORES", 1)
+    monkeypatch.setattr(bucketed, "MIX_SEGMENT_FLOATS", 1)
     test_lsh_equals_softmax_over_the_union_of_rounds(causal, padded=True)
     test_routing_attends_within_clusters(causal)
     test_sinkhorn_matches_a_brute_force_loop(causal)
+    test_sinkhorn_gradients_match_dense_autograd(causal, iters=3)
+    test_mixed_chunk_attention_and_its_gradients_match_a_dense_reference(weighted=causal, blocked=True)
     test_chunk_attention_with_extra_keys_is_softmax_over_both(blocked=True)
 
 

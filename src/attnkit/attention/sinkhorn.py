@@ -7,8 +7,9 @@ alternating row/column normalisations in log space, at ``temperature``) turns th
 into a soft permutation ``P``; the *sorted block* ``i`` is ``Σ_j P_ij · block_j`` (keys
 and values). Every query block attends to its own block plus its sorted block: blocks are
 plain reshapes of the sequence, and the ``2 · block_size`` keys of every block go through
-one batched softmax (:func:`attnkit.kernels.bucketed.chunk_attention`, which keeps the
-probabilities instead of any ``T × T`` tensor). O(T · block_size · D + (T / block_size)² ·
+one batched softmax (:func:`attnkit.kernels.bucketed.mixed_chunk_attention`: the sort, the
+mix and the attention under one autograd, never any ``T × T`` tensor; it writes each
+gradient of ``q``, ``k``, ``v`` once, in place). O(T · block_size · D + (T / block_size)² ·
 block_size · D) time.
 
 Sort network (parameter-free, so it works at any length): the score of ``(i, j)`` is
@@ -32,18 +33,18 @@ Supports causal and key padding; no cross-attention, no incremental decoding.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from attnkit.core.base import AttentionMechanism
 from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_non_negative_int, check_positive_float, check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import ScoreBias
-from attnkit.kernels.bucketed import chunk_attention
+from attnkit.kernels.bucketed import chunk_attention, mixed_chunk_attention
 from attnkit.masks.functions import Mask
 
 
@@ -58,18 +59,54 @@ def sinkhorn_normalize(log_scores: Tensor, iters: int) -> Tensor:
     Returns:
         ``(..., n, n)`` nonnegative; rows sum to 1 (and columns approach 1 as ``iters`` grows).
     """
-    x = log_scores
-    for _ in range(iters):
-        x = x - torch.logsumexp(x, dim=-1, keepdim=True)
-        x = x - torch.logsumexp(x, dim=-2, keepdim=True)
-    return torch.softmax(x, dim=-1)
+    if iters == 0:
+        return torch.softmax(log_scores, dim=-1)
+    out: Tensor = _SinkhornNormalize.apply(log_scores, iters)
+    return out
 
 
-def _block_means(x: Tensor, weight: Tensor) -> Tensor:
-    """Weighted mean per block: ``x (..., nb, c, D)``, ``weight (..., nb, c)`` -> ``(..., nb, D)``."""
-    total = weight.sum(dim=-1, keepdim=True)
-    # A batched (1 x c) @ (c x D) product: no (..., nb, c, D) weighted copy, forward or backward.
-    return (weight.unsqueeze(-2) @ x).squeeze(-2) / total.clamp(min=1.0)
+class _SinkhornNormalize(torch.autograd.Function):
+    """:func:`sinkhorn_normalize` as scaling vectors, with a hand-written backward.
+
+    After round ``t`` the iterate is ``S - a_t 1ᵀ - 1 b_tᵀ`` (``S`` the log scores), with
+    ``a_t = lse_row(S - 1 b_{t-1}ᵀ)`` and ``b_t = lse_col(S - a_t 1ᵀ)``, ``b_0 = 0``; the
+    result is ``softmax_row(S - 1 b_Tᵀ)``. Only ``S`` and the ``2T`` vectors are saved (no
+    ``T`` iterates of ``(n, n)``), the column reductions run on a contiguous ``Sᵀ``, and the
+    backward recomputes each round's weights with one ``exp``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, log_scores: Tensor, iters: int) -> Tensor:
+        s = log_scores.contiguous()
+        s_t = s.transpose(-1, -2).contiguous()  # columns as rows
+        col = s.new_zeros(*s.shape[:-2], 1, s.shape[-1])  # b (..., 1, n)
+        rows, cols = [], [col]
+        for _ in range(iters):
+            row = torch.logsumexp(s - col, dim=-1, keepdim=True)  # a (..., n, 1)
+            col = torch.logsumexp(s_t - row.transpose(-1, -2), dim=-1, keepdim=True).transpose(-1, -2)
+            rows.append(row)
+            cols.append(col)
+        p = torch.softmax(s - col, dim=-1)
+        ctx.save_for_backward(s, p, *rows, *cols)
+        ctx.iters = iters
+        return p
+
+    @staticmethod
+    def backward(ctx: Any, d_p: Tensor) -> tuple[Tensor, None]:
+        s, p, *vectors = ctx.saved_tensors
+        rows, cols = vectors[: ctx.iters], vectors[ctx.iters :]
+        d_s = p * (d_p - (p * d_p).sum(dim=-1, keepdim=True))  # the final row softmax of S - b_T
+        d_col = -d_s.sum(dim=-2, keepdim=True)  # (..., 1, n)
+        for t in reversed(range(ctx.iters)):
+            # b_t = lse_col(S - a_t): column-softmax weights exp(S - a_t - b_t).
+            weights = s.sub(rows[t]).sub_(cols[t + 1]).exp_()
+            d_s.addcmul_(weights, d_col)
+            d_row = -(weights @ d_col.transpose(-1, -2))  # (..., n, 1)
+            # a_t = lse_row(S - b_{t-1}): row-softmax weights exp(S - a_t - b_{t-1}).
+            weights = s.sub(rows[t]).sub_(cols[t]).exp_()
+            d_s.addcmul_(weights, d_row)
+            d_col = -(d_row.transpose(-1, -2) @ weights)
+        return d_s, None
 
 
 @register(
@@ -112,10 +149,19 @@ class SinkhornAttention(AttentionMechanism):
             key_weight: ``(B, H, nb, c)`` 1 for real keys, 0 for padded or empty slots.
             causal: use the causal sort (see the module docstring).
         """
-        nb, c, d = q_blocks.shape[-3:]
-        q_mean = q_blocks.sum(dim=-2) / c  # empty slots are zero; the scale is shared by every row
-        k_mean = _block_means(k_blocks, key_weight)
-        i = torch.arange(nb, device=q_blocks.device)
+        k_sum = (key_weight.unsqueeze(-2) @ k_blocks).squeeze(-2)
+        return self.sort_from_sums(q_blocks.sum(dim=-2), k_sum, key_weight.sum(dim=-1), causal=causal)
+
+    def sort_from_sums(self, q_sum: Tensor, k_sum: Tensor, key_count: Tensor, *, causal: bool) -> Tensor:
+        """:meth:`sort_matrix` from the block sums ``(B, H, nb, D)`` of the queries and of the real keys.
+
+        ``key_count (B, H, nb)``: real keys per block. The query mean divides by the block
+        size (empty slots are zero; the scale is shared by every row).
+        """
+        nb, d = q_sum.shape[-2:]
+        q_mean = q_sum / self.block_size
+        k_mean = k_sum / key_count.clamp(min=1.0).unsqueeze(-1)
+        i = torch.arange(nb, device=q_sum.device)
         if causal:
             context = torch.cat([torch.zeros_like(q_mean[..., :1, :]), q_mean[..., :-1, :]], dim=-2)
             allowed = i[None, :] < i[:, None]  # key block j strictly before query block i
@@ -128,10 +174,6 @@ class SinkhornAttention(AttentionMechanism):
             has_block = allowed.any(dim=-1, keepdim=True)
             safe = scores.masked_fill(~has_block, 0.0)
             return torch.softmax(safe, dim=-1) * has_block
-        if self.sinkhorn_iters and torch.is_grad_enabled() and scores.requires_grad:
-            # Recomputed in the backward (deterministic, O(iters · nb²)): autograd would
-            # otherwise hold every iteration's (nb, nb) intermediates until then.
-            return checkpoint(sinkhorn_normalize, scores, self.sinkhorn_iters, use_reentrant=False)
         return sinkhorn_normalize(scores, self.sinkhorn_iters)
 
     def _attend(
@@ -154,10 +196,8 @@ class SinkhornAttention(AttentionMechanism):
         pad = nb * c - t_len
         masked = key_padding_mask is not None or pad > 0
 
-        def blocks(x: Tensor) -> Tensor:  # (B, H, T, E) -> (B, H, nb, c, E), empty slots zero
-            return (torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x).reshape(b, h, nb, c, x.shape[-1])
-
-        q_blocks, k_blocks, v_blocks = blocks(q), blocks(k), blocks(v)
+        if pad:  # (B, H, nb·c, E), empty slots zero
+            q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         real = torch.ones(b, t_len, dtype=torch.bool, device=q.device)
         if key_padding_mask is not None:
             real = key_padding_mask
@@ -171,27 +211,23 @@ class SinkhornAttention(AttentionMechanism):
             own_blocked = later if own_blocked is None else own_blocked | later
         groups = b * h * nb
         blocked = None if own_blocked is None else own_blocked.expand(b, h, nb, c, c).reshape(groups, c, c)
-        extra = None
-        if nb > 1:  # the sorted block, as extra keys every query of the block sees
-            weight = real.to(compute)
-            k_mixed, v_mixed = (
-                (k_blocks, v_blocks) if not masked else (k_blocks * weight[..., None], v_blocks * weight[..., None])
+        if nb == 1:
+            out, _ = chunk_attention(
+                q.reshape(groups, c, d), k.reshape(groups, c, d), v.reshape(groups, c, -1), blocked, scale=d**-0.5
             )
-            perm = self.sort_matrix(q_blocks, k_mixed, weight, causal=causal)  # (B, H, nb, nb)
-            # (nb, nb) @ (nb, c·D) per head: the sorted blocks, already in (B·H·nb, c, D) order.
-            sorted_keys = (perm @ k_mixed.flatten(-2)).view(groups, c, d)
-            sorted_values = (perm @ v_mixed.flatten(-2)).view(groups, c, v.shape[-1])
-            sorted_blocked = None
-            if masked or causal:  # else every row of P has mass and every mixed slot holds real keys
-                with torch.no_grad():
-                    sorted_blocked = (perm.detach() @ weight <= 0).view(groups, 1, c)
-            extra = (sorted_keys, sorted_values, sorted_blocked)
-        out, _ = chunk_attention(
-            q_blocks.reshape(groups, c, d),
-            k_blocks.reshape(groups, c, d),
-            v_blocks.reshape(groups, c, v.shape[-1]),
-            blocked,
-            scale=d**-0.5,
-            extra=extra,
-        )
-        return out.view(b, h, nb * c, -1)[:, :, :t_len]
+        else:  # the sorted block, as extra keys every query of the block sees
+            weight = real.to(compute)  # (B, 1, nb, c)
+            # The mix (B, H, nb, nb) comes from the block sums, inside the attention's autograd.
+            sort = partial(self.sort_from_sums, key_count=weight.sum(dim=-1), causal=causal)
+            out = mixed_chunk_attention(
+                q,
+                k,
+                v,
+                sort,
+                blocked,
+                blocks=nb,
+                scale=d**-0.5,
+                key_weight=weight if masked else None,
+                hide_empty_slots=masked or causal,  # else every row of P has mass and every slot real keys
+            )
+        return out.reshape(b, h, nb * c, -1)[:, :, :t_len]

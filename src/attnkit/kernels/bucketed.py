@@ -1,9 +1,9 @@
 """Bucketed attention: sort tokens by a bucket id, cut each bucket into chunks, attend within chunks.
 
 The shared core of the hashing and clustering family (Reformer LSH, Routing k-means;
-Sinkhorn uses only its chunk softmax, :func:`chunk_attention`). Each mechanism only
-decides *which bucket* every query and every key goes to (a hash, a nearest centroid);
-this module does the rest:
+Sinkhorn uses only its chunk softmax, through :func:`mixed_chunk_attention`, whose extra
+keys are a mix of every block's keys). Each mechanism only decides *which bucket* every
+query and every key goes to (a hash, a nearest centroid); this module does the rest:
 
 1. :func:`bucket_layout` places the queries and keys of every round in *bucket-aligned
    chunks*: the tokens of bucket ``b`` keep their original order and fill chunks of their
@@ -35,7 +35,8 @@ the inputs, the boolean masks and one block of scores: never ``T × S``, nor the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -261,6 +262,10 @@ def _exp_(x: Tensor) -> Tensor:
 #: block's scores, probabilities and gradients in cache across their elementwise passes.
 BLOCK_SCORES = 1 << 19
 
+#: Floats of extra-key gradients per segment of :class:`_MixedChunkAttention`'s backward
+#: (about 4 MB: whole sequences, at least one).
+MIX_SEGMENT_FLOATS = 1 << 20
+
 
 @dataclass(frozen=True)
 class _Plan:
@@ -309,15 +314,17 @@ def _take(src: Tensor, rows: Tensor | None, g0: int, g1: int) -> Tensor:
     return src.index_select(0, part.reshape(-1)).view(part.shape[0], part.shape[1], src.shape[-1])
 
 
-def _emit(dst: Tensor, rows: Tensor | None, g0: int, g1: int, a: Tensor, b: Tensor) -> None:
-    """Write ``a @ b`` (``(g, n, E)``) to groups ``g0:g1`` of ``dst``, or add it to its rows.
+def _emit(dst: Tensor, rows: Tensor | None, g0: int, g1: int, a: Tensor, b: Tensor, alpha: float = 1.0) -> None:
+    """Write ``alpha · a @ b`` (``(g, n, E)``) to groups ``g0:g1`` of ``dst``, or add ``a @ b`` to its rows.
 
     By group, each group's slice is written once (no zero fill); by rows, ``dst`` starts
     at zero and rows met several times (rounds, look-backs) accumulate.
     """
     if rows is None:  # (with extra keys read by rows, own keys are read by rows too)
-        torch.bmm(a, b, out=dst[g0:g1])
+        target = dst[g0:g1]
+        torch.baddbmm(target, a, b, beta=0.0, alpha=alpha, out=target)  # beta 0: target is not read
     else:
+        assert alpha == 1.0
         dst.index_add_(0, rows[g0:g1].reshape(-1), torch.bmm(a, b).view(-1, dst.shape[-1]))
 
 
@@ -366,6 +373,136 @@ def _rows_of(x: Tensor | None, g0: int, g1: int) -> Tensor | None:
     return None if x is None else x[g0:g1]
 
 
+def _chunk_forward(
+    plan: _Plan, scale: float, keys: tuple[Tensor | None, ...], q: Tensor
+) -> tuple[Tensor, Tensor, tuple[Tensor | None, ...]]:
+    """The forward loop of :class:`_ChunkAttention`: ``out``, ``lse`` (both with a trailing
+    row axis as laid out by the plan) and the kept probabilities (Nones unless ``plan.keep_probs``).
+
+    ``keys`` is ``(k, v, k_extra, v_extra)`` (see :func:`_block_parts`).
+    """
+    groups, rows = _group_shape(plan, q)
+    assert keys[1] is not None
+    d_v = keys[1].shape[-1]
+    by_rows = plan.out_rows is not None
+    # Every row of a by-rows output is written: each token's slot is in a computed chunk,
+    # and the dummy row is read only where an empty slot wrote it.
+    out = q.new_empty(plan.out_len, d_v) if by_rows else q.new_empty(groups, rows, d_v)
+    lse = q.new_empty(plan.out_len, 1) if by_rows else q.new_empty(groups, rows, 1)
+    kept = _kept_probs(plan, keys, groups, rows) if plan.keep_probs else (None, None)
+    for g0, g1 in _blocks(plan, keys, groups, rows):
+        parts = _block_parts(plan, keys, g0, g1)
+        q_block = _take(q, plan.q_rows, g0, g1)
+        probs = [
+            _scores(q_block, part.k, part.blocked, part.self_pair, scale, _rows_of(buffer, g0, g1))
+            for part, buffer in zip(parts, kept)
+        ]
+        row_max = probs[0].amax(dim=-1, keepdim=True)
+        for extra in probs[1:]:
+            row_max = torch.maximum(row_max, extra.amax(dim=-1, keepdim=True))
+        row_max.masked_fill_(row_max <= BLOCKED_SCORE / 2, 0.0)  # a row with every key blocked
+        denom = torch.zeros_like(row_max)
+        for p in probs:
+            denom += _exp_(p.sub_(row_max)).sum(dim=-1, keepdim=True)  # exactly 0 on blocked keys
+        has_key = denom > 0
+        safe = torch.where(has_key, denom, torch.ones_like(denom))
+        # Normalised before the product whether or not they are kept, so that the output is
+        # bitwise the same with and without a backward to come (rows without a key stay 0).
+        for p in probs:
+            p.div_(safe)
+        block_out = torch.bmm(probs[0], parts[0].v, out=None if by_rows else out[g0:g1])
+        for p, part in zip(probs[1:], parts[1:]):
+            block_out.baddbmm_(p, part.v)
+        block_lse = torch.where(has_key, row_max + torch.log(safe), float("-inf"))
+        if by_rows:
+            assert plan.out_rows is not None
+            where = plan.out_rows[g0:g1].reshape(-1)
+            out.index_copy_(0, where, block_out.view(-1, d_v))
+            lse.index_copy_(0, where, block_lse.view(-1, 1))
+        else:
+            lse[g0:g1] = block_lse  # (the output was written in place)
+    return out, lse, kept
+
+
+def _chunk_backward(
+    plan: _Plan,
+    scale: float,
+    keys: tuple[Tensor | None, ...],
+    q: Tensor,
+    lse: Tensor,
+    kept: tuple[Tensor | None, ...],
+    d_out: Tensor,
+    d_lse: Tensor | None,
+    into: tuple[Tensor, ...] | None = None,
+) -> tuple[Tensor | None, ...]:
+    """The backward loop of :class:`_ChunkAttention`: gradients of ``(q, k, v, k_extra, v_extra)``.
+
+    ``into``: buffers laid out by group to write them to (plans without rows only; by
+    default new tensors).
+    """
+    groups, rows = _group_shape(plan, q)
+    d_out = d_out.contiguous()
+    # Gradients by group are written once per group; those by rows accumulate (see _emit).
+    k_by_rows = plan.key_rows is not None or plan.extra_rows is not None
+    key_grads: list[Tensor | None]
+    if into is not None:
+        d_q_all, key_grads = into[0], list(into[1:])
+    else:
+        d_q_all = torch.empty_like(q) if plan.q_rows is None else torch.zeros_like(q)
+        key_grads = [
+            None if x is None else torch.zeros_like(x) if by_rows else torch.empty_like(x)
+            for x, by_rows in zip(keys, (k_by_rows, k_by_rows, False, False))
+        ]
+    grads = dict(zip(("k", "v", "k_extra", "v_extra"), key_grads))
+    alpha = 1.0 if plan.q_rows is not None or k_by_rows else scale
+    # exp(s - lse) recomputes P; +inf on rows without a key makes theirs exactly 0.
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    if d_lse is not None:
+        d_lse = d_lse.unsqueeze(-1)
+    for g0, g1 in _blocks(plan, keys, groups, rows):
+        parts = _block_parts(plan, keys, g0, g1)
+        q_block = _take(q, plan.q_rows, g0, g1)
+        d_o = _take(d_out, plan.out_rows, g0, g1)
+        block_lse = _take(lse, plan.out_rows, g0, g1)
+        if plan.keep_probs:
+            probs = [buffer[g0:g1] for buffer, _ in zip(kept, parts) if buffer is not None]
+        else:
+            probs = [
+                _exp_(_scores(q_block, part.k, part.blocked, part.self_pair, scale).sub_(block_lse)) for part in parts
+            ]
+        d_scores = [torch.bmm(d_o, part.v.transpose(-1, -2)) for part in parts]  # dP
+        delta = _row_dot(probs[0], d_scores[0])  # = rowsum(dO ∘ out), without saving out
+        for p, d_s in zip(probs[1:], d_scores[1:]):
+            delta.add_(_row_dot(p, d_s))
+        if d_lse is not None:
+            delta.sub_(_take(d_lse, plan.out_rows, g0, g1))
+        # d(scale · q kᵀ): by group, the scale enters the products writing the gradients (their
+        # alpha); by rows, one pass at the end (index_add_ with an alpha is slower here).
+        d_q = None
+        for p, d_s, part in zip(probs, d_scores, parts):
+            d_s.sub_(delta).mul_(p)
+            if part.self_pair is not None:  # the self score is a constant: no gradient
+                d_s.lerp_(d_s.new_tensor(0.0), _weights(part.self_pair, d_s))
+            if d_q is not None:
+                d_q.baddbmm_(d_s, part.k, alpha=alpha)
+            elif plan.q_rows is None:
+                d_q = torch.baddbmm(d_q_all[g0:g1], d_s, part.k, beta=0.0, alpha=alpha, out=d_q_all[g0:g1])
+            else:
+                d_q = torch.bmm(d_s, part.k)
+            k_grad, v_grad = (grads["k_extra"], grads["v_extra"]) if part.extra else (grads["k"], grads["v"])
+            assert k_grad is not None and v_grad is not None
+            _emit(k_grad, part.rows, g0, g1, d_s.transpose(-1, -2), q_block, alpha=alpha)
+            _emit(v_grad, part.rows, g0, g1, p.transpose(-1, -2), d_o)
+        if plan.q_rows is not None:
+            assert d_q is not None
+            d_q_all.index_add_(0, plan.q_rows[g0:g1].reshape(-1), d_q.view(-1, q.shape[-1]))
+    if alpha == 1.0:
+        for grad in (d_q_all, grads["k"], grads["k_extra"]):
+            if grad is not None:
+                grad.mul_(scale)
+    return d_q_all, grads["k"], grads["v"], grads["k_extra"], grads["v_extra"]
+
+
 class _ChunkAttention(torch.autograd.Function):
     """Softmax attention per group of ``c`` queries over its unblocked keys; returns the output and log-sum-exp.
 
@@ -392,47 +529,7 @@ class _ChunkAttention(torch.autograd.Function):
         k_extra: Tensor | None = None,
         v_extra: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        keys = (k, v, k_extra, v_extra)
-        groups, rows = _group_shape(plan, q)
-        d_v = v.shape[-1]
-        by_rows = plan.out_rows is not None
-        # Every row of a by-rows output is written: each token's slot is in a computed chunk,
-        # and the dummy row is read only where an empty slot wrote it.
-        out = q.new_empty(plan.out_len, d_v) if by_rows else q.new_empty(groups, rows, d_v)
-        lse = q.new_empty(plan.out_len, 1) if by_rows else q.new_empty(groups, rows, 1)
-        kept = _kept_probs(plan, keys, groups, rows) if plan.keep_probs else (None, None)
-        for g0, g1 in _blocks(plan, keys, groups, rows):
-            parts = _block_parts(plan, keys, g0, g1)
-            q_block = _take(q, plan.q_rows, g0, g1)
-            probs = [
-                _scores(q_block, part.k, part.blocked, part.self_pair, scale, _rows_of(buffer, g0, g1))
-                for part, buffer in zip(parts, kept)
-            ]
-            row_max = probs[0].amax(dim=-1, keepdim=True)
-            for extra in probs[1:]:
-                row_max = torch.maximum(row_max, extra.amax(dim=-1, keepdim=True))
-            row_max.masked_fill_(row_max <= BLOCKED_SCORE / 2, 0.0)  # a row with every key blocked
-            denom = torch.zeros_like(row_max)
-            for p in probs:
-                denom += _exp_(p.sub_(row_max)).sum(dim=-1, keepdim=True)  # exactly 0 on blocked keys
-            has_key = denom > 0
-            safe = torch.where(has_key, denom, torch.ones_like(denom))
-            if plan.keep_probs:  # normalised once here, for the output and the backward
-                for p in probs:
-                    p.div_(safe)
-            block_out = torch.bmm(probs[0], parts[0].v, out=None if by_rows else out[g0:g1])
-            for p, part in zip(probs[1:], parts[1:]):
-                block_out.baddbmm_(p, part.v)
-            if not plan.keep_probs:
-                block_out.div_(safe)  # rows without a key stay 0
-            block_lse = torch.where(has_key, row_max + torch.log(safe), float("-inf"))
-            if by_rows:
-                assert plan.out_rows is not None
-                where = plan.out_rows[g0:g1].reshape(-1)
-                out.index_copy_(0, where, block_out.view(-1, d_v))
-                lse.index_copy_(0, where, block_lse.view(-1, 1))
-            else:
-                lse[g0:g1] = block_lse  # (the output was written in place)
+        out, lse, kept = _chunk_forward(plan, scale, (k, v, k_extra, v_extra), q)
         ctx.save_for_backward(q, k, v, k_extra, v_extra, lse, *kept)
         ctx.plan, ctx.scale = plan, scale
         return out, lse.squeeze(-1)
@@ -440,58 +537,135 @@ class _ChunkAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, d_out: Tensor, d_lse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, k_extra, v_extra, lse, *kept = ctx.saved_tensors
-        plan, scale = ctx.plan, ctx.scale
-        keys = (k, v, k_extra, v_extra)
-        groups, rows = _group_shape(plan, q)
-        d_out = d_out.contiguous()
-        # Gradients by group are written once per group; those by rows accumulate (see _emit).
-        k_by_rows = plan.key_rows is not None or plan.extra_rows is not None
-        grads = {
-            name: None if x is None else torch.zeros_like(x) if by_rows else torch.empty_like(x)
-            for name, x, by_rows in zip(("k", "v", "k_extra", "v_extra"), keys, (k_by_rows, k_by_rows, False, False))
-        }
-        d_q_all = torch.empty_like(q) if plan.q_rows is None else torch.zeros_like(q)
-        # exp(s - lse) recomputes P; +inf on rows without a key makes theirs exactly 0.
-        lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-        if d_lse is not None:
-            d_lse = d_lse.unsqueeze(-1)
-        for g0, g1 in _blocks(plan, keys, groups, rows):
-            parts = _block_parts(plan, keys, g0, g1)
-            q_block = _take(q, plan.q_rows, g0, g1)
-            d_o = _take(d_out, plan.out_rows, g0, g1)
-            block_lse = _take(lse, plan.out_rows, g0, g1)
-            if plan.keep_probs:
-                probs = [buffer[g0:g1] for buffer, _ in zip(kept, parts)]
-            else:
-                probs = [
-                    _exp_(_scores(q_block, part.k, part.blocked, part.self_pair, scale).sub_(block_lse))
-                    for part in parts
-                ]
-            d_scores = [torch.bmm(d_o, part.v.transpose(-1, -2)) for part in parts]  # dP
-            delta = _row_dot(probs[0], d_scores[0])  # = rowsum(dO ∘ out), without saving out
-            for p, d_s in zip(probs[1:], d_scores[1:]):
-                delta.add_(_row_dot(p, d_s))
-            if d_lse is not None:
-                delta.sub_(_take(d_lse, plan.out_rows, g0, g1))
-            d_q = None
-            for p, d_s, part in zip(probs, d_scores, parts):
-                d_s.sub_(delta).mul_(p)
-                if part.self_pair is not None:  # the self score is a constant: no gradient
-                    d_s.lerp_(d_s.new_tensor(0.0), _weights(part.self_pair, d_s))
-                d_q = torch.bmm(d_s, part.k) if d_q is None else d_q.baddbmm_(d_s, part.k)
-                k_grad, v_grad = (grads["k_extra"], grads["v_extra"]) if part.extra else (grads["k"], grads["v"])
-                assert k_grad is not None and v_grad is not None
-                _emit(k_grad, part.rows, g0, g1, d_s.transpose(-1, -2), q_block)
-                _emit(v_grad, part.rows, g0, g1, p.transpose(-1, -2), d_o)
-            assert d_q is not None
-            if plan.q_rows is None:
-                d_q_all[g0:g1] = d_q
-            else:
-                d_q_all.index_add_(0, plan.q_rows[g0:g1].reshape(-1), d_q.view(-1, q.shape[-1]))
-        for grad in (d_q_all, grads["k"], grads["k_extra"]):  # d(scale · q kᵀ): the scale, once at the end
-            if grad is not None:
-                grad.mul_(scale)
-        return None, None, d_q_all, grads["k"], grads["v"], grads["k_extra"], grads["v_extra"]
+        grads = _chunk_backward(ctx.plan, ctx.scale, (k, v, k_extra, v_extra), q, lse, tuple(kept), d_out, d_lse)
+        return None, None, *grads
+
+
+def _weighted(x: Tensor, blocks: int, weight: Tensor | None) -> Tensor:
+    """``x (*N, L, E)`` as blocks ``(*N, blocks, c, E)``, times ``weight (*N, blocks, c)`` when given."""
+    by_block = x.reshape(*x.shape[:-2], blocks, -1, x.shape[-1])
+    return by_block if weight is None else by_block * weight.unsqueeze(-1)
+
+
+def _by_group(x: Tensor, groups: int) -> Tensor:
+    """``(*N, L, E)`` -> ``(G, L·N / G, E)`` (a view of contiguous tensors)."""
+    return x.reshape(groups, -1, x.shape[-1])
+
+
+def _add_per_block(grad: Tensor, per_block: Tensor, weight: Tensor | None) -> None:
+    """``grad (*N, L, E)`` += ``per_block (*N, nb, E)`` on every token of its block (times ``weight``)."""
+    by_block = grad.view(*per_block.shape[:-1], -1, grad.shape[-1])
+    if weight is None:
+        by_block.add_(per_block.unsqueeze(-2))
+    else:
+        by_block.addcmul_(per_block.unsqueeze(-2), weight.unsqueeze(-1))
+
+
+class _MixedChunkAttention(torch.autograd.Function):
+    """The autograd of :func:`mixed_chunk_attention`.
+
+    The backward writes each gradient of ``q``, ``k`` and ``v`` into one buffer of the
+    input's shape: the chunk loop writes the own-key part; the mix's part and the block
+    sums' part are added in place (no second ``(*N, L, D)`` gradient for autograd to add,
+    and no reshape between the buffer and the input, which would make autograd copy it).
+    The mix's own graph (from the block sums, ``(*N, nb, D)``, as leaves) is built in the
+    forward and kept to the backward: ``sort`` should save little (``O(nb²)``).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        plan: _Plan,
+        scale: float,
+        sort: Callable[[Tensor, Tensor], Tensor],
+        blocks: int,
+        hide_empty_slots: bool,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        key_weight: Tensor | None,
+    ) -> Tensor:
+        k_src, v_src = (_weighted(x, blocks, key_weight) for x in (k, v))  # (*N, nb, c, E)
+        # The sort's own (small) graph, from the block sums as leaves, is kept for the backward.
+        sums = (_weighted(q, blocks, None).sum(dim=-2), k_src.sum(dim=-2))
+        with torch.set_grad_enabled(plan.keep_probs):  # (kept only when a backward will come)
+            sorted_by = sort(*(x.requires_grad_(plan.keep_probs) for x in sums))  # (*N, nb, nb)
+        mix = sorted_by.detach()
+        mix_flat = mix.reshape(-1, blocks, blocks)
+        groups, rows = mix_flat.shape[0] * blocks, k_src.shape[-2]
+        # (N, nb, nb) @ (N, nb, c·E): the extra keys and values, already in (G, c, E) order.
+        k_extra, v_extra = (
+            torch.bmm(mix_flat, x.reshape(mix_flat.shape[0], blocks, -1)).view(groups, rows, x.shape[-1])
+            for x in (k_src, v_src)
+        )
+        if hide_empty_slots:  # a slot whose mix holds no real key
+            mass = mix.sum(dim=-1, keepdim=True) if key_weight is None else mix @ key_weight
+            plan = replace(plan, extra_blocked=(mass <= 0).reshape(groups, 1, -1).expand(groups, rows, rows))
+        keys = (_by_group(k, groups), _by_group(v, groups), k_extra, v_extra)
+        out, lse, kept = _chunk_forward(plan, scale, keys, _by_group(q, groups))
+        ctx.save_for_backward(q, k, v, key_weight, mix, k_extra, v_extra, lse, *kept)
+        ctx.plan, ctx.scale, ctx.sort_graph = plan, scale, (sorted_by, sums)
+        return out.view(*q.shape[:-1], v.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, d_out: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, key_weight, mix, k_extra, v_extra, lse, *kept = ctx.saved_tensors
+        blocks = mix.shape[-1]
+        mix_flat = mix.reshape(-1, blocks, blocks)
+        sequences = mix_flat.shape[0]
+        groups = sequences * blocks
+        d_q, d_k, d_v = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+        q_g, k_g, v_g, d_out_g, d_q_g, d_k_g, d_v_g = (_by_group(x, groups) for x in (q, k, v, d_out, d_q, d_k, d_v))
+        # Mix sources and gradients by sequence and block: (N, nb, c, E).
+        weight = None
+        if key_weight is not None:
+            weight = key_weight.expand(*k.shape[:-2], blocks, -1).reshape(sequences, blocks, -1, 1)
+        sources = [x.reshape(sequences, blocks, -1, x.shape[-1]) for x in (k, v)]
+        if weight is not None:
+            sources = [x * weight for x in sources]
+        grads = [x.view(sequences, blocks, -1, x.shape[-1]) for x in (d_k, d_v)]
+        d_mix = torch.zeros_like(mix_flat)
+        # A few sequences at a time: their extra keys' gradients go back through the mix while
+        # they are in cache, and no (*N, L, E) buffer of them is ever allocated.
+        step = max(1, MIX_SEGMENT_FLOATS // k_extra[:blocks].numel())
+        scratch = [x.new_empty(min(sequences, step) * blocks, *x.shape[1:]) for x in (k_extra, v_extra)]
+        for n0 in range(0, sequences, step):
+            n1 = min(sequences, n0 + step)
+            g0, g1 = n0 * blocks, n1 * blocks
+            d_extras = [x[: g1 - g0] for x in scratch]
+            _chunk_backward(
+                replace(
+                    ctx.plan,
+                    blocked=_rows_of(ctx.plan.blocked, g0, g1),
+                    extra_blocked=_rows_of(ctx.plan.extra_blocked, g0, g1),
+                ),
+                ctx.scale,
+                (k_g[g0:g1], v_g[g0:g1], k_extra[g0:g1], v_extra[g0:g1]),
+                q_g[g0:g1],
+                lse[g0:g1],
+                tuple(_rows_of(x, g0, g1) for x in kept),
+                d_out_g[g0:g1],
+                None,
+                into=(d_q_g[g0:g1], d_k_g[g0:g1], d_v_g[g0:g1], *d_extras),
+            )
+            # Through the mix: d_mix += dExtra · Srcᵀ and d_src += mixᵀ · dExtra, per (n, nb, c·E).
+            mix_t = mix_flat[n0:n1].transpose(1, 2)
+            for src, grad, d_extra in zip(sources, grads, d_extras):
+                d_flat = d_extra.view(n1 - n0, blocks, -1)
+                d_mix[n0:n1].baddbmm_(d_flat, src[n0:n1].reshape(d_flat.shape).transpose(1, 2))
+                if weight is None:
+                    grad[n0:n1].view(d_flat.shape).baddbmm_(mix_t, d_flat)
+                else:
+                    grad[n0:n1].addcmul_(torch.bmm(mix_t, d_flat).view(grad[n0:n1].shape), weight[n0:n1])
+        del scratch, d_extras
+        # Through the sort (its graph kept for a second backward, as autograd keeps ours on retain_graph).
+        sorted_by, sums = ctx.sort_graph
+        d_sums = torch.autograd.grad(sorted_by, sums, d_mix.view(mix.shape), retain_graph=True, allow_unused=True)
+        if d_sums[0] is not None:
+            _add_per_block(d_q, d_sums[0], None)
+        if d_sums[1] is not None:
+            _add_per_block(d_k, d_sums[1], key_weight)
+        return None, None, None, None, None, d_q, d_k, d_v, None
 
 
 def _widths(plan: _Plan, keys: tuple[Tensor | None, ...]) -> tuple[int, int]:
@@ -586,6 +760,58 @@ def chunk_attention(
     plan = _Plan(blocked=blocked, extra_blocked=extra_blocked)
     out, lse = _ChunkAttention.apply(plan, scale, q, k, v, k_extra, v_extra)
     return out, lse
+
+
+def mixed_chunk_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sort: Callable[[Tensor, Tensor], Tensor],
+    blocked: Tensor | None,
+    *,
+    blocks: int,
+    scale: float,
+    key_weight: Tensor | None = None,
+    hide_empty_slots: bool = False,
+) -> Tensor:
+    """Block attention over each block's own keys plus a mix of every block's keys (Sinkhorn's sorted block).
+
+    The sequence axis is cut into ``blocks`` (``nb``) blocks of ``c = L / nb`` tokens. The
+    mix ``M = sort(q_sum, k_sum) (*N, nb, nb)`` is computed from the block sums of the
+    queries and of the (weighted) keys, ``(*N, nb, D)`` each. The queries of block ``i``
+    attend, in one softmax, to the ``c`` keys of block ``i`` and to ``c`` extra keys: slot
+    ``s`` holds ``Σ_j M[..., i, j] · w_js · k_js`` (values likewise), ``w = key_weight``.
+    The same result as :func:`chunk_attention` with those extra keys and values, with its
+    own autograd (see :class:`_MixedChunkAttention`).
+
+    Args:
+        q: ``(*N, L, D)`` queries.
+        k: ``(*N, L, D)`` keys.
+        v: ``(*N, L, Dv)`` values.
+        sort: ``(q_sum, k_sum) -> M``, differentiable, holding no tensor that needs a
+            gradient of its own (only the sums get one).
+        blocked: bool, broadcastable to ``(G, c, c)`` with ``G = N · nb`` groups in
+            ``(*N, nb)`` order: True hides own key ``t`` from query ``s``; None: all visible.
+        blocks: ``nb``; ``L`` must be a multiple.
+        scale: score scale.
+        key_weight: ``(*N, nb, c)`` (broadcastable) factor of every key and value in the
+            mix and in ``k_sum``, without gradient (0 on padded keys); None: 1.
+        hide_empty_slots: hide an extra slot whose mix weights no real key (a zero row of
+            ``M``, or only padded keys).
+
+    Returns:
+        ``(*N, L, Dv)``; zeros for a query with no visible key.
+    """
+    c = q.shape[-2] // blocks
+    groups = q.numel() // q.shape[-1] // c
+    if blocked is not None:
+        blocked = blocked.expand(groups, c, c)
+    # With a backward to come, the probabilities are kept (the backward skips a product and exp).
+    backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    out: Tensor = _MixedChunkAttention.apply(
+        _Plan(blocked=blocked, keep_probs=backward), scale, sort, blocks, hide_empty_slots, q, k, v, key_weight
+    )
+    return out
 
 
 def _chunk_order(layout: ChunkLayout, look_back: bool) -> tuple[Tensor, int]:
