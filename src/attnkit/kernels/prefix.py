@@ -530,9 +530,8 @@ class _GlobalKernel(torch.autograd.Function):
 
     A group's features are written into the saved ``(B·H, L, F)`` buffers and read by its
     products at once, while still in cache; the backward pass, written by hand, reads them back
-    (measured at 4K: no slower than recomputing them, which costs four elementwise passes of
-    which one is an ``exp``). A group is contiguous in memory, unlike a block of rows across
-    heads. The normaliser is a separate matrix-vector product: a ones column on ``v`` makes every
+    (measured at 4K, fwd+bwd: 35.4 ms, against 39.4 recomputing them a group at a time in cache).
+    A group is contiguous in memory, unlike a block of rows across heads (42.0 ms). The normaliser is a separate matrix-vector product: a ones column on ``v`` makes every
     product 65 wide, which MKL runs 40% slower.
     """
 
