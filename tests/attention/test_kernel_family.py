@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 import attnkit
+from attnkit.attention import nystrom
 from attnkit.attention.linformer import LinformerAttention
 from attnkit.attention.nystrom import iterative_pinv, segment_means
 from attnkit.attention.performer import PerformerAttention, random_projection, softmax_kernel_features
@@ -492,6 +493,65 @@ def test_nystrom_whole_runs_path_equals_the_general_path(lengths: tuple[int, int
     for got, exp in zip(grads(out, fast), grads(want, general)):
         torch.testing.assert_close(got, exp, atol=1e-11, rtol=1e-9)
     assert torch.autograd.gradcheck(lambda *x: module(*x), leaves(q[:1, :1], k[:1, :1], v[:1, :1]))
+
+
+@pytest.mark.parametrize(
+    ("t_len", "s_len", "dim", "dim_v", "group_elements"),
+    [
+        (32, 32, 8, 8, 1),  # m = D: the query and key gradients take over the kept softmaxes; one head per group
+        (16, 48, 8, 5, 800),  # two heads per group (48 · 8 elements each), Dv ≠ D
+        (48, 16, 4, 12, 1 << 19),  # m ≠ D: fresh gradient buffers; all heads in one group
+    ],
+)
+def test_nystrom_whole_runs_groups_and_second_backward(
+    monkeypatch: pytest.MonkeyPatch, t_len: int, s_len: int, dim: int, dim_v: int, group_elements: int
+) -> None:
+    """Grouped heads, gradient buffers over the kept softmaxes and ``retain_graph``: the general path's values."""
+    monkeypatch.setattr(nystrom, "GROUP_ELEMENTS", group_elements)
+    g = torch.Generator().manual_seed(17)
+    q, k, v = (torch.randn(2, 3, n, e, generator=g, dtype=F64) for n, e in ((t_len, dim), (s_len, dim), (s_len, dim_v)))
+    module = attnkit.build_attention("nystrom", num_landmarks=8)
+    fast, general = leaves(q, k, v), leaves(q, k, v)
+    out = module(*fast)
+    want = module(*general, key_padding_mask=torch.ones(2, s_len, dtype=torch.bool))
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-10)
+    weight = torch.randn(out.shape, generator=g, dtype=F64)
+    first = torch.autograd.grad((out * weight).sum(), fast, retain_graph=True)
+    second = torch.autograd.grad((out * weight).sum(), fast)  # the kept softmaxes are spent: recomputed
+    for got, again, exp in zip(first, second, torch.autograd.grad((want * weight).sum(), general)):
+        torch.testing.assert_close(got, exp, atol=1e-11, rtol=1e-9)
+        torch.testing.assert_close(again, got, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(module(q, k, v), out.detach(), atol=0, rtol=0)
+
+
+def _autograd_pinv(a: Tensor, iterations: int) -> Tensor:
+    """The pseudo-inverse iteration written with plain autograd ops (the reference for the hand-written backward)."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype).expand_as(a)
+    norm_1, norm_inf = a.abs().sum(dim=-2).amax(dim=-1), a.abs().sum(dim=-1).amax(dim=-1)
+    z = a.transpose(-1, -2) / (norm_1 * norm_inf).clamp(min=torch.finfo(a.dtype).tiny)[..., None, None]
+    for _ in range(iterations):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
+@pytest.mark.parametrize("kind", ["softmax", "uniform", "signed"])
+@pytest.mark.parametrize("iterations", [0, 1, 6])
+def test_iterative_pinv_backward_equals_autograd(kind: str, iterations: int) -> None:
+    """The hand-written backward, the norms' maxima included (uniform rows and columns: every one ties)."""
+    g = torch.Generator().manual_seed(18)
+    a = {
+        "softmax": torch.softmax(torch.randn(2, 3, 6, 6, generator=g, dtype=F64), dim=-1),
+        "uniform": torch.full((2, 3, 6, 6), 1 / 6, dtype=F64),
+        "signed": 0.3 * torch.randn(2, 3, 6, 6, generator=g, dtype=F64),
+    }[kind]
+    ours, ref = leaves(a), leaves(a)
+    got, want = iterative_pinv(ours[0], iterations), _autograd_pinv(ref[0], iterations)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(grads(got, ours)[0], grads(want, ref)[0], atol=1e-10, rtol=1e-9)
+    if kind == "signed":  # no ties: the finite differences agree too
+        assert torch.autograd.gradcheck(lambda t: iterative_pinv(t, iterations), leaves(a[0, :1]))
 
 
 def test_iterative_pinv_converges_to_the_pseudo_inverse() -> None:

@@ -22,12 +22,14 @@ iterations the result tends to exact softmax attention.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from attnkit.core.base import AttentionMechanism
 from attnkit.core.capabilities import Capabilities
@@ -63,40 +65,149 @@ class _EqualSegmentMeans(torch.autograd.Function):
         return out, None
 
 
-class _LandmarkScores(torch.autograd.Function):
-    """The three score matrices of the Nyström form, for sequences of whole runs and no padding.
+#: elements of one ``(L, ·)`` tensor's slice that a group of heads may span: the products and
+#: softmaxes of one group then run over slices still in cache from the previous step
+GROUP_ELEMENTS = 1 << 19
 
-    ``Q̃ = s·means(Q)``, ``K̃ = means(K)``; returns ``Q (sK̃)ᵀ (T, m)``, ``Q̃ K̃ᵀ (m, m)`` and
-    ``Q̃ Kᵀ (m, S)``. ``Q`` and ``K`` each feed a product and their landmarks: autograd would
-    sum those two gradients out of place, a fresh (L, D) tensor per input (page faults, more
-    than the sum itself: 4 ms each at L = 4096, H = 8); here the landmarks' share is added in
-    place into the product's gradient, a broadcast over each run.
+
+def _groups(n: int, length: int, width: int) -> list[slice]:
+    """Slices of the ``n`` batch·head rows, each ``GROUP_ELEMENTS // (length · width)`` (at least one) wide."""
+    size = max(1, min(n, GROUP_ELEMENTS // max(1, length * width)))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _kernels_(q3: Tensor, k3: Tensor, q_land: Tensor, k_land: Tensor, kernel_1: Tensor, kernel_3: Tensor) -> None:
+    """Fill ``kernel_1 = softmax(Q K̃ᵀ)`` and ``kernel_3 = softmax(Q̃ Kᵀ)`` (scaled landmarks), group by group."""
+    n, length = q3.shape[0], max(q3.shape[1], k3.shape[1])
+    for g in _groups(n, length, max(q_land.shape[1], q3.shape[2])):
+        torch.softmax(torch.bmm(q3[g], k_land[g].transpose(-1, -2), out=kernel_1[g]), dim=-1, out=kernel_1[g])
+        torch.softmax(torch.bmm(q_land[g], k3[g].transpose(-1, -2), out=kernel_3[g]), dim=-1, out=kernel_3[g])
+
+
+def _whole_runs_forward(
+    q: Tensor, k: Tensor, v: Tensor, segments: int, scale: float, iterations: int, *, keep: bool
+) -> tuple[Tensor, dict[str, Any]]:
+    """The Nyström form for sequences of whole runs and no padding, on ``(B·H, L, D)`` views.
+
+    The landmarks and the ``(m, m)`` part are computed for all heads at once, then the
+    ``(L, ·)`` products group of heads by group of heads (see :data:`GROUP_ELEMENTS`), each
+    written into its slice of a buffer and softmaxed there in place. With ``keep``, what the
+    backward needs is returned in the dict.
+    """
+    b, h, t_len, d = q.shape
+    n, s_len, dv = b * h, k.shape[2], v.shape[-1]
+    q3, k3, v3 = q.reshape(n, t_len, d), k.reshape(n, s_len, d), v.reshape(n, s_len, dv)
+    q_mean = q3.reshape(n, segments, t_len // segments, d).mean(dim=2)  # (N, m, D)
+    k_mean = k3.reshape(n, segments, s_len // segments, d).mean(dim=2)
+    q_land, k_land = q_mean.mul_(scale), k_mean * scale  # 1/√D on the (m, D) landmarks
+    kernel_2 = torch.softmax(torch.bmm(q_land, k_mean.transpose(-1, -2)), dim=-1)  # (N, m, m)
+    z, tape = _pinv_forward(kernel_2, iterations)
+    kernel_1 = q3.new_empty(n, t_len, segments)  # softmax(Q K̃ᵀ)
+    kernel_3 = q3.new_empty(n, segments, s_len)  # softmax(Q̃ Kᵀ)
+    out = q3.new_empty(n, t_len, dv)
+    x, y = q3.new_empty(n, segments, dv), q3.new_empty(n, segments, dv)
+    for g in _groups(n, max(t_len, s_len), max(segments, d, dv)):
+        torch.bmm(q_land[g], k3[g].transpose(-1, -2), out=kernel_3[g])
+        torch.softmax(kernel_3[g], dim=-1, out=kernel_3[g])
+        torch.bmm(z[g], torch.bmm(kernel_3[g], v3[g], out=x[g]), out=y[g])  # X = A₃ V, Y = Z X
+        torch.bmm(q3[g], k_land[g].transpose(-1, -2), out=kernel_1[g])
+        torch.softmax(kernel_1[g], dim=-1, out=kernel_1[g])
+        torch.bmm(kernel_1[g], y[g], out=out[g])
+    saved: dict[str, Any] = {}
+    if keep:
+        saved = dict(kernel_1=kernel_1, kernel_3=kernel_3, kernel_2=kernel_2, tape=tape, x=x, y=y, z=z)
+        saved.update(q_land=q_land, k_land=k_land, k_mean=k_mean)
+    return out.view(b, h, t_len, dv), saved
+
+
+def _spread_add_(dx: Tensor, d_land: Tensor) -> None:
+    """``dx (N, L, D) += d_land (N, m, D) / run`` on each run of ``L / m`` positions (a mean's backward)."""
+    n, length, d = dx.shape
+    segments = d_land.shape[1]
+    dx.view(n, segments, length // segments, d).add_(d_land.div_(length // segments)[:, :, None, :])
+
+
+class _WholeRunsNystrom(torch.autograd.Function):
+    """The Nyström form for sequences of whole runs and no padding, with a hand-written backward.
+
+    On CPU a fresh ``(L, ·)`` tensor costs page faults on top of its pass whenever the
+    allocator hands out memory the process has not touched yet (most of the first steps of a
+    process, and each step where the heap was trimmed: about 3 ms per 8 MB here), and
+    autograd's version makes one per op (each score matrix, its softmax, their gradients,
+    sums of gradients). Here the forward fills three buffers (the two softmaxes, kept for the
+    backward, and the output); the backward forms each score gradient in a scratch slice per
+    group of heads, softmax-backpropagates it there while in cache, and writes the gradients of
+    the queries and keys over the spent softmaxes when ``m = D`` (then the values' gradient is
+    its only new ``(L, ·)`` tensor); the landmark means' gradients are added in place. The
+    ``(m, m)`` part (landmark scores, pseudo-inverse) has a hand-written backward too
+    (:func:`_pinv_backward`), run for all heads at once between the two group passes. A second
+    backward through the same graph (``retain_graph=True``) recomputes the softmaxes.
+
+    With ``A₁ = softmax(Q K̃ᵀ)``, ``A₃ = softmax(Q̃ Kᵀ)``, ``X = A₃ V``, ``Y = Z X``,
+    ``out = A₁ Y`` and ``G`` the output's gradient: ``dY = A₁ᵀ G``, ``dS₁ = softmax'(G Yᵀ)``,
+    ``dQ ∋ dS₁ K̃``, ``dK̃ ∋ dS₁ᵀ Q``; ``dZ = dY Xᵀ``, ``dX = Zᵀ dY``; ``dV = A₃ᵀ dX``,
+    ``dS₃ = softmax'(dX Vᵀ)``, ``dQ̃ ∋ dS₃ K``, ``dK ∋ dS₃ᵀ Q̃``; ``dA₂ = pinv'(dZ)``,
+    ``dS₂ = softmax'(dA₂)``, ``dQ̃ ∋ dS₂ K̃``, ``dK̃ ∋ dS₂ᵀ Q̃`` (scales left out).
     """
 
     @staticmethod
-    def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, segments, scale = args
-        b, h, t_len, d = q.shape
-        q_land = q.reshape(b, h, segments, t_len // segments, d).mean(dim=3).mul_(scale)  # (B, H, m, D)
-        k_land = k.reshape(b, h, segments, k.shape[2] // segments, d).mean(dim=3)
-        ctx.save_for_backward(q, k, q_land, k_land)
-        ctx.scale = scale
-        # the 1/√D scale goes on the (m, D) landmarks, never on a copy of the (T, D) queries
-        return q @ (k_land * scale).transpose(-1, -2), q_land @ k_land.transpose(-1, -2), q_land @ k.transpose(-1, -2)
+    def forward(ctx: Any, *args: Any) -> Tensor:
+        q, k, v, segments, scale, iterations = args
+        out, saved = _whole_runs_forward(q, k, v, segments, scale, iterations, keep=True)
+        ctx.save_for_backward(q, k, v)
+        ctx.saved, ctx.scale = saved, scale
+        return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, *grads: Any) -> tuple[Tensor | None, ...]:
-        q, k, q_land, k_land = ctx.saved_tensors
-        g_qk, g_land, g_lk = grads  # never None: autograd materialises unused outputs' gradients as zeros
-        scale, segments = ctx.scale, q_land.shape[2]
-        dq = g_qk @ (k_land * scale)  # (B, H, T, D)
-        dk = g_lk.transpose(-1, -2) @ q_land  # (B, H, S, D)
-        d_k_land = (g_qk.transpose(-1, -2) @ q).mul_(scale).add_(g_land.transpose(-1, -2) @ q_land)
-        d_q_land = (g_land @ k_land).add_(g_lk @ k).mul_(scale)
-        for dx, d_land in ((dq, d_q_land), (dk, d_k_land)):
-            run = dx.shape[2] // segments
-            dx.view(*dx.shape[:2], segments, run, -1).add_(d_land.div_(run)[:, :, :, None, :])
-        return dq, dk, None, None
+        q, k, v = ctx.saved_tensors
+        saved, scale = ctx.saved, ctx.scale
+        x, y, z, q_land, k_land = (saved[n] for n in ("x", "y", "z", "q_land", "k_land"))  # (N, m, ·)
+        n, segments, t_len, s_len = y.shape[0], y.shape[1], q.shape[2], k.shape[2]
+        d, dv = q.shape[-1], v.shape[-1]
+        q3, k3, v3 = q.reshape(n, t_len, d), k.reshape(n, s_len, d), v.reshape(n, s_len, dv)
+        g3 = grads[0].reshape(n, t_len, dv)
+        # the kept softmaxes, handed over: they become dQ and dK below (a later backward recomputes them)
+        kernel_1, kernel_3 = saved.pop("kernel_1", None), saved.pop("kernel_3", None)
+        if kernel_1 is None or kernel_3 is None:
+            kernel_1, kernel_3 = q3.new_empty(n, t_len, segments), q3.new_empty(n, segments, s_len)
+            _kernels_(q3, k3, q_land, k_land, kernel_1, kernel_3)
+        over = segments == d  # the gradients fit the softmaxes' buffers exactly
+        d_q = kernel_1.view(n, t_len, d) if over else q3.new_empty(n, t_len, d)
+        d_k = kernel_3.view(n, s_len, d) if over else k3.new_empty(n, s_len, d)
+        softmax_backward_ = functools.partial(torch.ops.aten._softmax_backward_data.out, dim=-1, input_dtype=q.dtype)
+        groups = _groups(n, max(t_len, s_len), max(segments, d, dv))
+        scratch = q3.new_empty(groups[0].stop * segments * max(t_len, s_len))
+
+        # the queries' side, out = A₁ Y: dS₁ = softmax'(G Yᵀ) in the scratch, then dK̃ and dQ (over A₁)
+        d_y, d_k_mean = y.new_empty(y.shape), k_land.new_empty(k_land.shape)
+        for g in groups:
+            torch.bmm(kernel_1[g].transpose(-1, -2), g3[g], out=d_y[g])
+            d_s1 = torch.bmm(g3[g], y[g].transpose(-1, -2), out=scratch[: kernel_1[g].numel()].view(kernel_1[g].shape))
+            softmax_backward_(grad_output=d_s1, output=kernel_1[g], grad_input=d_s1)
+            torch.bmm(d_s1.transpose(-1, -2), q3[g], out=d_k_mean[g])
+            torch.bmm(d_s1, k_land[g], out=d_q[g])
+        # the (m, m) part: Y = Z X, Z = pinv(A₂), A₂ = softmax(Q̃ K̃ᵀ)
+        d_x = torch.bmm(z.transpose(-1, -2), d_y)
+        kernel_2 = saved["kernel_2"]
+        d_a2 = _pinv_backward(kernel_2, saved["tape"], torch.bmm(d_y, x.transpose(-1, -2)))
+        d_s2 = softmax_backward_(grad_output=d_a2, output=kernel_2, grad_input=d_a2)
+        d_k_mean.mul_(scale).baddbmm_(d_s2.transpose(-1, -2), q_land)
+        d_q_mean = torch.bmm(d_s2, saved["k_mean"])
+        # the landmarks' side, X = A₃ V: dS₃ = softmax'(dX Vᵀ) in the scratch, then dV, dQ̃ and dK (over A₃)
+        d_v = v3.new_empty(n, s_len, dv)
+        for g in groups:
+            torch.bmm(kernel_3[g].transpose(-1, -2), d_x[g], out=d_v[g])
+            d_s3 = torch.bmm(
+                d_x[g], v3[g].transpose(-1, -2), out=scratch[: kernel_3[g].numel()].view(kernel_3[g].shape)
+            )
+            softmax_backward_(grad_output=d_s3, output=kernel_3[g], grad_input=d_s3)
+            d_q_mean[g].baddbmm_(d_s3, k3[g])
+            torch.bmm(d_s3.transpose(-1, -2), q_land[g], out=d_k[g])
+            _spread_add_(d_k[g], d_k_mean[g])
+        _spread_add_(d_q, d_q_mean.mul_(scale))
+        return d_q.view(q.shape), d_k.view(k.shape), d_v.view(v.shape), None, None, None
 
 
 def segment_means(x: Tensor, real: Tensor | None, segments: int) -> tuple[Tensor, Tensor | None]:
@@ -134,23 +245,89 @@ def masked_softmax(scores: Tensor, allowed: Tensor | None) -> Tensor:
     return torch.softmax(scores, dim=-1) * row_ok
 
 
+def _pinv_forward(a: Tensor, iterations: int) -> tuple[Tensor, list[Tensor]]:
+    """The iteration on ``a (N, m, m)``; returns ``Z`` and the tape its backward reads.
+
+    Each step is ``P = A Z``, ``U = 7I − P``, ``V = 15I − P U``, ``W = ¼(13I − P V)``,
+    ``Z ← Z W``: four products and one subtraction (the identities are broadcast, the ¼ goes
+    into the last product's scalars). The tape holds ``c = ‖A‖₁ ‖A‖∞`` (unclamped), ``Z₀``
+    and each step's ``Z, P, U, V, W``.
+    """
+    m = a.shape[-1]
+    eye = torch.eye(m, dtype=a.dtype, device=a.device)
+    magnitude = a.abs()
+    norm_1 = magnitude.sum(dim=-2).amax(dim=-1)  # max column sum
+    norm_inf = magnitude.sum(dim=-1).amax(dim=-1)  # max row sum
+    c = norm_1 * norm_inf
+    z = a.transpose(-1, -2) / c.clamp(min=torch.finfo(a.dtype).tiny)[:, None, None]
+    tape = [c, z]
+    for _ in range(iterations):
+        p = torch.bmm(a, z)
+        u = torch.sub(7 * eye, p)
+        v = torch.baddbmm(15 * eye, p, u, alpha=-1.0)
+        w = torch.baddbmm(3.25 * eye, p, v, alpha=-0.25)
+        tape += [z, p, u, v, w]
+        z = torch.bmm(z, w)
+    return z, tape
+
+
+def _pinv_backward(a: Tensor, tape: list[Tensor], grad: Tensor) -> Tensor:
+    """``dA`` from ``dZ`` through :func:`_pinv_forward` (the same as autograd's, norms' maxima included)."""
+    d_a = torch.zeros_like(a)
+    d_z = grad
+    for i in range(len(tape) - 5, 1, -5):
+        z, p, u, v, w = tape[i : i + 5]
+        d_w = torch.bmm(z.transpose(-1, -2), d_z)
+        d_z_prev = torch.bmm(d_z, w.transpose(-1, -2))
+        d_v = torch.bmm(p.transpose(-1, -2), d_w).mul_(-0.25)
+        # dP from W = ¼(13I − P V), V = 15I − P U and U = 7I − P
+        d_p = torch.bmm(d_w, v.transpose(-1, -2)).mul_(-0.25)
+        d_p.baddbmm_(d_v, u.transpose(-1, -2), alpha=-1.0).baddbmm_(p.transpose(-1, -2), d_v)
+        d_a.baddbmm_(d_p, z.transpose(-1, -2))
+        d_z = d_z_prev.baddbmm_(a.transpose(-1, -2), d_p)
+    # Z₀ = Aᵀ / clamp(c), c = max column sum · max row sum of |A| (ties share the gradient, as amax's)
+    c, z0 = tape[0], tape[1]
+    tiny = torch.finfo(a.dtype).tiny
+    d_a.add_(d_z.transpose(-1, -2) / c.clamp(min=tiny)[:, None, None])
+    d_c = -(d_z * z0).sum(dim=(-1, -2)) / c.clamp(min=tiny) * (c >= tiny)
+    magnitude = a.abs()
+    cols, rows = magnitude.sum(dim=-2), magnitude.sum(dim=-1)
+    norm_1, norm_inf = cols.amax(dim=-1, keepdim=True), rows.amax(dim=-1, keepdim=True)
+    at_1, at_inf = (cols == norm_1).to(a.dtype), (rows == norm_inf).to(a.dtype)
+    d_cols = at_1 * (d_c[:, None] * norm_inf / at_1.sum(dim=-1, keepdim=True))
+    d_rows = at_inf * (d_c[:, None] * norm_1 / at_inf.sum(dim=-1, keepdim=True))
+    return d_a.add_((d_cols[:, None, :] + d_rows[:, :, None]) * a.sign())
+
+
+class _IterativePinv(torch.autograd.Function):
+    """:func:`_pinv_forward` with its hand-written backward (autograd's: 5 ms per call at m = 64, H = 8, mostly
+    overhead around the 64×64 products)."""
+
+    @staticmethod
+    def forward(ctx: Any, *args: Any) -> Tensor:
+        a, iterations = args
+        z, tape = _pinv_forward(a, iterations)
+        ctx.save_for_backward(a)
+        ctx.tape = tape
+        return z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads: Any) -> tuple[Tensor | None, ...]:
+        (a,) = ctx.saved_tensors
+        return _pinv_backward(a, ctx.tape, grads[0]), None
+
+
 def iterative_pinv(a: Tensor, iterations: int) -> Tensor:
     """The Nyströmformer pseudo-inverse iteration for ``a (…, m, m)``, per matrix.
 
     ``Z ← ¼ Z (13I − AZ (15I − AZ (7I − AZ)))`` from ``Z₀ = Aᵀ / (‖A‖₁ ‖A‖∞)``.
     """
     shape, m = a.shape, a.shape[-1]
-    a = a.reshape(-1, m, m)  # (N, m, m): 3-d for the fused ``c·I - X Y`` products below
-    eye = torch.eye(m, dtype=a.dtype, device=a.device).expand_as(a)
-    norm_1 = a.abs().sum(dim=-2).amax(dim=-1)  # max column sum
-    norm_inf = a.abs().sum(dim=-1).amax(dim=-1)  # max row sum
-    z = a.transpose(-1, -2) / (norm_1 * norm_inf).clamp(min=torch.finfo(a.dtype).tiny)[:, None, None]
-    for _ in range(iterations):
-        az = torch.bmm(a, z)
-        inner = torch.baddbmm(15 * eye, az, 7 * eye - az, alpha=-1.0)  # 15I - AZ(7I - AZ)
-        inner = torch.baddbmm(13 * eye, az, inner, alpha=-1.0)
-        z = torch.bmm(z, inner).mul_(0.25)
-    return z.reshape(shape)
+    a = a.reshape(-1, m, m)
+    if torch.is_grad_enabled() and a.requires_grad:
+        return _IterativePinv.apply(a, iterations).reshape(shape)
+    return _pinv_forward(a, iterations)[0].reshape(shape)
 
 
 def _both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -207,11 +384,9 @@ class NystromAttention(AttentionMechanism):
         scale = q.shape[-1] ** -0.5
         m = self.num_landmarks
         if key_padding_mask is None and q.shape[2] % m == 0 and k.shape[2] % m == 0:
-            scores_1, scores_2, scores_3 = _LandmarkScores.apply(q, k, m, scale)
-            kernel_2 = torch.softmax(scores_2, dim=-1)
-            return torch.softmax(scores_1, dim=-1) @ (
-                iterative_pinv(kernel_2, self.pinv_iterations) @ (torch.softmax(scores_3, dim=-1) @ v)
-            )
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                return _WholeRunsNystrom.apply(q, k, v, m, scale, self.pinv_iterations)
+            return _whole_runs_forward(q, k, v, m, scale, self.pinv_iterations, keep=False)[0]
         # the 1/√D scale goes on the (m, D) landmarks, never on a copy of the (T, D) queries
         q_land, q_ok = segment_means(q, None, m)  # (B, H, m, D), (B, m) or None
         q_land = q_land * scale
