@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnkit.kernels.prefix import empty_buffer
+
 #: Score given to a token's own key under the self-token rule: finite, so a query whose
 #: only visible key is itself puts all its weight there, and far enough below any real
 #: score that ``exp(SELF_SCORE - lse)`` underflows to exactly 0 whenever another key exists.
@@ -387,7 +389,7 @@ def _chunk_forward(
     by_rows = plan.out_rows is not None
     # Every row of a by-rows output is written: each token's slot is in a computed chunk,
     # and the dummy row is read only where an empty slot wrote it.
-    out = q.new_empty(plan.out_len, d_v) if by_rows else q.new_empty(groups, rows, d_v)
+    out = q.new_empty(plan.out_len, d_v) if by_rows else empty_buffer(q, (groups, rows, d_v))
     lse = q.new_empty(plan.out_len, 1) if by_rows else q.new_empty(groups, rows, 1)
     kept = _kept_probs(plan, keys, groups, rows) if plan.keep_probs else (None, None)
     for g0, g1 in _blocks(plan, keys, groups, rows):
@@ -593,9 +595,15 @@ class _MixedChunkAttention(torch.autograd.Function):
         mix = sorted_by.detach()
         mix_flat = mix.reshape(-1, blocks, blocks)
         groups, rows = mix_flat.shape[0] * blocks, k_src.shape[-2]
-        # (N, nb, nb) @ (N, nb, c·E): the extra keys and values, already in (G, c, E) order.
+        # (N, nb, nb) @ (N, nb, c·E): the extra keys and values, already in (G, c, E) order. Large
+        # per-step buffers here and below are empty_buffer's: fresh pages fault far less often
+        # (side by side, 4K fwd+bwd CPU time 178 -> 165 ms, 16K 1358 -> 1287 ms).
         k_extra, v_extra = (
-            torch.bmm(mix_flat, x.reshape(mix_flat.shape[0], blocks, -1)).view(groups, rows, x.shape[-1])
+            torch.bmm(
+                mix_flat,
+                x.reshape(mix_flat.shape[0], blocks, -1),
+                out=empty_buffer(x, (mix_flat.shape[0], blocks, rows * x.shape[-1])),
+            ).view(groups, rows, x.shape[-1])
             for x in (k_src, v_src)
         )
         if hide_empty_slots:  # a slot whose mix holds no real key
@@ -614,7 +622,7 @@ class _MixedChunkAttention(torch.autograd.Function):
         mix_flat = mix.reshape(-1, blocks, blocks)
         sequences = mix_flat.shape[0]
         groups = sequences * blocks
-        d_q, d_k, d_v = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+        d_q, d_k, d_v = (empty_buffer(x, x.shape) for x in (q, k, v))
         q_g, k_g, v_g, d_out_g, d_q_g, d_k_g, d_v_g = (_by_group(x, groups) for x in (q, k, v, d_out, d_q, d_k, d_v))
         # Mix sources and gradients by sequence and block: (N, nb, c, E).
         weight = None
@@ -684,8 +692,8 @@ def _kept_probs(plan: _Plan, keys: tuple[Tensor | None, ...], groups: int, rows:
     q_like = keys[0]
     assert q_like is not None
     return (
-        q_like.new_empty(groups, rows, own),
-        q_like.new_empty(with_extra, rows, extra) if with_extra else None,
+        empty_buffer(q_like, (groups, rows, own)),
+        empty_buffer(q_like, (with_extra, rows, extra)) if with_extra else None,
     )
 
 
