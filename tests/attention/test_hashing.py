@@ -242,14 +242,15 @@ def test_sinkhorn_normalisation_is_doubly_stochastic() -> None:
     assert torch.all(p.diagonal(dim1=-2, dim2=-1) == 0)
 
 
+@pytest.mark.parametrize("sort_top1", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_sinkhorn_matches_a_brute_force_loop(causal: bool) -> None:
+def test_sinkhorn_matches_a_brute_force_loop(causal: bool, sort_top1: bool) -> None:
     """Each query: softmax over its own block's visible keys and the P-mixed sorted block."""
     t_len, c, d = 14, 4, 6
     q, k, v = structured_qkv(1, 1, t_len, t_len, d, seed=29, dtype=torch.float64)
     kpm = torch.ones(1, t_len, dtype=torch.bool)
     kpm[0, [2, 9, 13]] = False
-    module = SinkhornAttention(block_size=c, sinkhorn_iters=5).double()
+    module = SinkhornAttention(block_size=c, sinkhorn_iters=5, sort_top1=sort_top1).double()
     out = module(q, k, v, causal=causal, key_padding_mask=kpm)
     nb = 4
     qb, kb, vb = (torch.nn.functional.pad(x[0, 0], (0, 0, 0, nb * c - t_len)).view(nb, c, d) for x in (q, k, v))
@@ -268,6 +269,22 @@ def test_sinkhorn_matches_a_brute_force_loop(causal: bool) -> None:
                 vals.append((perm[blk, :, None] * vb[:, s] * real[:, s, None]).sum(0))
         w = torch.softmax(torch.stack(keys) @ q[0, 0, i] / d**0.5, dim=0)
         torch.testing.assert_close(out[0, 0, i], w @ torch.stack(vals), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sinkhorn_top1_keeps_each_rows_largest_soft_weight(causal: bool) -> None:
+    """The hard sort matrix is the soft one with every entry but the row maximum set to 0."""
+    q, k, _ = structured_qkv(2, 3, 40, 40, 8, seed=36, dtype=torch.float64)
+    qb, kb = (x.reshape(2, 3, 5, 8, 8) for x in (q, k))
+    ones = torch.ones(1, 1, 5, 8, dtype=torch.float64)
+    soft = SinkhornAttention(block_size=8, sinkhorn_iters=4).double().sort_matrix(qb, kb, ones, causal=causal)
+    hard = SinkhornAttention(block_size=8, sinkhorn_iters=4, sort_top1=True).sort_matrix(qb, kb, ones, causal=causal)
+    for row_soft, row_hard in zip(soft.reshape(-1, 5), hard.reshape(-1, 5)):
+        j = int(row_soft.argmax())
+        want = torch.zeros(5, dtype=torch.float64)
+        if row_soft[j] > 0:
+            want[j] = row_soft[j]
+        assert torch.equal(row_hard, want)
 
 
 def _log_space_sinkhorn(scores: torch.Tensor, iters: int) -> torch.Tensor:
@@ -302,10 +319,23 @@ def _toy_sort(q_sum: torch.Tensor, k_sum: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores, dim=-1) * (1 - first)
 
 
+def _toy_top1_sort(q_sum: torch.Tensor, k_sum: torch.Tensor) -> torch.Tensor:
+    """:func:`_toy_sort` with only each row's largest entry kept (block 0's row stays zero)."""
+    mix = _toy_sort(q_sum, k_sum)
+    top, column = mix.max(dim=-1, keepdim=True)
+    return torch.zeros_like(mix).scatter(-1, column, top)
+
+
+@pytest.mark.parametrize("one_per_row", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("blocked", [False, True])
-def test_mixed_chunk_attention_and_its_gradients_match_a_dense_reference(weighted: bool, blocked: bool) -> None:
-    """Output and every gradient (through the mix and the block sums too) equal dense float64 autograd."""
+def test_mixed_chunk_attention_and_its_gradients_match_a_dense_reference(
+    weighted: bool, blocked: bool, one_per_row: bool
+) -> None:
+    """Output and every gradient (through the mix and the block sums too) equal dense float64 autograd.
+
+    With ``one_per_row`` the mix keeps one entry per row and the core gathers instead of
+    multiplying; the reference still applies the mix as a dense product."""
     gen = torch.Generator().manual_seed(34)
     n_b, n_h, nb, c, d, d_v = 2, 2, 4, 3, 5, 4
     q, k = (torch.randn(n_b, n_h, nb * c, d, generator=gen, dtype=torch.float64) for _ in range(2))
@@ -313,13 +343,16 @@ def test_mixed_chunk_attention_and_its_gradients_match_a_dense_reference(weighte
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     weight = (torch.rand(n_b, 1, nb, c, generator=gen) < 0.7).double() if weighted else None
     own = torch.rand(n_b * n_h * nb, c, c, generator=gen) < 0.3 if blocked else None
+    sort = _toy_top1_sort if one_per_row else _toy_sort
     out = bucketed.mixed_chunk_attention(
-        q, k, v, _toy_sort, own, blocks=nb, scale=0.4, key_weight=weight, hide_empty_slots=True
+        q, k, v, sort, own, blocks=nb, scale=0.4, key_weight=weight, hide_empty_slots=True, one_per_row=one_per_row
     )
     # The reference: block sums, mix, sorted keys and values, one masked softmax over both.
     w = torch.ones(1, 1, nb, c, dtype=torch.float64) if weight is None else weight
     kb, vb = (x.reshape(n_b, n_h, nb, c, -1) * w[..., None] for x in (k, v))
-    mix = _toy_sort(q.reshape(n_b, n_h, nb, c, d).sum(-2), kb.sum(-2))
+    mix = sort(q.reshape(n_b, n_h, nb, c, d).sum(-2), kb.sum(-2))
+    if one_per_row:  # the reference's own check that the case is what it claims: one block per row
+        assert torch.all((mix != 0).sum(-1) <= 1) and torch.all((mix[..., 1:, :] != 0).sum(-1) == 1)
     keys = torch.cat([k.reshape(n_b, n_h, nb, c, d), torch.einsum("bhij,bhjsd->bhisd", mix, kb)], dim=-2)
     values = torch.cat([v.reshape(n_b, n_h, nb, c, d_v), torch.einsum("bhij,bhjsd->bhisd", mix, vb)], dim=-2)
     hidden_extra = (mix @ w <= 0)[..., None, :].expand(n_b, n_h, nb, c, c)
@@ -336,19 +369,20 @@ def test_mixed_chunk_attention_and_its_gradients_match_a_dense_reference(weighte
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
     assert torch.autograd.gradcheck(  # backward run many times over one graph (retain_graph)
         lambda *x: bucketed.mixed_chunk_attention(
-            *x, _toy_sort, own, blocks=nb, scale=0.4, key_weight=weight, hide_empty_slots=True
+            *x, sort, own, blocks=nb, scale=0.4, key_weight=weight, hide_empty_slots=True, one_per_row=one_per_row
         ),
         (q, k, v),
     )
 
 
+@pytest.mark.parametrize("sort_top1", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("iters", [0, 3])
-def test_sinkhorn_gradients_match_dense_autograd(causal: bool, iters: int) -> None:
+def test_sinkhorn_gradients_match_dense_autograd(causal: bool, iters: int, sort_top1: bool) -> None:
     """Whole blocks, no padding (the path without masks): every gradient equals plain float64 autograd."""
     t_len, c, d = 16, 4, 6
     q, k, v = structured_qkv(2, 2, t_len, t_len, d, seed=35, dtype=torch.float64, requires_grad=True)
-    module = SinkhornAttention(block_size=c, sinkhorn_iters=iters).double()
+    module = SinkhornAttention(block_size=c, sinkhorn_iters=iters, sort_top1=sort_top1).double()
     out = module(q, k, v, causal=causal)
     nb = t_len // c
     qb, kb, vb = (x.reshape(2, 2, nb, c, d) for x in (q, k, v))
@@ -415,6 +449,7 @@ def test_no_leak_with_many_buckets(name: str, cut: int) -> None:
         ("sinkhorn", "block_size", 0),
         ("sinkhorn", "temperature", 0.0),
         ("sinkhorn", "sinkhorn_iters", -1),
+        ("sinkhorn", "sort_top1", "yes"),
     ],
 )
 def test_bad_options_name_the_argument(name: str, option: str, value: object) -> None:
@@ -528,9 +563,14 @@ def test_core_block_loops_match_the_references(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(bucketed, "MIX_SEGMENT_FLOATS", 1)
     test_lsh_equals_softmax_over_the_union_of_rounds(causal, padded=True)
     test_routing_attends_within_clusters(causal)
-    test_sinkhorn_matches_a_brute_force_loop(causal)
-    test_sinkhorn_gradients_match_dense_autograd(causal, iters=3)
-    test_mixed_chunk_attention_and_its_gradients_match_a_dense_reference(weighted=causal, blocked=True)
+    test_sinkhorn_matches_a_brute_force_loop(causal, sort_top1=False)
+    test_sinkhorn_matches_a_brute_force_loop(causal, sort_top1=True)
+    test_sinkhorn_gradients_match_dense_autograd(causal, iters=3, sort_top1=False)
+    test_sinkhorn_gradients_match_dense_autograd(causal, iters=0, sort_top1=True)
+    test_mixed_chunk_attention_and_its_gradients_match_a_dense_reference(
+        weighted=causal, blocked=True, one_per_row=False
+    )
+    test_mixed_chunk_attention_and_its_gradients_match_a_dense_reference(weighted=True, blocked=True, one_per_row=True)
     test_chunk_attention_with_extra_keys_is_softmax_over_both(blocked=True)
 
 

@@ -25,6 +25,11 @@ normalisation would mix later rows into earlier ones (``sinkhorn_iters`` applies
 bidirectional mode only). Block 0 attends to itself only. The own block is masked by
 original positions.
 
+Hard sort (``sort_top1=True``): only the largest entry of each row of ``P`` is kept, so a
+query block's sorted block is one key block scaled by its weight, as in sinkhorn-transformer's
+default (non-permutative) mode. The mix is then a gather instead of ``(nb × nb) @ (nb × c·D)``
+products; the kept weight still carries the sort's gradient. Ties go to the lowest index.
+
 Key padding: padded keys and values are zeroed before blocks are mixed and left out of
 the block means; a sorted-block slot holding no real key is masked.
 Supports causal and key padding; no cross-attention, no incremental decoding.
@@ -132,13 +137,21 @@ class SinkhornAttention(AttentionMechanism):
         block_size: tokens per block (``b``); each query sees its block and one sorted block.
         sinkhorn_iters: Sinkhorn normalisation rounds (bidirectional mode).
         temperature: divides the sort scores; lower is closer to a hard permutation.
+        sort_top1: keep only the largest entry of each row of the sort matrix (after the
+            normalisation): each query block's sorted block is one key block, scaled by that
+            entry (a gather instead of the dense block mix; see the module docstring).
     """
 
-    def __init__(self, *, block_size: int = 64, sinkhorn_iters: int = 8, temperature: float = 0.75) -> None:
+    def __init__(
+        self, *, block_size: int = 64, sinkhorn_iters: int = 8, temperature: float = 0.75, sort_top1: bool = False
+    ) -> None:
         super().__init__()
         self.block_size = check_positive_int("block_size", block_size, example=64)
         self.sinkhorn_iters = check_non_negative_int("sinkhorn_iters", sinkhorn_iters)
         self.temperature = check_positive_float("temperature", temperature)
+        if not isinstance(sort_top1, bool):
+            raise ValueError(f"sort_top1 must be a bool, got {sort_top1!r}")
+        self.sort_top1 = sort_top1
 
     def sort_matrix(self, q_blocks: Tensor, k_blocks: Tensor, key_weight: Tensor, *, causal: bool) -> Tensor:
         """The soft block permutation ``P (B, H, nb, nb)``; row ``i`` mixes the key blocks block ``i`` sees.
@@ -173,8 +186,13 @@ class SinkhornAttention(AttentionMechanism):
         if causal:
             has_block = allowed.any(dim=-1, keepdim=True)
             safe = scores.masked_fill(~has_block, 0.0)
-            return torch.softmax(safe, dim=-1) * has_block
-        return sinkhorn_normalize(scores, self.sinkhorn_iters)
+            sort = torch.softmax(safe, dim=-1) * has_block
+        else:
+            sort = sinkhorn_normalize(scores, self.sinkhorn_iters)
+        if not self.sort_top1:
+            return sort
+        top, column = sort.max(dim=-1, keepdim=True)  # a row of zeros keeps a zero
+        return torch.zeros_like(sort).scatter(-1, column, top)
 
     def _attend(
         self,
@@ -229,5 +247,6 @@ class SinkhornAttention(AttentionMechanism):
                 scale=d**-0.5,
                 key_weight=weight if masked else None,
                 hide_empty_slots=masked or causal,  # else every row of P has mass and every slot real keys
+                one_per_row=self.sort_top1,
             )
         return out.reshape(b, h, nb * c, -1)[:, :, :t_len]
