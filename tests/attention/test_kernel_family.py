@@ -142,6 +142,35 @@ def test_linear_equals_naive_formula_with_gradients(causal: bool, lengths: tuple
         torch.testing.assert_close(got, exp, atol=1e-11, rtol=1e-9)
 
 
+@pytest.mark.parametrize("upstream", ["expanded", "transposed"])
+@pytest.mark.parametrize("name", ["linear", "performer"])
+def test_causal_gradients_for_a_non_contiguous_upstream_gradient(name: str, upstream: str) -> None:
+    """The causal backward reads the incoming gradient as it comes, without a contiguous copy first:
+    a stride-0 one (as ``out.sum().backward()`` gives) and a transposed one. Whole chunks (no padding copy)."""
+    q, k, v = structured_qkv(2, 3, 16, 16, 8, seed=41, dtype=F64)
+    ours, ref = leaves(0.5 * q, 0.5 * k, v), leaves(0.5 * q, 0.5 * k, v)
+    if name == "linear":
+        out = attnkit.build_attention("linear", chunk_size=4)(*ours, causal=True)
+        want = naive_linear(elu1(ref[0]), elu1(ref[1]), ref[2], causal=True)
+    else:  # key log-scales: the stabilised core
+        module = attnkit.build_attention("performer", nb_features=12, chunk_size=4, seed=3)
+        assert isinstance(module, PerformerAttention)
+        w = module.projection(8, device=q.device, dtype=F64)
+        out = module(*ours, causal=True)
+        want = naive_linear(
+            favor_features(ref[0] * 8**-0.25, w), favor_features(ref[1] * 8**-0.25, w), ref[2], causal=True
+        )
+    if upstream == "expanded":
+        weight = torch.ones((), dtype=F64).expand(out.shape)
+    else:
+        gen = torch.Generator().manual_seed(42)
+        weight = torch.randn(2, 3, 8, 16, generator=gen, dtype=F64).transpose(-1, -2)
+    assert not weight.is_contiguous()
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-8)
+    for got, exp in zip(torch.autograd.grad(out, ours, weight), torch.autograd.grad(want, ref, weight)):
+        torch.testing.assert_close(got, exp, atol=1e-9, rtol=1e-7)
+
+
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("feature_map", ["elu+1", "relu", "identity"])
 @pytest.mark.parametrize("causal", [False, True])

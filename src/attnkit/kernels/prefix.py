@@ -296,10 +296,13 @@ def _causal_backward(
     owned = False  # whether ``grad`` is a buffer of ours, free to be overwritten
     if den is not None:
         # out = num / den: d num = g / den, d den = -(g·out) / den (zero where den was replaced by 1)
+        # (g / den)·out: the row products go through dq's buffer, untouched until its products
+        # (a fresh (T, E) temporary costs a round of page faults, as much as the pass itself)
         safe = _safe_denominator(den)
-        grad_den = torch.linalg.vecdot(grad, out).div_(safe).neg_().masked_fill_(den <= 0, 0.0)
-        grad = torch.div(grad, safe[..., None], out=empty_buffer(grad, grad.shape))
+        grad = torch.div(grad, safe[..., None], out=empty_buffer(out, out.shape))
         owned = True
+        dq = empty_buffer(q, q.shape)
+        grad_den = _rowdot(grad, out, dq)[..., 0].neg_().masked_fill_(den <= 0, 0.0)
 
     # inside each chunk: the weighted scores (kept, or recomputed: one product, cheaper in memory
     # than keeping them when their buffer holds the running sums) give dv; a buffer of ours
@@ -315,7 +318,7 @@ def _causal_backward(
         grad_scores.mul_(scales.pair)
     else:
         grad_scores.tril_()
-    dq = _product(grad_scores, k)
+    dq = torch.matmul(grad_scores, k, out=dq) if den is not None else _product(grad_scores, k)
     dk = _product(grad_scores.transpose(-1, -2), q)
     del grad_scores
 
@@ -422,7 +425,11 @@ class _CausalKernel(torch.autograd.Function):
         bsz, heads, t_len, pad = ctx.shape
         bh, n, chunk, _ = qc.shape
         grad = grads[0].reshape(bh, t_len, out.shape[-1])
-        grad = (F.pad(grad, (0, 0, 0, pad)) if pad else grad.contiguous()).view(bh, n, chunk, -1)
+        if pad:
+            grad = F.pad(grad, (0, 0, 0, pad))
+        elif den is None:  # with a normaliser, the first pass (a division into a buffer of ours) reads it as it is
+            grad = grad.contiguous()
+        grad = grad.reshape(bh, n, chunk, -1)
         dq, dk, dv = _causal_backward(grad, qc, kc, vc, ctx.scales, s0, z0, (out, den, sums, zsums, kept))
         if ctx.feature_map is not None:  # through φ in place: the saved qc, kc are φ(q), φ(k)
             for d_phi, phi in ((dq, qc), (dk, kc)):
@@ -726,7 +733,8 @@ def kernel_attention(
         out = _CausalKernel.apply(
             q_full, k, v, key_log_scale, None, None, None, chunk_size, normalize, False, feature_map
         )[0]
-        return out[:, :, s_len - t_len :]
+        # no slice when nothing is cut: its backward would copy the gradient into a fresh zeroed tensor
+        return out[:, :, s_len - t_len :] if t_len < s_len else out
     # the first T - S queries see no key at all
     out = _CausalKernel.apply(
         q[:, :, t_len - s_len :], k, v, key_log_scale, None, None, None, chunk_size, normalize, False, feature_map
