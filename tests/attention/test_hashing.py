@@ -271,6 +271,12 @@ def test_sinkhorn_matches_a_brute_force_loop(causal: bool, sort_top1: bool) -> N
         torch.testing.assert_close(out[0, 0, i], w @ torch.stack(vals), atol=1e-10, rtol=0)
 
 
+def test_mixed_chunk_attention_rejects_a_soft_mix_as_one_per_row() -> None:
+    q = torch.randn(1, 1, 12, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="one nonzero entry per row"):
+        bucketed.mixed_chunk_attention(q, q, q, _toy_sort, None, blocks=3, scale=0.5, one_per_row=True)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_sinkhorn_top1_keeps_each_rows_largest_soft_weight(causal: bool) -> None:
     """The hard sort matrix is the soft one with every entry but the row maximum set to 0."""
@@ -396,6 +402,8 @@ def test_sinkhorn_gradients_match_dense_autograd(causal: bool, iters: int, sort_
     scores = (qb @ keys.transpose(-1, -2) / d**0.5).masked_fill(hidden, float("-inf"))
     ref = (torch.softmax(scores, dim=-1) @ values).reshape(2, 2, t_len, d)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    with torch.no_grad():  # inference keeps no probabilities: a path of its own
+        torch.testing.assert_close(module(q, k, v, causal=causal), ref, atol=1e-12, rtol=0)
     seed = torch.randn_like(ref)
     grads = torch.autograd.grad((out * seed).sum(), (q, k, v))
     for got, want in zip(grads, torch.autograd.grad((ref * seed).sum(), (q, k, v))):

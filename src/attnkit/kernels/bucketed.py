@@ -694,7 +694,7 @@ class _MixedChunkAttention(torch.autograd.Function):
             if chosen is not None and chosen_weight is not None and d_chosen_weight is not None:
                 # Through the gather: extra_i = a_i · src_j (j = chosen_i, a_i its weight), so
                 # da_i = <dExtra_i, src_j> and d_src_j += a_i · dExtra_i (times the key weight).
-                rows_of = (chosen[n0:n1] + blocks * torch.arange(n1 - n0, device=chosen.device)[:, None]).view(-1)
+                rows_of = _flat_rows(chosen[n0:n1], blocks)
                 for src, grad, d_extra, picked in zip(sources, grads, d_extras, scratch[2:]):
                     d_flat = d_extra.view(n1 - n0, blocks, -1)
                     src_flat = src[n0:n1].reshape(-1, d_flat.shape[-1])
@@ -728,12 +728,6 @@ class _MixedChunkAttention(torch.autograd.Function):
         return None, None, None, None, None, None, d_q, d_k, d_v, None
 
 
-def _unmasked_blocks(groups: int, rows: int, keys: int) -> list[tuple[int, int]]:
-    """Ranges of groups holding about :data:`BLOCK_SCORES` scores (``rows × keys`` per group) each."""
-    step = max(1, BLOCK_SCORES // (rows * keys))
-    return [(g0, min(groups, g0 + step)) for g0 in range(0, groups, step)]
-
-
 def _side_by_side(own: Tensor, extra: Tensor, out: Tensor) -> Tensor:
     """``(g, c, E)`` own and extra keys (or values) copied into ``out (g, 2c, E)``, own first.
 
@@ -762,15 +756,19 @@ def _unmasked_forward(
     groups, rows, _ = q.shape
     width = 2 * k.shape[1]
     out = empty_buffer(q, (groups, rows, v.shape[-1]))
-    blocks = _unmasked_blocks(groups, rows, width)
+    blocks = _group_ranges(0, groups, rows * width)
     step = blocks[0][1] - blocks[0][0]
     probs = empty_buffer(q, (groups, rows, width)) if keep else None
-    scratch = q.new_empty(step, rows, width)
+    scratch = None if keep else q.new_empty(step, rows, width)
     kc_all, vc_all = q.new_empty(step, width, k.shape[-1]), q.new_empty(step, width, v.shape[-1])
     for g0, g1 in blocks:
         n = g1 - g0
         kc = _side_by_side(k[g0:g1], k_extra[g0:g1], kc_all[:n])
-        p = probs[g0:g1] if probs is not None else scratch[:n]
+        if probs is not None:
+            p = probs[g0:g1]
+        else:
+            assert scratch is not None
+            p = scratch[:n]
         torch.baddbmm(p, q[g0:g1], kc.transpose(1, 2), beta=0.0, alpha=scale, out=p)
         torch.softmax(p, dim=-1, out=p)
         torch.bmm(p, _side_by_side(v[g0:g1], v_extra[g0:g1], vc_all[:n]), out=out[g0:g1])
@@ -794,7 +792,7 @@ def _unmasked_backward(
     d_q, d_k, d_v, d_k_extra, d_v_extra = into
     groups, rows, _ = q.shape
     own, width = k.shape[1], 2 * k.shape[1]
-    blocks = _unmasked_blocks(groups, rows, width)
+    blocks = _group_ranges(0, groups, rows * width)
     step = blocks[0][1] - blocks[0][0]
     d_scores = q.new_empty(step, rows, width)
     kc_all, vc_all = q.new_empty(step, width, k.shape[-1]), q.new_empty(step, width, v.shape[-1])
@@ -819,18 +817,25 @@ def _one_per_row(mix: Tensor) -> tuple[Tensor, Tensor]:
     """``(weight, index)``, each ``(N, nb)``: the one nonzero entry of each row of ``mix (N, nb, nb)`` and its column.
 
     A row of zeros gives weight 0 (at some column): its gathered block is then zeros, as the
-    dense mix would give.
+    dense mix would give. A row with two nonzero entries is a caller's error (the gather
+    would drop one), raised rather than computed wrongly.
     """
+    if bool(((mix != 0).sum(dim=-1) > 1).any()):
+        raise ValueError("one_per_row=True needs a sort matrix with at most one nonzero entry per row")
     weight, index = mix.max(dim=-1)
     return weight, index
+
+
+def _flat_rows(index: Tensor, blocks: int) -> Tensor:
+    """``(N·nb,)`` rows of a ``(N·nb, X)`` view for the column ``index (N, nb)`` of each sequence's row."""
+    return (index + blocks * torch.arange(index.shape[0], device=index.device)[:, None]).view(-1)
 
 
 def _gather_blocks(src: Tensor, index: Tensor, weight: Tensor | None) -> Tensor:
     """Row ``index[n, i]`` of ``src (N, nb, X)`` for every ``(n, i)``, times ``weight (N, nb)``: ``(N, nb, X)``."""
     n, blocks, width = src.shape
-    flat = (index + blocks * torch.arange(n, device=index.device)[:, None]).view(-1)
     out = empty_buffer(src, (n * blocks, width))
-    torch.index_select(src.reshape(n * blocks, width), 0, flat, out=out)
+    torch.index_select(src.reshape(n * blocks, width), 0, _flat_rows(index, blocks), out=out)
     if weight is not None:
         out.mul_(weight.reshape(-1, 1))
     return out.view(n, blocks, width)
@@ -875,9 +880,14 @@ def _blocks(plan: _Plan, keys: tuple[Tensor | None, ...], groups: int, rows: int
         spans = [(0, with_extra, own + extra), (with_extra, groups, own)]
     ranges = []
     for start, stop, width in spans:
-        step = max(1, BLOCK_SCORES // (rows * width))
-        ranges += [(g0, min(stop, g0 + step)) for g0 in range(start, stop, step)]
+        ranges += _group_ranges(start, stop, rows * width)
     return ranges
+
+
+def _group_ranges(start: int, stop: int, scores_per_group: int) -> list[tuple[int, int]]:
+    """Ranges of groups ``start:stop`` holding about :data:`BLOCK_SCORES` scores each."""
+    step = max(1, BLOCK_SCORES // scores_per_group)
+    return [(g0, min(stop, g0 + step)) for g0 in range(start, stop, step)]
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
