@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from attnkit.kernels import prefix
-from attnkit.kernels.prefix import PrefixState, empty_buffer, kernel_attention, kernel_decode
+from attnkit.kernels.prefix import PrefixState, empty_buffer, huge_page_advice, kernel_attention, kernel_decode
 
 F64 = torch.float64
 
@@ -72,7 +72,8 @@ def test_buffers_with_huge_page_advice_give_the_same_results(
     q, k, v, a = inputs(29, seed=3)
     ours = tuple(x.clone().requires_grad_(True) for x in (q, k, v))
     ref = tuple(x.clone().requires_grad_(True) for x in (q, k, v))
-    out = kernel_attention(*ours, causal=causal, key_log_scale=a if scaled else None, chunk_size=8)
+    with huge_page_advice(True):
+        out = kernel_attention(*ours, causal=causal, key_log_scale=a if scaled else None, chunk_size=8)
     want = naive(*ref, a if scaled else None, None, causal)
     torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-10)
     for got, expected in zip(weighted_grads(out, ours), weighted_grads(want, ref)):
@@ -96,42 +97,104 @@ def test_retained_graph_gives_the_same_gradients_twice(features: int, scaled: bo
         torch.testing.assert_close(x, y, atol=0.0, rtol=0.0)
 
 
-def test_large_buffer_is_advised_and_usable(monkeypatch: pytest.MonkeyPatch) -> None:
+def _recorded_advice(monkeypatch: pytest.MonkeyPatch, *, tiny_pages: bool = False) -> list[tuple[int, int]]:
+    """Record every madvise call, still advising for real where the platform has it.
+
+    ``tiny_pages``: 64-byte "huge pages", so that small buffers have an aligned interior too
+    (recorded only, never passed to the kernel).
+    """
     monkeypatch.setattr(prefix, "HUGE_PAGE_MIN_BYTES", 1)
     calls: list[tuple[int, int]] = []
-    advise = prefix._madvise()
-    if advise is not None:  # record the calls, still advising for real
+    advise = None if tiny_pages else prefix._madvise()
+    if tiny_pages:
+        monkeypatch.setattr(prefix, "_HUGE_PAGE", 64)
 
-        def recorded(start: int, length: int, flag: int) -> int:
-            calls.append((start, length))
-            return advise(start, length, flag)
+    def recorded(start: int, length: int, flag: int) -> int:
+        calls.append((start, length))
+        return advise(start, length, flag) if advise is not None else 0
 
-        monkeypatch.setattr(prefix, "_madvise", lambda: recorded)
+    monkeypatch.setattr(prefix, "_madvise", lambda: recorded)
+    return calls
+
+
+def test_large_buffer_is_advised_and_usable(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _recorded_advice(monkeypatch)
     like = torch.zeros(1, dtype=torch.float32)
-    buf = empty_buffer(like, (3, 1 << 20))  # 12 MB: at least one aligned 2 MB page inside
+    with huge_page_advice(True):
+        buf = empty_buffer(like, (3, 1 << 20))  # 12 MB: at least one aligned 2 MB page inside
     assert buf.shape == (3, 1 << 20) and buf.dtype == torch.float32
     buf.fill_(2.0)
     assert float(buf.sum()) == 2.0 * buf.numel()
-    if sys.platform.startswith("linux"):
-        assert len(calls) == 1
-        start, length = calls[0]
-        assert start % (1 << 21) == 0 and length % (1 << 21) == 0 and length >= 1 << 21
-        assert buf.data_ptr() <= start and start + length <= buf.data_ptr() + 4 * buf.numel()
+    assert len(calls) == 1
+    start, length = calls[0]
+    assert start % (1 << 21) == 0 and length % (1 << 21) == 0 and length >= 1 << 21
+    assert buf.data_ptr() <= start and start + length <= buf.data_ptr() + 4 * buf.numel()
 
 
-def test_huge_page_advice_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(prefix.HUGE_PAGES_ENV, "0")
+def test_advice_is_off_by_default_and_scoped(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _recorded_advice(monkeypatch)
+    like = torch.zeros(1)
+    empty_buffer(like, (3, 1 << 20))
+    assert calls == []  # no context: no advice
+    with huge_page_advice(True):
+        with huge_page_advice(False):
+            empty_buffer(like, (3, 1 << 20))
+        assert calls == []
+        empty_buffer(like, (3, 1 << 20))
+    assert len(calls) == 1
+    empty_buffer(like, (3, 1 << 20))
+    assert len(calls) == 1  # the context is left as it was found
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_keeps_the_forward_passes_advice(monkeypatch: pytest.MonkeyPatch, causal: bool) -> None:
+    # the backward pass runs after the forward's context is gone: it follows the forward's choice
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.rand(1, 2, 64, 16, generator=g, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, 64, 16, generator=g, requires_grad=True)
+    for advise in (False, True):
+        calls = _recorded_advice(monkeypatch, tiny_pages=True)
+        with huge_page_advice(advise):
+            out = kernel_attention(q, k, v, causal=causal, chunk_size=16)
+        forward_calls = len(calls)
+        assert (forward_calls > 0) == advise
+        out.sum().backward()
+        assert (len(calls) > forward_calls) == advise
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize(("value", "forced"), [("0", False), ("1", True)])
+def test_environment_forces_the_advice(monkeypatch: pytest.MonkeyPatch, value: str, forced: bool) -> None:
+    monkeypatch.setenv(prefix.HUGE_PAGES_ENV, value)
+    prefix._forced.cache_clear()
     prefix._madvise.cache_clear()
     try:
-        assert prefix._madvise() is None
+        for context in (False, True):
+            with huge_page_advice(context):
+                assert prefix.advising() is forced
+        if not forced:
+            assert prefix._madvise() is None
         monkeypatch.setattr(prefix, "HUGE_PAGE_MIN_BYTES", 1)
         buf = empty_buffer(torch.zeros(1), (2, 1 << 20))
         assert buf.shape == (2, 1 << 20)
     finally:
         monkeypatch.delenv(prefix.HUGE_PAGES_ENV)
+        prefix._forced.cache_clear()
         prefix._madvise.cache_clear()
+    assert prefix.advising() is False
     if sys.platform.startswith("linux"):
         assert prefix._madvise() is not None
+
+
+def test_environment_value_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(prefix.HUGE_PAGES_ENV, "yes")
+    prefix._forced.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="ATTNKIT_HUGE_PAGES must be 0"):
+            prefix.advising()
+    finally:
+        monkeypatch.delenv(prefix.HUGE_PAGES_ENV)
+        prefix._forced.cache_clear()
 
 
 @pytest.mark.parametrize("scaled", [False, True])
@@ -164,3 +227,20 @@ def test_queries_longer_and_shorter_than_keys_are_end_aligned() -> None:
         )
         want = naive(q[:, :, :t_len], k[:, :, :s_len], v[:, :, :s_len], a[:, :, :s_len], None, causal=True)
         torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_only_performer_asks_for_huge_pages(monkeypatch: pytest.MonkeyPatch, causal: bool) -> None:
+    # the measured choice (huge_page_advice's docstring): Performer's wide features advise, linear does not
+    import attnkit
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=g, requires_grad=True) for _ in range(3))
+    for name, options, expected in (("linear", {}, False), ("performer", {"nb_features": 16, "seed": 1}, True)):
+        calls = _recorded_advice(monkeypatch, tiny_pages=True)
+        out = attnkit.build_attention(name, chunk_size=8, **options)(q, k, v, causal=causal)
+        forward_calls = len(calls)
+        out.sum().backward()
+        assert (forward_calls > 0) is expected, name
+        assert (len(calls) > forward_calls) is expected, name
+        monkeypatch.undo()

@@ -29,12 +29,14 @@ normaliser) output zeros.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,13 +56,27 @@ _HUGE_PAGE = 1 << 21
 _MADV_HUGEPAGE = 14
 
 
-#: set to ``0`` to turn the huge-page advice of :func:`empty_buffer` off (read once per process)
+#: ``0`` turns the huge-page advice of :func:`empty_buffer` off everywhere, ``1`` gives it
+#: everywhere; unset, each mechanism decides with :func:`huge_page_advice` (read once per process)
 HUGE_PAGES_ENV = "ATTNKIT_HUGE_PAGES"
+
+#: whether :func:`empty_buffer` advises huge pages in the current context (see :func:`huge_page_advice`)
+_ADVICE: contextvars.ContextVar[bool] = contextvars.ContextVar("attnkit_huge_page_advice", default=False)
+
+
+@functools.cache
+def _forced() -> bool | None:
+    value = os.environ.get(HUGE_PAGES_ENV)
+    if value is None or value == "":
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"{HUGE_PAGES_ENV} must be 0 (never advise huge pages) or 1 (always), got {value!r}")
+    return value == "1"
 
 
 @functools.cache
 def _madvise() -> Callable[[int, int, int], int] | None:
-    if not sys.platform.startswith("linux") or os.environ.get(HUGE_PAGES_ENV, "1") == "0":
+    if not sys.platform.startswith("linux") or _forced() is False:
         return None
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
@@ -71,19 +87,45 @@ def _madvise() -> Callable[[int, int, int], int] | None:
     return fn
 
 
-def empty_buffer(like: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
-    """An uninitialised ``shape`` tensor like ``like``; a large one asks for 2 MB pages.
+def advising() -> bool:
+    """Whether :func:`empty_buffer` gives huge-page advice here (the context's choice unless the environment forces one)."""
+    forced = _forced()
+    return _ADVICE.get() if forced is None else forced
 
-    For CPU blocks of at least :data:`HUGE_PAGE_MIN_BYTES`, the 2 MB-aligned interior is
-    marked ``MADV_HUGEPAGE`` before anything touches it, so first writes to fresh pages fault
-    512x less often (pages already in use are unaffected) (measured: a fresh 32 MB tensor filled in 4.3 ms instead of
-    13.7; PyTorch's ``THP_MEM_ALLOC_ENABLE`` does the same for every allocation). Only
-    advice: where transparent huge pages are off, or not on Linux, nothing changes; the
-    environment variable ``ATTNKIT_HUGE_PAGES=0`` turns it off.
+
+@contextlib.contextmanager
+def huge_page_advice(enabled: bool) -> Iterator[None]:
+    """Within the block, :func:`empty_buffer` gives huge-page advice when ``enabled`` (off by default).
+
+    Whether 2 MB pages pay depends on the work, and was measured per mechanism here (fresh
+    processes alternated, fwd+bwd, 2 threads): Performer's 256-wide features gain (4K
+    bidirectional 176 -> 166 ms, causal 276 -> 220 ms; 16K bidirectional 757 -> 698 ms), while
+    64-wide linear attention loses (4K 25 -> 33 ms, 16K 157 -> 207 ms) and so does the Sinkhorn
+    path (16K 303 -> 381 ms). The autograd functions of this module record the choice in their
+    forward pass and restore it in their backward pass.
+    """
+    token = _ADVICE.set(enabled)
+    try:
+        yield
+    finally:
+        _ADVICE.reset(token)
+
+
+def empty_buffer(like: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """An uninitialised ``shape`` tensor like ``like``; a large one may ask for 2 MB pages.
+
+    Where :func:`advising` (inside ``huge_page_advice(True)``), for CPU blocks of at least
+    :data:`HUGE_PAGE_MIN_BYTES` the 2 MB-aligned interior is marked ``MADV_HUGEPAGE`` before
+    anything touches it, so first writes to fresh pages fault 512x less often (pages already in
+    use are unaffected) (measured: a fresh 32 MB tensor filled in 4.3 ms instead of 13.7;
+    PyTorch's ``THP_MEM_ALLOC_ENABLE`` does the same for every allocation). Only advice: where
+    transparent huge pages are off, or not on Linux, nothing changes; the environment variable
+    ``ATTNKIT_HUGE_PAGES`` (``0`` or ``1``) overrides every mechanism's choice.
     """
     out = like.new_empty(shape)
     nbytes = out.numel() * out.element_size()
-    madvise = _madvise() if out.device.type == "cpu" and nbytes >= HUGE_PAGE_MIN_BYTES else None
+    big_cpu = out.device.type == "cpu" and nbytes >= HUGE_PAGE_MIN_BYTES
+    madvise = _madvise() if big_cpu and advising() else None
     if madvise is not None:
         start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
         stop = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
@@ -408,6 +450,7 @@ class _CausalKernel(torch.autograd.Function):
         ctx.scales = scales
         ctx.feature_map = feature_map
         ctx.shape = (bsz, heads, t_len, pad)
+        ctx.advice = advising()
         result = out.view(bh, n * chunk, e_dim)[:, :t_len].reshape(bsz, heads, t_len, e_dim)
         if not need_state:
             return result, None, None, None
@@ -430,7 +473,8 @@ class _CausalKernel(torch.autograd.Function):
         elif den is None:  # with a normaliser, the first pass (a division into a buffer of ours) reads it as it is
             grad = grad.contiguous()
         grad = grad.reshape(bh, n, chunk, -1)
-        dq, dk, dv = _causal_backward(grad, qc, kc, vc, ctx.scales, s0, z0, (out, den, sums, zsums, kept))
+        with huge_page_advice(ctx.advice):
+            dq, dk, dv = _causal_backward(grad, qc, kc, vc, ctx.scales, s0, z0, (out, den, sums, zsums, kept))
         if ctx.feature_map is not None:  # through φ in place: the saved qc, kc are φ(q), φ(k)
             for d_phi, phi in ((dq, qc), (dk, kc)):
                 _chain_features_(d_phi.view(bh, n * chunk, -1), phi.view(bh, n * chunk, -1), ctx.feature_map)
@@ -479,7 +523,6 @@ def _scratch(buf: Tensor, *shape: int) -> Tensor:
 
 def _features_by_rows(x: Tensor, feature_map: FeatureMap) -> Tensor:
     """``φ(x)`` for ``x (BH, L, D)`` into a new tensor, a block of rows at a time so each pass stays in cache."""
-    # advised, unlike the bidirectional outputs: measured 329-425 ms per 16K causal step with, 442-444 without
     out = empty_buffer(x, x.shape)
     for a, b in _spans(x.shape[1], _block_rows(x.shape[0], x.shape[-1])):
         feature_map.into(x[:, a:b], out[:, a:b])
@@ -570,6 +613,7 @@ class _GlobalKernel(torch.autograd.Function):
                 block.div_(_safe_denominator(torch.bmm(phi, z[a:b].transpose(1, 2), out=den[a:b])))
         ctx.save_for_backward(phi_q, phi_k, v3, real3, kv, z, out, den)
         ctx.feature_map = feature_map
+        ctx.advice = advising()
         return out.view(bsz, heads, t_len, e_dim)
 
     @staticmethod
@@ -581,8 +625,9 @@ class _GlobalKernel(torch.autograd.Function):
         grad = grads[0].reshape(bh, t_len, e_dim)
         groups = _head_groups(bh, max(t_len, s_len), max(feat, e_dim))
         # one group's scaled gradient (n, T, E), then the features' derivative (n, L, F)
-        scratch = empty_buffer(phi_q, (groups[0][1], max(t_len, s_len), max(feat, e_dim)))
-        dq, dk, dv = (empty_buffer(x, x.shape) for x in (phi_q, phi_k, v3))
+        with huge_page_advice(ctx.advice):
+            scratch = empty_buffer(phi_q, (groups[0][1], max(t_len, s_len), max(feat, e_dim)))
+            dq, dk, dv = (empty_buffer(x, x.shape) for x in (phi_q, phi_k, v3))
         d_kv = phi_q.new_empty(groups[0][1], feat, e_dim)
         d_z = phi_q.new_empty(groups[0][1], 1, feat)
         for a, b in groups:
