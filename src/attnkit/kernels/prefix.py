@@ -100,11 +100,9 @@ def huge_page_advice(enabled: bool) -> Iterator[None]:
     Whether 2 MB pages pay depends on the work, and was measured per mechanism here (fresh
     processes alternated, fwd+bwd, 2 threads): Performer's 256-wide features gain (4K
     bidirectional 176 -> 166 ms, causal 276 -> 220 ms; 16K bidirectional 757 -> 698 ms), while
-    64-wide linear attention with every buffer advised loses (4K 25 -> 33 ms, 16K 157 -> 207 ms;
-    with only its bidirectional features advised it gains: 4K 30 -> 26 ms, 16K even; its causal
-    features: even at 4K, 321 -> 339 ms at 16K) and so does the Sinkhorn path (16K 303 -> 381
-    ms). The autograd functions of this module record the choice in their forward pass and
-    restore it in their backward pass.
+    64-wide linear attention loses (4K 25 -> 33 ms, 16K 157 -> 207 ms) and so does the Sinkhorn
+    path (16K 303 -> 381 ms). The autograd functions of this module record the choice in their
+    forward pass and restore it in their backward pass.
     """
     token = _ADVICE.set(enabled)
     try:
@@ -602,11 +600,8 @@ class _GlobalKernel(torch.autograd.Function):
         real3 = real[:, None, :, None].expand(bsz, heads, s_len, 1).reshape(bh, s_len, 1) if real is not None else None
         if real3 is not None:  # padded values are zeroed too: no inf or nan there leaks through 0 · v
             v3 = v3.masked_fill(~real3, 0.0)
-        # the features' first writes are the feature map's passes: 2 MB pages pay there (4K 30 -> 26 ms),
-        # unlike on the products' outputs (see huge_page_advice)
-        with huge_page_advice(True):
-            phi_q = q3 if feature_map is None else empty_buffer(q3, q3.shape)
-            phi_k = k3 if feature_map is None and real3 is None else empty_buffer(k3, k3.shape)
+        phi_q = q3 if feature_map is None else empty_buffer(q3, q3.shape)
+        phi_k = k3 if feature_map is None and real3 is None else empty_buffer(k3, k3.shape)
         kv = q3.new_empty(bh, feat, e_dim)
         z = q3.new_empty(bh, 1, feat) if normalize else None
         out = empty_buffer(q3, (bh, t_len, e_dim))
