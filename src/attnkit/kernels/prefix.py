@@ -627,13 +627,13 @@ class _GlobalKernel(torch.autograd.Function):
         return out.view(bsz, heads, t_len, e_dim)
 
     @staticmethod
-    def features(q: Tensor, k: Tensor, real3: Tensor | None, ctx: Any) -> tuple[Tensor, Tensor]:
+    def features(q: Tensor, k: Tensor, real3: Tensor | None, feature_map: FeatureMap) -> tuple[Tensor, Tensor]:
         """``φ(q), φ(k)`` as the forward pass made them (padded keys' rows zeroed), for a second backward."""
         q3, k3 = (x.reshape(-1, x.shape[2], x.shape[3]) for x in (q, k))
         phi_q, phi_k = q3.new_empty(q3.shape), k3.new_empty(k3.shape)
         for a, b in _head_groups(q3.shape[0], max(q3.shape[1], k3.shape[1]), q3.shape[-1]):
-            _group_features(k3[a:b], ctx.feature_map, phi_k[a:b], real3[a:b] if real3 is not None else None)
-            _group_features(q3[a:b], ctx.feature_map, phi_q[a:b], None)
+            _group_features(k3[a:b], feature_map, phi_k[a:b], real3[a:b] if real3 is not None else None)
+            _group_features(q3[a:b], feature_map, phi_q[a:b], None)
         return phi_q, phi_k
 
     @staticmethod
@@ -641,7 +641,9 @@ class _GlobalKernel(torch.autograd.Function):
         phi_q, phi_k, v3, real3, kv, z, out, den = ctx.saved_tensors
         feature_map = ctx.feature_map
         if feature_map is not None:  # phi_q, phi_k saved as q, k
-            phi_q, phi_k = ctx.features.pop() if ctx.features else _GlobalKernel.features(phi_q, phi_k, real3, ctx)
+            phi_q, phi_k = (
+                ctx.features.pop() if ctx.features else _GlobalKernel.features(phi_q, phi_k, real3, feature_map)
+            )
         bh, t_len, feat = phi_q.shape
         s_len, e_dim = phi_k.shape[1], v3.shape[-1]
         grad = grads[0].reshape(bh, t_len, e_dim)
