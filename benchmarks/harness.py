@@ -40,6 +40,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 #: Measurements import attnkit from the ``src`` next to these benchmarks, ahead of any installed
 #: copy, so a checkout (e.g. a ``git worktree`` snapshot) measures its own code.
 PYTHONPATH = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+#: Untimed steps before the timed ones. The first step pays for one-off work (lazy imports, kernel
+#: selection); for a few more, glibc's allocator is still raising its mmap threshold, so each step
+#: maps fresh memory and pays first-touch page faults (BigBird + projections at 16K: 2769, 1992, 1766,
+#: then 1720-1840 ms per step; HF BigBird 4.57 at 4K: 978, 864, 765, then 640-800). Three untimed
+#: steps measure the steady state a training run sees.
+WARMUP = 3
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,7 @@ def measure(
     mode: str,
     *,
     repeats: int = 5,
-    warmup: int = 1,
+    warmup: int = WARMUP,
     threads: int = 2,
     timeout: float = 600.0,
     time_budget: float = 120.0,
@@ -158,12 +164,18 @@ def measure(
 
 
 def add_rounds_argument(parser: argparse.ArgumentParser) -> None:
-    """The suites' ``--rounds N`` option (see :func:`run_suite`)."""
+    """The suites' ``--rounds N`` and ``--warmup N`` options (see :func:`run_suite`)."""
     parser.add_argument(
         "--rounds",
         type=int,
         default=1,
         help="measure the cases of each cell round-robin this many times (median of rounds)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=WARMUP,
+        help=f"untimed steps per measurement before the timed ones (default {WARMUP}: the allocator settles)",
     )
 
 
@@ -265,7 +277,7 @@ def run_suite(
     causal_values: Sequence[bool] = (False, True),
     modes: Sequence[str] = ("fwd", "fwd+bwd"),
     repeats: int = 5,
-    warmup: int = 1,
+    warmup: int = WARMUP,
     threads: int = 2,
     timeout: float = 600.0,
     max_seconds_per_step: float = 60.0,
@@ -337,6 +349,7 @@ def run_suite(
         "torch": torch.__version__,
         "threads": threads,
         "repeats": repeats,
+        "warmup": warmup,
         "rounds": rounds,
         "machine": platform.platform(),
         "processor": platform.processor() or platform.machine(),

@@ -282,12 +282,20 @@ def main() -> None:
                 "lengths": args.lengths,
                 "repeats": args.repeats,
                 "rounds": args.rounds,
+                "warmup": args.warmup,
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             }
         )
     # Forward+backward first (the floors): its files are complete on their own; the forward-only
     # cells are then merged in, so a run cut short still leaves the important table.
-    run = partial(run_suite, lengths=args.lengths, repeats=args.repeats, rounds=args.rounds, max_seconds_per_step=40.0)
+    run = partial(
+        run_suite,
+        lengths=args.lengths,
+        repeats=args.repeats,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        max_seconds_per_step=40.0,
+    )
     rows = run("hashing", selected, modes=("fwd+bwd",))
     write_results(merge_rows(kept, rows), meta)
     with tempfile.TemporaryDirectory() as tmp:

@@ -268,7 +268,14 @@ def main(argv: list[str] | None = None) -> None:
         if lengths:
             rows += [
                 {**r, "part": part}
-                for r in run_suite(f"sparse_{part}", make(), lengths=lengths, repeats=args.repeats, rounds=args.rounds)
+                for r in run_suite(
+                    f"sparse_{part}",
+                    make(),
+                    lengths=lengths,
+                    repeats=args.repeats,
+                    rounds=args.rounds,
+                    warmup=args.warmup,
+                )
             ]
     for part in suites:  # keep rows of parts measured in earlier invocations
         path = RESULTS / f"sparse_{part}.json"
