@@ -22,7 +22,10 @@ fp32 here. The HF layer is measured in the same run; the floor needs attnkit's s
 most a third of it. B=1, H=8, D=64, 2 threads, each measurement in a fresh process under the
 harness's lock.
 
-Run (about 3 minutes)::
+Every case is measured ``--rounds`` times, alternating (median of rounds), each measurement
+after the harness's untimed warm-up steps.
+
+Run (about 10 minutes)::
 
     ATTNKIT_BENCH_LOCK=/tmp/attnkit-quiet.lock .venv-bench/bin/python -m benchmarks.bigbird_bound
 """
@@ -31,12 +34,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from benchmarks.harness import RESULTS, Case, measure
+from benchmarks.harness import RESULTS, WARMUP, Case, measure
 
 HEADS, DIM, BLOCK = 8, 64, 64
 HIDDEN = HEADS * DIM
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=3, help="measure every case this many times, alternating")
     args = parser.parse_args(argv)
     cases = {
         "projections (fused 512→1536)": Case("fused", "benchmarks.bigbird_bound:projection_products", {"fused": True}),
@@ -140,20 +145,30 @@ def main(argv: list[str] | None = None) -> None:
             "num_global_blocks": GLOBAL_BLOCKS,
         },
     )
+
+    def rounds(values: list[float]) -> str:
+        return ", ".join(f"{v * 1e3:.0f}" for v in values)
+
     results: list[dict[str, Any]] = []
     lines = ["# BigBird: a lower bound from the matrix products alone", ""]
-    lines += [f"{json.dumps({'torch': torch.__version__, 'threads': 2, 'repeats': args.repeats})}", ""]
+    lines += [
+        f"{json.dumps({'torch': torch.__version__, 'threads': 2, 'repeats': args.repeats, 'warmup': WARMUP, 'rounds': args.rounds})}",
+        "",
+    ]
     for length in args.lengths:
         rows, pairs = _pattern(length)
         flops = _flops(length)
-        timed = {}
-        for name, case in cases.items():
-            row = measure(case, length, False, "fwd", repeats=args.repeats)
-            timed[name] = row["median_s"] if row["status"] == "ok" else float("nan")
-            print(f"{length:6d} {name:32s} {timed[name] * 1e3:8.1f} ms", flush=True)
-        full = {
-            n: measure(c, length, False, "fwd+bwd", repeats=args.repeats) for n, c in (("HF", hf), ("attnkit", ours))
-        }
+        # rounds: every case once per round, the order reversed every other round; medians of rounds
+        per_round: dict[str, list[float]] = {name: [] for name in [*cases, "HF", "attnkit"]}
+        every = [*((n, c, "fwd") for n, c in cases.items()), ("HF", hf, "fwd+bwd"), ("attnkit", ours, "fwd+bwd")]
+        for r in range(args.rounds):
+            for name, case, mode in every if r % 2 == 0 else every[::-1]:
+                row = measure(case, length, False, mode, repeats=args.repeats)
+                per_round[name].append(row["median_s"] if row["status"] == "ok" else float("nan"))
+                print(f"{length:6d} round {r + 1} {name:32s} {per_round[name][-1] * 1e3:8.1f} ms", flush=True)
+        medians = {name: statistics.median(values) for name, values in per_round.items()}
+        timed = {name: medians[name] for name in cases}
+        full = {name: {"median_s": medians[name]} for name in ("HF", "attnkit")}
         # the six block products scale linearly with the number of block pairs
         block_s = timed["block products"] * pairs / (rows * (3 + GLOBAL_BLOCKS + RANDOM_BLOCKS))
         flops["block products"] *= pairs / (rows * (3 + GLOBAL_BLOCKS + RANDOM_BLOCKS))
@@ -172,8 +187,10 @@ def main(argv: list[str] | None = None) -> None:
         lines += [
             "",
             f"- lower bound (sum of the products): **{bound * 1e3:.0f} ms**",
-            f"- HF BigBird 4.57 layer, fwd+bwd, same run: {hf_s * 1e3:.0f} ms; the 3× floor needs ≤ {hf_s / 3 * 1e3:.0f} ms",
-            f"- attnkit bigbird + q/k/v projections, same run: {ours_s * 1e3:.0f} ms ({hf_s / ours_s:.2f}× faster than HF)",
+            f"- HF BigBird 4.57 layer, fwd+bwd, same run: {hf_s * 1e3:.0f} ms (rounds: {rounds(per_round['HF'])}); "
+            f"the 3× floor needs ≤ {hf_s / 3 * 1e3:.0f} ms",
+            f"- attnkit bigbird + q/k/v projections, same run: {ours_s * 1e3:.0f} ms (rounds: "
+            f"{rounds(per_round['attnkit'])}; {hf_s / ours_s:.2f}× faster than HF)",
             f"- best possible speed-up over HF at this machine's product rates: {hf_s / bound:.2f}×",
             "",
         ]
@@ -184,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
                 "timed_s": timed,
                 "flops": flops,
                 "bound_s": bound,
+                "rounds_s": per_round,
                 "hf_s": hf_s,
                 "attnkit_s": ours_s,
                 "max_speedup": hf_s / bound,
