@@ -86,19 +86,27 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     backward = spec["mode"] == "fwd+bwd"
     grad_ctx = torch.enable_grad if backward else torch.no_grad
     baseline = _maxrss_mb()
-    times = []
-    for i in range(spec["warmup"] + spec["repeats"]):
+
+    def step() -> float:
         start = time.perf_counter()
         with grad_ctx():
             out = run()
             if backward:
                 out.backward(torch.ones_like(out))
-        elapsed = time.perf_counter() - start
-        del out
-        if i >= spec["warmup"]:
-            times.append(elapsed)
+        return time.perf_counter() - start
+
+    # Warm up, but stop once the warm-up has taken a quarter of the time budget (steps
+    # that long are far from any floor, and the allocator's settling is small next to them).
+    warm = 0.0
+    for _ in range(spec["warmup"]):
+        warm += step()
+        if warm > spec["time_budget"] / 4:
+            break
+    times: list[float] = []
+    while len(times) < spec["repeats"]:
+        times.append(step())
         # Stop early when the remaining repeats would blow the budget, but never before one timed run.
-        if times and elapsed * (spec["repeats"] - len(times)) > spec["time_budget"]:
+        if times[-1] * (spec["repeats"] - len(times)) > spec["time_budget"]:
             break
     return {"times": times, "median_s": statistics.median(times), "peak_mb": max(0.0, _maxrss_mb() - baseline)}
 
