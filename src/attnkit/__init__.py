@@ -29,7 +29,7 @@ from attnkit.core.registry import (
     list_attention,
     register,
 )
-from attnkit.kernels.prefix import PrefixState
+from attnkit.kernels.prefix import PrefixState, release_buffers
 from attnkit.masks import Mask, causal_mask, full_mask, key_padding_mask, materialize
 from attnkit.models import (
     Encoder,
@@ -81,6 +81,7 @@ __all__ = [
     "materialize",
     "reference_attention",
     "register",
+    "release_buffers",
     "select_topk",
     "update_routing_centroids",
 ]

@@ -101,9 +101,11 @@ def _recorded_advice(monkeypatch: pytest.MonkeyPatch, *, tiny_pages: bool = Fals
     """Record every madvise call, still advising for real where the platform has it.
 
     ``tiny_pages``: 64-byte "huge pages", so that small buffers have an aligned interior too
-    (recorded only, never passed to the kernel).
+    (recorded only, never passed to the kernel). Buffers are not pooled here: every request
+    allocates, so each one shows its advice.
     """
     monkeypatch.setattr(prefix, "HUGE_PAGE_MIN_BYTES", 1)
+    monkeypatch.setattr(prefix, "_pool_enabled", lambda: False)
     calls: list[tuple[int, int]] = []
     advise = None if tiny_pages else prefix._madvise()
     if tiny_pages:
@@ -244,3 +246,120 @@ def test_only_performer_asks_for_huge_pages(monkeypatch: pytest.MonkeyPatch, cau
         assert (forward_calls > 0) is expected, name
         assert (len(calls) > forward_calls) is expected, name
         monkeypatch.undo()
+
+
+# -- the buffer pool ------------------------------------------------------------------------
+@pytest.fixture
+def pool(monkeypatch: pytest.MonkeyPatch) -> prefix._BufferPool:
+    """A fresh pool, on whatever the environment says, with 1 MB as the smallest pooled buffer."""
+    fresh = prefix._BufferPool()
+    monkeypatch.setattr(prefix, "_POOL", fresh)
+    monkeypatch.setattr(prefix, "_pool_enabled", lambda: True)
+    monkeypatch.setattr(prefix, "POOL_MIN_BYTES", 1 << 20)
+    return fresh
+
+
+MB = (1 << 20) // 4  # float32 elements in 1 MB
+
+
+def test_a_dropped_buffer_is_reused_and_one_in_use_is_not(pool: prefix._BufferPool) -> None:
+    like = torch.zeros(1)
+    first = empty_buffer(like, (2, MB))
+    address = first.data_ptr()
+    held = empty_buffer(like, (2, MB))  # the first is still referenced: a new buffer
+    assert held.data_ptr() != address
+    del first
+    again = empty_buffer(like, (MB, 2))  # same size, other shape: the dropped buffer
+    assert again.data_ptr() == address and again.shape == (MB, 2)
+    assert pool.stats() == (2, 2 * (2 << 20))  # two 2 MB buffers
+
+
+def test_a_view_or_an_autograd_graph_keeps_a_buffer_in_use(pool: prefix._BufferPool) -> None:
+    like = torch.zeros(1)
+    buf = empty_buffer(like, (2, MB))
+    address = buf.data_ptr()
+    row = buf[1]  # a view alone keeps the storage
+    del buf
+    assert empty_buffer(like, (2, MB)).data_ptr() != address
+    del row
+    # saved for backward: in use until the graph goes
+    weight = torch.ones(2, MB, requires_grad=True)
+    buf = empty_buffer(like, (2, MB)).fill_(3.0)
+    address = buf.data_ptr()
+    loss = (weight * buf).sum()
+    del buf
+    other = empty_buffer(like, (2, MB)).fill_(-1.0)  # must not overwrite the saved factor
+    assert other.data_ptr() != address
+    loss.backward()
+    assert weight.grad is not None and bool((weight.grad == 3.0).all())
+    del loss
+    assert empty_buffer(like, (2, MB)).data_ptr() == address
+
+
+def test_small_buffers_other_types_and_the_switch_bypass_the_pool(
+    pool: prefix._BufferPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty_buffer(torch.zeros(1), (MB // 2,))  # 512 KB: below the pool's minimum
+    assert pool.stats() == (0, 0)
+    empty_buffer(torch.zeros(1), (MB,))
+    double = empty_buffer(torch.zeros(1, dtype=torch.float64), (MB // 2,))  # 4 MB of float64
+    assert double.dtype == torch.float64 and pool.stats()[0] == 2
+    monkeypatch.setattr(prefix, "_pool_enabled", lambda: False)
+    empty_buffer(torch.zeros(1), (MB,))
+    assert pool.stats()[0] == 2
+
+
+def test_idle_buffers_are_released_when_stale_over_the_cap_or_on_request(
+    pool: prefix._BufferPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    like = torch.zeros(1)
+    mib = 1 << 20
+    empty_buffer(like, (MB,))  # request 1: dropped at once, idle from here on
+    kept = empty_buffer(like, (2 * MB,))  # request 2: in use throughout
+    monkeypatch.setattr(prefix, "POOL_STALE_TAKES", 3)
+    for _ in range(3):  # requests 3-5: one new 3 MB buffer, reused twice
+        empty_buffer(like, (3 * MB,))
+    assert pool.stats() == (3, 6 * mib)
+    empty_buffer(like, (4 * MB,))  # request 6 allocates: the 1 MB buffer, idle since request 1, goes
+    assert pool.stats() == (3, 9 * mib)
+    monkeypatch.setattr(prefix, "POOL_MAX_IDLE_BYTES", 4 * mib)
+    empty_buffer(like, (5 * MB,))  # idle 3 + 4 MB > 4 MB: the older idle one (3 MB) goes
+    assert pool.stats() == (3, 11 * mib)
+    assert prefix.release_buffers() == 9 * mib  # every idle one; the one in use stays
+    assert pool.stats() == (1, 2 * mib)
+    del kept
+    assert prefix.release_buffers() == 2 * mib and pool.stats() == (0, 0)
+
+
+def test_pool_switch_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, enabled in (("0", False), ("1", True), ("", True)):
+        monkeypatch.setenv(prefix.BUFFER_POOL_ENV, value)
+        prefix._pool_enabled.cache_clear()
+        assert prefix._pool_enabled() is enabled
+    monkeypatch.setenv(prefix.BUFFER_POOL_ENV, "off")
+    prefix._pool_enabled.cache_clear()
+    with pytest.raises(ValueError, match="ATTNKIT_BUFFER_POOL must be 0"):
+        prefix._pool_enabled()
+    monkeypatch.delenv(prefix.BUFFER_POOL_ENV)
+    prefix._pool_enabled.cache_clear()
+
+
+def test_pooled_buffers_give_the_same_results_step_after_step() -> None:
+    """Training steps reuse the pool's buffers: the gradients stay those of the float64 formula."""
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.rand(2, 3, 1500, 64, generator=g, dtype=torch.float64) for _ in range(2))  # positive features
+    v = torch.randn(2, 3, 1500, 64, generator=g, dtype=torch.float64)
+    want = []
+    for causal in (False, True):
+        qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
+        naive(qq, kk, vv, None, None, causal=causal).sum().backward()
+        want.append([x.grad for x in (qq, kk, vv)])
+    q32, k32, v32 = (x.float().requires_grad_(True) for x in (q, k, v))
+    for _step in range(3):
+        for causal, grads in zip((False, True), want, strict=True):
+            for x in (q32, k32, v32):
+                x.grad = None
+            kernel_attention(q32, k32, v32, causal=causal, chunk_size=64).sum().backward()
+            for x, expected in zip((q32, k32, v32), grads, strict=True):
+                assert x.grad is not None
+                torch.testing.assert_close(x.grad.double(), expected, atol=2e-3, rtol=2e-3)

@@ -36,6 +36,7 @@ import functools
 import math
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -111,8 +112,134 @@ def huge_page_advice(enabled: bool) -> Iterator[None]:
         _ADVICE.reset(token)
 
 
+#: set to ``0`` to turn off the reuse of freed buffers (see :func:`empty_buffer`; read once per process)
+BUFFER_POOL_ENV = "ATTNKIT_BUFFER_POOL"
+#: buffers smaller than this are not pooled (glibc's heap serves them without new mappings)
+POOL_MIN_BYTES = 1 << 20
+#: an idle pooled buffer not handed out in this many requests is released
+POOL_STALE_TAKES = 256
+#: idle pooled buffers are released, oldest first, beyond this many bytes
+POOL_MAX_IDLE_BYTES = 1 << 30
+
+
+@functools.cache
+def _pool_enabled() -> bool:
+    value = os.environ.get(BUFFER_POOL_ENV)
+    if value is None or value == "":
+        return True
+    if value not in ("0", "1"):
+        raise ValueError(f"{BUFFER_POOL_ENV} must be 0 (no buffer reuse) or 1 (reuse, the default), got {value!r}")
+    return value == "1"
+
+
+@dataclass
+class _Pooled:
+    flat: Tensor  # the 1-d buffer; what callers get are views of it
+    advised: bool  # whether it was given huge-page advice when allocated
+    last: int  # the request count when it was last handed out
+
+
+class _BufferPool:
+    """Large CPU buffers of :func:`empty_buffer` kept after their last user drops them, for reuse.
+
+    glibc returns freed blocks of more than its mmap threshold (at most 32 MB) to the system, so
+    the same buffers, allocated again every training step, fault in every page on first touch
+    (linear attention at 16K: 83000 faults per step). The pool keeps each buffer it hands out;
+    one is free again when nothing but the pool references its storage (no view, no autograd
+    graph, no user tensor), and is then handed out for the next request of the same size, type
+    and huge-page advice. Idle buffers not requested for :data:`POOL_STALE_TAKES` requests, or
+    beyond :data:`POOL_MAX_IDLE_BYTES` in all, are released; :func:`release_buffers` releases
+    every idle one.
+    """
+
+    def __init__(self) -> None:
+        self._entries: list[_Pooled] = []
+        self._takes = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _idle(entry: _Pooled) -> bool:
+        # the pool's tensor and the temporary storage object are the only references
+        return torch._C._storage_Use_Count(entry.flat.untyped_storage()._cdata) <= 2
+
+    def get(self, like: Tensor, shape: tuple[int, ...] | torch.Size, advised: bool) -> Tensor:
+        """A ``shape`` view of an idle buffer of ``like``'s type and device, or of a new one kept here.
+
+        The view is made under the lock, so no other thread can see the buffer idle meanwhile.
+        """
+        numel = math.prod(shape)
+        with self._lock:
+            self._takes += 1
+            for entry in self._entries:
+                flat = entry.flat
+                if (
+                    flat.numel() == numel
+                    and flat.dtype == like.dtype
+                    and flat.device == like.device
+                    and entry.advised == advised
+                    and self._idle(entry)
+                ):
+                    entry.last = self._takes
+                    return flat.view(shape)
+            out = _allocate(like, (numel,), advised).view(shape)
+            self._entries.append(_Pooled(out._base if out._base is not None else out, advised, self._takes))
+            self._prune()
+            return out
+
+    def _prune(self) -> None:
+        """Release idle buffers unused for :data:`POOL_STALE_TAKES` requests, then the oldest beyond the byte cap."""
+        idle = sorted((e for e in self._entries if self._idle(e)), key=lambda e: e.last)
+        drop = {id(e) for e in idle if e.last < self._takes - POOL_STALE_TAKES}
+        total = sum(e.flat.numel() * e.flat.element_size() for e in idle if id(e) not in drop)
+        for e in idle:
+            if total <= POOL_MAX_IDLE_BYTES:
+                break
+            if id(e) not in drop:
+                drop.add(id(e))
+                total -= e.flat.numel() * e.flat.element_size()
+        if drop:
+            self._entries = [e for e in self._entries if id(e) not in drop]
+
+    def release(self) -> int:
+        """Drop every idle buffer; returns the bytes released."""
+        with self._lock:
+            idle = [e for e in self._entries if self._idle(e)]
+            self._entries = [e for e in self._entries if not self._idle(e)]
+            return sum(e.flat.numel() * e.flat.element_size() for e in idle)
+
+    def stats(self) -> tuple[int, int]:
+        """``(buffers, bytes)`` held, in use or idle."""
+        with self._lock:
+            return len(self._entries), sum(e.flat.numel() * e.flat.element_size() for e in self._entries)
+
+
+_POOL = _BufferPool()
+
+
+def release_buffers() -> int:
+    """Release the idle buffers attnkit's kernels keep for reuse (see :func:`empty_buffer`); returns the bytes freed.
+
+    Buffers in use (by a tensor, a view or an autograd graph) stay; they become reusable, and
+    releasable, once their last user drops them.
+    """
+    return _POOL.release()
+
+
+def _allocate(like: Tensor, shape: tuple[int, ...] | torch.Size, advised: bool) -> Tensor:
+    out = like.new_empty(shape)
+    if advised:
+        madvise = _madvise()
+        if madvise is not None:
+            nbytes = out.numel() * out.element_size()
+            start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+            stop = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+            if stop > start:
+                madvise(start, stop - start, _MADV_HUGEPAGE)
+    return out
+
+
 def empty_buffer(like: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
-    """An uninitialised ``shape`` tensor like ``like``; a large one may ask for 2 MB pages.
+    """An uninitialised ``shape`` tensor like ``like``; a large one is reused and may ask for 2 MB pages.
 
     Where :func:`advising` (inside ``huge_page_advice(True)``), for CPU blocks of at least
     :data:`HUGE_PAGE_MIN_BYTES` the 2 MB-aligned interior is marked ``MADV_HUGEPAGE`` before
@@ -121,17 +248,21 @@ def empty_buffer(like: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
     PyTorch's ``THP_MEM_ALLOC_ENABLE`` does the same for every allocation). Only advice: where
     transparent huge pages are off, or not on Linux, nothing changes; the environment variable
     ``ATTNKIT_HUGE_PAGES`` (``0`` or ``1``) overrides every mechanism's choice.
+
+    CPU buffers of at least :data:`POOL_MIN_BYTES` come from a pool of buffers whose users have
+    all dropped them (see :class:`_BufferPool`): a training step then finds last step's pages
+    already mapped (linear attention, fwd+bwd, fresh processes alternated: causal 16K 501-535 ->
+    342-359 ms, bidirectional 16K 265 -> 174 ms, page faults per step 83000 -> 8000, peak
+    resident memory unchanged). ``ATTNKIT_BUFFER_POOL=0`` turns the reuse off;
+    :func:`release_buffers` frees the idle buffers.
     """
-    out = like.new_empty(shape)
-    nbytes = out.numel() * out.element_size()
-    big_cpu = out.device.type == "cpu" and nbytes >= HUGE_PAGE_MIN_BYTES
-    madvise = _madvise() if big_cpu and advising() else None
-    if madvise is not None:
-        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        stop = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        if stop > start:
-            madvise(start, stop - start, _MADV_HUGEPAGE)
-    return out
+    numel = math.prod(shape)
+    nbytes = numel * like.element_size()
+    cpu = like.device.type == "cpu"
+    advised = cpu and nbytes >= HUGE_PAGE_MIN_BYTES and advising()
+    if not (cpu and nbytes >= POOL_MIN_BYTES and _pool_enabled()):
+        return _allocate(like, shape, advised)
+    return _POOL.get(like, shape, advised)
 
 
 def _product(a: Tensor, b: Tensor) -> Tensor:
