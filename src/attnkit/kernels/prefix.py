@@ -65,14 +65,19 @@ HUGE_PAGES_ENV = "ATTNKIT_HUGE_PAGES"
 _ADVICE: contextvars.ContextVar[bool] = contextvars.ContextVar("attnkit_huge_page_advice", default=False)
 
 
-@functools.cache
-def _forced() -> bool | None:
-    value = os.environ.get(HUGE_PAGES_ENV)
+def _switch(name: str, meanings: str) -> bool | None:
+    """The 0/1 environment switch ``name``: None when unset or empty; anything else raises."""
+    value = os.environ.get(name)
     if value is None or value == "":
         return None
     if value not in ("0", "1"):
-        raise ValueError(f"{HUGE_PAGES_ENV} must be 0 (never advise huge pages) or 1 (always), got {value!r}")
+        raise ValueError(f"{name} must be {meanings}, got {value!r}")
     return value == "1"
+
+
+@functools.cache
+def _forced() -> bool | None:
+    return _switch(HUGE_PAGES_ENV, "0 (never advise huge pages) or 1 (always)")
 
 
 @functools.cache
@@ -124,12 +129,7 @@ POOL_MAX_IDLE_BYTES = 1 << 30
 
 @functools.cache
 def _pool_enabled() -> bool:
-    value = os.environ.get(BUFFER_POOL_ENV)
-    if value is None or value == "":
-        return True
-    if value not in ("0", "1"):
-        raise ValueError(f"{BUFFER_POOL_ENV} must be 0 (no buffer reuse) or 1 (reuse, the default), got {value!r}")
-    return value == "1"
+    return _switch(BUFFER_POOL_ENV, "0 (no buffer reuse) or 1 (reuse, the default)") is not False
 
 
 @dataclass
