@@ -301,9 +301,11 @@ def test_small_buffers_other_types_and_the_switch_bypass_the_pool(
 ) -> None:
     empty_buffer(torch.zeros(1), (MB // 2,))  # 512 KB: below the pool's minimum
     assert pool.stats() == (0, 0)
-    empty_buffer(torch.zeros(1), (MB,))
-    double = empty_buffer(torch.zeros(1, dtype=torch.float64), (MB // 2,))  # 4 MB of float64
-    assert double.dtype == torch.float64 and pool.stats()[0] == 2
+    single = empty_buffer(torch.zeros(1), (MB,))
+    address = single.data_ptr()
+    del single  # idle now, but a float64 request of as many elements is not served by it
+    double = empty_buffer(torch.zeros(1, dtype=torch.float64), (MB,))
+    assert double.dtype == torch.float64 and double.data_ptr() != address and pool.stats()[0] == 2
     monkeypatch.setattr(prefix, "_pool_enabled", lambda: False)
     empty_buffer(torch.zeros(1), (MB,))
     assert pool.stats()[0] == 2

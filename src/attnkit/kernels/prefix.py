@@ -181,8 +181,9 @@ class _BufferPool:
                 ):
                     entry.last = self._takes
                     return flat.view(shape)
-            out = _allocate(like, (numel,), advised).view(shape)
-            self._entries.append(_Pooled(out._base if out._base is not None else out, advised, self._takes))
+            flat = _allocate(like, (numel,), advised)
+            self._entries.append(_Pooled(flat, advised, self._takes))
+            out = flat.view(shape)  # held by the caller from here on: not idle while pruning
             self._prune()
             return out
 
@@ -203,9 +204,14 @@ class _BufferPool:
     def release(self) -> int:
         """Drop every idle buffer; returns the bytes released."""
         with self._lock:
-            idle = [e for e in self._entries if self._idle(e)]
-            self._entries = [e for e in self._entries if not self._idle(e)]
-            return sum(e.flat.numel() * e.flat.element_size() for e in idle)
+            kept, freed = [], 0
+            for e in self._entries:
+                if self._idle(e):
+                    freed += e.flat.numel() * e.flat.element_size()
+                else:
+                    kept.append(e)
+            self._entries = kept
+            return freed
 
     def stats(self) -> tuple[int, int]:
         """``(buffers, bytes)`` held, in use or idle."""
