@@ -44,13 +44,13 @@ def oracle(
     v: Tensor,
     *,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     **call_kwargs: Any,
 ) -> Tensor:
     """The float64 reference for ``module``: softmax over its declared pattern (exact
     mechanisms) or dense softmax attention (what approximate mechanisms approximate)."""
     pattern = module.pattern(q.shape[2], k.shape[2], causal=causal, **call_kwargs)
-    return reference_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, mask=pattern)
+    return reference_attention(q, k, v, causal=causal, attention_mask=attention_mask, mask=pattern)
 
 
 def relative_error(out: Tensor, ref: Tensor) -> float:

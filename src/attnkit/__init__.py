@@ -30,7 +30,7 @@ from attnkit.core.registry import (
     register,
 )
 from attnkit.kernels.prefix import PrefixState, release_buffers
-from attnkit.masks import Mask, causal_mask, full_mask, key_padding_mask, materialize
+from attnkit.masks import Mask, causal_mask, full_mask, materialize, real_keys_mask
 from attnkit.models import (
     Encoder,
     EncoderDecoder,
@@ -75,10 +75,10 @@ __all__ = [
     "causal_mask",
     "full_mask",
     "get_spec",
-    "key_padding_mask",
     "list_attention",
     "load_pretrained",
     "materialize",
+    "real_keys_mask",
     "reference_attention",
     "register",
     "release_buffers",

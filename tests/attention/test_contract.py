@@ -75,8 +75,8 @@ def test_matches_reference(name: str, causal: bool, padded: bool) -> None:
     q, k, v = structured_qkv(B, H, ODD, ODD, D, seed=1)
     kpm = random_padding(B, ODD, seed=1, min_real=ODD // 2) if padded else None
     module = build(name)
-    out = module(q, k, v, causal=causal, key_padding_mask=kpm)
-    check_close(name, out, oracle(module, q, k, v, causal=causal, key_padding_mask=kpm))
+    out = module(q, k, v, causal=causal, attention_mask=kpm)
+    check_close(name, out, oracle(module, q, k, v, causal=causal, attention_mask=kpm))
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if caps(n).cross_attention])
@@ -114,11 +114,11 @@ def test_padded_keys_change_nothing(name: str, causal: bool) -> None:
     q, k, v = structured_qkv(B, H, ODD, ODD, D, seed=5)
     kpm = random_padding(B, ODD, seed=5, min_real=ODD // 2)
     module = build(name)
-    base = module(q, k, v, causal=causal, key_padding_mask=kpm)
+    base = module(q, k, v, causal=causal, attention_mask=kpm)
     pad = ~kpm[:, None, :, None]
     k2 = torch.where(pad, 10.0 * torch.randn_like(k), k)
     v2 = torch.where(pad, 100.0 * torch.randn_like(v), v)
-    out = module(q, k2, v2, causal=causal, key_padding_mask=kpm)
+    out = module(q, k2, v2, causal=causal, attention_mask=kpm)
     torch.testing.assert_close(out, base, atol=1e-6, rtol=0)
 
 
@@ -128,7 +128,7 @@ def test_fully_padded_rows_give_zeros_and_finite_gradients(name: str) -> None:
     kpm = torch.ones(B, ODD, dtype=torch.bool)
     kpm[0] = False  # batch element 0 has no real key at all
     module = build(name)
-    out = module(q, k, v, key_padding_mask=kpm)
+    out = module(q, k, v, attention_mask=kpm)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert torch.isfinite(out).all()
     out.square().sum().backward()
@@ -160,7 +160,7 @@ def test_gradients_are_finite(name: str) -> None:
     module = build(name)
     c = caps(name)
     kpm = random_padding(B, ODD, seed=8, min_real=3) if c.key_padding else None
-    out = module(q, k, v, causal=c.causal, key_padding_mask=kpm)
+    out = module(q, k, v, causal=c.causal, attention_mask=kpm)
     (out * torch.randn_like(out)).sum().backward()
     for t in (q, k, v):
         assert t.grad is not None and torch.isfinite(t.grad).all()
@@ -180,7 +180,7 @@ def test_gradcheck_float64(name: str, causal: bool) -> None:
     # fast_mode checks random projections u^T J v of the Jacobian against finite differences:
     # the same float64 check at a fraction of the cost of the full Jacobian.
     assert torch.autograd.gradcheck(
-        lambda a, b, c: module(a, b, c, causal=causal, key_padding_mask=kpm),
+        lambda a, b, c: module(a, b, c, causal=causal, attention_mask=kpm),
         (q, k, v),
         eps=1e-6,
         atol=1e-5,
@@ -200,7 +200,7 @@ def test_decoding_equals_recompute(name: str, padded: bool) -> None:
         kpm = torch.ones(B, length, dtype=torch.bool)
         kpm[1, :4] = False  # left padding, as in batched generation
     module = build(name)
-    full = module(q, k, v, causal=True, key_padding_mask=kpm)
+    full = module(q, k, v, causal=True, attention_mask=kpm)
     state = module.new_state()
     pieces, start = [], 0
     for step in [1, 1, 3, 1, 5] + [1] * length:  # mixed chunk sizes, then token by token
@@ -210,7 +210,7 @@ def test_decoding_equals_recompute(name: str, padded: bool) -> None:
         step_mask = kpm[:, start:stop] if kpm is not None else None
         pieces.append(
             module.decode(
-                q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], state, key_padding_mask=step_mask
+                q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], state, attention_mask=step_mask
             )
         )
         start = stop
@@ -237,8 +237,8 @@ def test_unsupported_requests_raise(name: str) -> None:
         with pytest.raises(ValueError, match="causal"):
             module(q, k, v, causal=True)
     if not c.key_padding:
-        with pytest.raises(ValueError, match="key_padding_mask"):
-            module(q, k, v, key_padding_mask=torch.ones(1, 12, dtype=torch.bool))
+        with pytest.raises(ValueError, match="attention_mask"):
+            module(q, k, v, attention_mask=torch.ones(1, 12, dtype=torch.bool))
     if not c.cross_attention:
         with pytest.raises(ValueError, match="same length"):
             module(q, k[:, :, :6], v[:, :, :6])
@@ -272,10 +272,10 @@ def test_bad_input_names_the_argument(name: str) -> None:
     with pytest.raises(ValueError, match="empty"):
         module(q[:, :, :0], k[:, :, :0], v[:, :, :0])
     if caps(name).key_padding:
-        with pytest.raises(ValueError, match="key_padding_mask must have dtype"):
-            module(q, k, v, key_padding_mask=torch.ones(2, 12))
-        with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, S\) = \(2, 12\)"):
-            module(q, k, v, key_padding_mask=torch.ones(2, 11, dtype=torch.bool))
+        with pytest.raises(ValueError, match="attention_mask must have dtype"):
+            module(q, k, v, attention_mask=torch.ones(2, 12))
+        with pytest.raises(ValueError, match=r"attention_mask must have shape \(B, S\) = \(2, 12\)"):
+            module(q, k, v, attention_mask=torch.ones(2, 11, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if caps(n).score_bias])

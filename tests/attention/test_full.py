@@ -44,10 +44,8 @@ def test_full_matches_reference_on_random_problems(p: dict) -> None:
         bias = T5RelativeBias(h, num_buckets=8, max_distance=8).score_bias()
     module = attnkit.build_attention("full", backend=p["backend"])
     with torch.no_grad():
-        out = module(q, k, v, causal=p["causal"], key_padding_mask=p["pad"], mask=mask, score_bias=bias)
-        ref = reference_attention(
-            q, k, v, causal=p["causal"], key_padding_mask=p["pad"], mask=p["mask"], score_bias=bias
-        )
+        out = module(q, k, v, causal=p["causal"], attention_mask=p["pad"], mask=mask, score_bias=bias)
+        ref = reference_attention(q, k, v, causal=p["causal"], attention_mask=p["pad"], mask=p["mask"], score_bias=bias)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 

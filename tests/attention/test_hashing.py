@@ -98,9 +98,9 @@ def test_lsh_equals_softmax_over_the_union_of_rounds(causal: bool, padded: bool)
     q, k, v = structured_qkv(2, 2, 23, 23, 8, seed=21, dtype=torch.float64, requires_grad=True)
     kpm = random_padding(2, 23, seed=2, min_real=10) if padded else None
     module = LSHAttention(bucket_size=3, n_hashes=3, seed=5)
-    out = module(q, k, v, causal=causal, key_padding_mask=kpm)
+    out = module(q, k, v, causal=causal, attention_mask=kpm)
     union = lsh_union_mask(module, q.detach(), k.detach(), kpm)
-    ref = reference_attention(q, k, v, causal=causal, key_padding_mask=kpm, mask=union)
+    ref = reference_attention(q, k, v, causal=causal, attention_mask=kpm, mask=union)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
     # Every gradient too.
     w = torch.randn_like(ref)
@@ -124,7 +124,7 @@ def test_lsh_one_bucket_shared_qk_is_full_attention_with_the_self_rule(causal: b
     q, _, v = structured_qkv(2, 2, 19, 19, 8, seed=22)
     kpm = random_padding(2, 19, seed=3, min_real=6) if padded else None
     module = attnkit.build_attention("lsh", bucket_size=32, n_hashes=2, shared_qk=True)
-    out = module(q, q, v, causal=causal, key_padding_mask=kpm)
+    out = module(q, q, v, causal=causal, attention_mask=kpm)
     allowed = torch.ones(2, 2, 19, 19, dtype=torch.bool)
     if causal:
         allowed &= torch.ones(19, 19, dtype=torch.bool).tril()
@@ -159,8 +159,8 @@ def test_lsh_more_hash_rounds_lower_error() -> None:
 def test_routing_one_cluster_is_full_attention(causal: bool, padded: bool) -> None:
     q, k, v = structured_qkv(2, 2, 21, 21, 8, seed=24)
     kpm = random_padding(2, 21, seed=4, min_real=5) if padded else None
-    out = attnkit.build_attention("routing", num_clusters=1, window=21)(q, k, v, causal=causal, key_padding_mask=kpm)
-    ref = reference_attention(q, k, v, causal=causal, key_padding_mask=kpm)
+    out = attnkit.build_attention("routing", num_clusters=1, window=21)(q, k, v, causal=causal, attention_mask=kpm)
+    ref = reference_attention(q, k, v, causal=causal, attention_mask=kpm)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
 
 
@@ -179,12 +179,12 @@ def test_routing_centroids_move_only_by_explicit_ema_updates_from_training() -> 
     kpm = random_padding(2, 17, seed=6, min_real=8)
     module = RoutingAttention(num_clusters=3, window=4, decay=0.9, seed=3)
     module.eval()
-    module(q, k, v, key_padding_mask=kpm)
+    module(q, k, v, attention_mask=kpm)
     start = module.centroids.clone()
     assert "centroids" in module.state_dict()
     assert not module.update_centroids()  # eval recorded nothing
     module.train()
-    out = module(q, k, v, key_padding_mask=kpm)
+    out = module(q, k, v, attention_mask=kpm)
     out.square().sum().backward()
     assert torch.equal(module.centroids, start)  # neither the forward nor the gradients moved them
     assert not module.centroids.requires_grad
@@ -228,8 +228,8 @@ def test_routing_state_dict_carries_centroids() -> None:
 def test_sinkhorn_one_block_is_full_attention(causal: bool, padded: bool) -> None:
     q, k, v = structured_qkv(2, 2, 21, 21, 8, seed=28)
     kpm = random_padding(2, 21, seed=8, min_real=5) if padded else None
-    out = attnkit.build_attention("sinkhorn", block_size=32)(q, k, v, causal=causal, key_padding_mask=kpm)
-    ref = reference_attention(q, k, v, causal=causal, key_padding_mask=kpm)
+    out = attnkit.build_attention("sinkhorn", block_size=32)(q, k, v, causal=causal, attention_mask=kpm)
+    ref = reference_attention(q, k, v, causal=causal, attention_mask=kpm)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
 
 
@@ -251,7 +251,7 @@ def test_sinkhorn_matches_a_brute_force_loop(causal: bool, sort_top1: bool) -> N
     kpm = torch.ones(1, t_len, dtype=torch.bool)
     kpm[0, [2, 9, 13]] = False
     module = SinkhornAttention(block_size=c, sinkhorn_iters=5, sort_top1=sort_top1).double()
-    out = module(q, k, v, causal=causal, key_padding_mask=kpm)
+    out = module(q, k, v, causal=causal, attention_mask=kpm)
     nb = 4
     qb, kb, vb = (torch.nn.functional.pad(x[0, 0], (0, 0, 0, nb * c - t_len)).view(nb, c, d) for x in (q, k, v))
     real = torch.nn.functional.pad(kpm[0].double(), (0, nb * c - t_len)).view(nb, c)
@@ -525,7 +525,7 @@ def test_memory_never_holds_a_t_by_s_matrix(name: str, causal: bool) -> None:
     kpm = torch.ones(1, t_len, dtype=torch.bool)
     kpm[0, -100:] = False
     with _LargestTensor() as probe:
-        module(q, k, v, causal=causal, key_padding_mask=kpm).sum().backward()
+        module(q, k, v, causal=causal, attention_mask=kpm).sum().backward()
     # Scores are (rounds x slots x 2*chunk): ~2 * 1.6T * 32 here; T^2 would be 16x more.
     assert probe.largest < t_len * t_len / 4, probe.largest
 

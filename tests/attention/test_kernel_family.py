@@ -188,7 +188,7 @@ def test_linear_in_small_blocks_equals_naive_with_gradients(
     normalize = feature_map != "identity"
     module = attnkit.build_attention("linear", feature_map=feature_map, normalize=normalize, chunk_size=4)
     ours, ref = leaves(q, k, v), leaves(q, k, v)
-    out = module(*ours, causal=causal, key_padding_mask=real if padded else None)
+    out = module(*ours, causal=causal, attention_mask=real if padded else None)
     phi_q, phi_k = phi(ref[0]), phi(ref[1]) * real[:, None, :, None]
     if causal and t_len > s_len:  # queries before the first key see nothing: zero weights
         phi_q = torch.cat([torch.zeros_like(phi_q[:, :, : t_len - s_len]), phi_q[:, :, t_len - s_len :]], dim=2)
@@ -214,7 +214,7 @@ def test_linear_gradcheck_in_small_blocks(monkeypatch: pytest.MonkeyPatch, padde
     real[0, 4] = False
     module = attnkit.build_attention("linear", chunk_size=4)
     kpm = real if padded else None
-    assert torch.autograd.gradcheck(lambda *x: module(*x, causal=causal, key_padding_mask=kpm), (q, k, v))
+    assert torch.autograd.gradcheck(lambda *x: module(*x, causal=causal, attention_mask=kpm), (q, k, v))
 
 
 @pytest.mark.parametrize("feature_map", ["elu+1", "relu"])
@@ -226,7 +226,7 @@ def test_linear_bidirectional_retained_graph_gives_the_same_gradients_twice(
     monkeypatch.setattr("attnkit.kernels.prefix.BLOCK_BYTES", 4 * 2 * 19 * 8)
     q, k, v = leaves(*structured_qkv(2, 2, 19, 19, 8, seed=8, dtype=F64))
     real = random_padding(2, 19, seed=8, min_real=3)
-    out = attnkit.build_attention("linear", feature_map=feature_map)(q, k, v, causal=False, key_padding_mask=real)
+    out = attnkit.build_attention("linear", feature_map=feature_map)(q, k, v, causal=False, attention_mask=real)
     loss = (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(8), dtype=F64)).sum()
     first = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
     second = torch.autograd.grad(loss, (q, k, v))
@@ -263,13 +263,11 @@ def test_recurrent_state_is_constant_size_and_decoding_matches_recompute(name: s
     kpm = torch.ones(2, 50, dtype=torch.bool)
     kpm[0, :7] = False
     module = build(name)
-    full = module(q, k, v, causal=True, key_padding_mask=kpm)
+    full = module(q, k, v, causal=True, attention_mask=kpm)
     state = module.new_state()
     outs, sizes = [], []
     for lo, hi in [(0, 20)] + [(i, i + 1) for i in range(20, 50)]:
-        outs.append(
-            module.decode(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], state, key_padding_mask=kpm[:, lo:hi])
-        )
+        outs.append(module.decode(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], state, attention_mask=kpm[:, lo:hi]))
         sizes.append(state.kv.numel())
     torch.testing.assert_close(torch.cat(outs, dim=2), full, atol=1e-5, rtol=1e-5)
     assert len(set(sizes)) == 1  # O(F·D) per head, whatever the context length
@@ -287,7 +285,7 @@ def test_performer_equals_naive_favor_formula(causal: bool, kernel: str) -> None
     assert isinstance(module, PerformerAttention)
     w = module.projection(8, device=q.device, dtype=F64)
     ours, ref = leaves(q, k, v), leaves(q, k, v)
-    out = module(*ours, causal=causal, key_padding_mask=kpm)
+    out = module(*ours, causal=causal, attention_mask=kpm)
     scale = 8**-0.25
     if kernel == "softmax":
         phi_q, phi_k = favor_features(ref[0] * scale, w), favor_features(ref[1] * scale, w)
@@ -392,7 +390,7 @@ def test_performer_padded_keys_are_removed_exactly(causal: bool) -> None:
     kpm[0, 13:] = False
     module = attnkit.build_attention("performer", nb_features=64, chunk_size=4)
     k_pad = torch.where(kpm[:, None, :, None], k, 50.0)  # huge padded keys would dominate any leaky max
-    padded = module(q, k_pad, v, causal=causal, key_padding_mask=kpm)
+    padded = module(q, k_pad, v, causal=causal, attention_mask=kpm)
     if causal:
         trimmed = module(q[:, :, :13], k[:, :, :13], v[:, :, :13], causal=True)
         torch.testing.assert_close(padded[:, :, :13], trimmed, atol=1e-12, rtol=1e-10)
@@ -447,8 +445,8 @@ def test_linformer_identity_projection_is_full_attention(padded: bool) -> None:
         module.proj_k.copy_(torch.eye(19))
         assert module.proj_v is not None
         module.proj_v.copy_(torch.eye(19))
-    out = module(q, k, v, key_padding_mask=kpm)
-    torch.testing.assert_close(out, reference_attention(q, k, v, key_padding_mask=kpm), atol=1e-12, rtol=1e-10)
+    out = module(q, k, v, attention_mask=kpm)
+    torch.testing.assert_close(out, reference_attention(q, k, v, attention_mask=kpm), atol=1e-12, rtol=1e-10)
 
 
 def test_linformer_lengths_sharing_and_gradients() -> None:
@@ -485,7 +483,7 @@ def test_nystrom_with_one_landmark_per_token_is_full_attention() -> None:
     torch.testing.assert_close(module(q, k, v), reference_attention(q, k, v), atol=1e-8, rtol=1e-6)
     kpm = random_padding(2, 24, seed=13, min_real=6)
     torch.testing.assert_close(
-        module(q, k, v, key_padding_mask=kpm), reference_attention(q, k, v, key_padding_mask=kpm), atol=1e-8, rtol=1e-6
+        module(q, k, v, attention_mask=kpm), reference_attention(q, k, v, attention_mask=kpm), atol=1e-8, rtol=1e-6
     )
 
 
@@ -517,7 +515,7 @@ def test_nystrom_whole_runs_path_equals_the_general_path(lengths: tuple[int, int
     module = attnkit.build_attention("nystrom", num_landmarks=8)
     fast, general = leaves(q, k, v), leaves(q, k, v)
     out = module(*fast)
-    want = module(*general, key_padding_mask=torch.ones(2, s_len, dtype=torch.bool))
+    want = module(*general, attention_mask=torch.ones(2, s_len, dtype=torch.bool))
     torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-10)
     for got, exp in zip(grads(out, fast), grads(want, general)):
         torch.testing.assert_close(got, exp, atol=1e-11, rtol=1e-9)
@@ -542,7 +540,7 @@ def test_nystrom_whole_runs_groups_and_second_backward(
     module = attnkit.build_attention("nystrom", num_landmarks=8)
     fast, general = leaves(q, k, v), leaves(q, k, v)
     out = module(*fast)
-    want = module(*general, key_padding_mask=torch.ones(2, s_len, dtype=torch.bool))
+    want = module(*general, attention_mask=torch.ones(2, s_len, dtype=torch.bool))
     torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-10)
     weight = torch.randn(out.shape, generator=g, dtype=F64)
     first = torch.autograd.grad((out * weight).sum(), fast, retain_graph=True)
@@ -614,6 +612,6 @@ def test_error_budget_is_measured_not_padded(name: str) -> None:
             for padded in (False, True):
                 q, k, v = structured_qkv(2, 3, 37, 37, 16, seed=seed)
                 kpm = random_padding(2, 37, seed=seed, min_real=18) if padded else None
-                out = module(q, k, v, causal=causal, key_padding_mask=kpm)
-                worst = max(worst, relative_error(out, oracle(module, q, k, v, causal=causal, key_padding_mask=kpm)))
+                out = module(q, k, v, causal=causal, attention_mask=kpm)
+                worst = max(worst, relative_error(out, oracle(module, q, k, v, causal=causal, attention_mask=kpm)))
     assert worst <= caps.error_budget <= worst + 0.1, (worst, caps.error_budget)

@@ -59,7 +59,7 @@ def mha_reference(
     context: Tensor | None = None,
     *,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     positions: Tensor | None = None,
     bias: Tensor | None = None,
 ) -> Tensor:
@@ -73,7 +73,7 @@ def mha_reference(
     if layer.rotary is not None:
         pos = positions if positions is not None else torch.arange(x.shape[1])
         q, k = rotate64(q, pos), rotate64(k, pos)
-    out = reference_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, score_bias=bias)
+    out = reference_attention(q, k, v, causal=causal, attention_mask=attention_mask, score_bias=bias)
     out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
     return linear64(out, layer.to_out)
 
@@ -97,7 +97,7 @@ def test_matches_float64_reference(causal: bool, padded: bool) -> None:
     if padded:
         kpm = torch.ones(B, T, dtype=torch.bool)
         kpm[1, 7:] = False
-    close(layer(x, causal=causal, key_padding_mask=kpm), mha_reference(layer, x, causal=causal, key_padding_mask=kpm))
+    close(layer(x, causal=causal, attention_mask=kpm), mha_reference(layer, x, causal=causal, attention_mask=kpm))
 
 
 def test_cross_attention_matches_reference() -> None:
@@ -107,8 +107,8 @@ def test_cross_attention_matches_reference() -> None:
     context = torch.randn(B, 17, 10)
     kpm = torch.ones(B, 17, dtype=torch.bool)
     kpm[0, 12:] = False
-    out = layer(x, context, key_padding_mask=kpm)
-    close(out, mha_reference(layer, x, context, key_padding_mask=kpm))
+    out = layer(x, context, attention_mask=kpm)
+    close(out, mha_reference(layer, x, context, attention_mask=kpm))
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
@@ -185,12 +185,12 @@ def test_self_attention_cache_equals_recompute(setting: str, padded: bool) -> No
     if padded:
         kpm = torch.ones(B, 13, dtype=torch.bool)
         kpm[1, :4] = False  # left padding
-    full = layer(x, causal=True, key_padding_mask=kpm)
+    full = layer(x, causal=True, attention_mask=kpm)
     cache = layer.new_cache()
     pieces = []
     for start, stop in [(0, 5), (5, 6), (6, 9), *((i, i + 1) for i in range(9, 13))]:
         step_mask = kpm[:, start:stop] if kpm is not None else None
-        pieces.append(layer(x[:, start:stop], key_padding_mask=step_mask, cache=cache))
+        pieces.append(layer(x[:, start:stop], attention_mask=step_mask, cache=cache))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache.position == 13
 
@@ -201,9 +201,9 @@ def test_cross_attention_cache_projects_context_once() -> None:
     x = inputs(9)
     context = torch.randn(B, 6, DIM)
     kpm = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
-    full = layer(x, context, key_padding_mask=kpm)
+    full = layer(x, context, attention_mask=kpm)
     cache = layer.new_cache()
-    pieces = [layer(x[:, i : i + 1], context, key_padding_mask=kpm, cache=cache) for i in range(T)]
+    pieces = [layer(x[:, i : i + 1], context, attention_mask=kpm, cache=cache) for i in range(T)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-6, rtol=0)
     assert cache.context is not None and cache.context[0].shape == (B, HEADS, 6, DIM // HEADS)
 

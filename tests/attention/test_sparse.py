@@ -90,9 +90,9 @@ def test_matches_reference_with_padding_bias_and_gradients(
     kpm = random_padding(B, length, seed=length, min_real=length // 3)
     bias = ALiBi(H).score_bias()
     module = attnkit.build_attention(name, **opts)
-    out = module(q, k, v, causal=causal, key_padding_mask=kpm, score_bias=bias)
+    out = module(q, k, v, causal=causal, attention_mask=kpm, score_bias=bias)
     mask = module.pattern(length, length, causal=causal)
-    ref = reference_attention(q, k, v, causal=causal, key_padding_mask=kpm, mask=mask, score_bias=bias)
+    ref = reference_attention(q, k, v, causal=causal, attention_mask=kpm, mask=mask, score_bias=bias)
     assert_output_and_gradients_equal(out, ref, (q, k, v))
 
 
@@ -107,14 +107,14 @@ def test_longformer_global_tokens_anywhere(where: str, causal: bool) -> None:
     q, k, v = structured_qkv(B, H, length, length, D, seed=3, dtype=torch.float64, requires_grad=True)
     kpm = random_padding(B, length, seed=4, min_real=20)
     module = attnkit.build_attention("longformer", window=5)
-    out = module(q, k, v, causal=causal, key_padding_mask=kpm, global_tokens=flags)
+    out = module(q, k, v, causal=causal, attention_mask=kpm, global_tokens=flags)
     mask = module.pattern(length, length, causal=causal, global_tokens=flags)
     dense_mask = mask.materialize(B, H, length, length)
     for b in range(B):  # the pattern: global rows and columns are full (up to causality)
         for s in flags[b].nonzero().flatten().tolist():
             assert dense_mask[b, 0, s, : (s + 1 if causal else length)].all()
             assert dense_mask[b, 0, s:, s].all()
-    ref = reference_attention(q, k, v, causal=causal, key_padding_mask=kpm, mask=dense_mask)
+    ref = reference_attention(q, k, v, causal=causal, attention_mask=kpm, mask=dense_mask)
     assert_output_and_gradients_equal(out, ref, (q, k, v))
 
 
@@ -140,11 +140,9 @@ def test_longformer_global_count_equals_leading_mask() -> None:
 def test_exact_limit_equals_full_attention(name: str, opts: dict[str, Any], causal: bool) -> None:
     q, k, v = structured_qkv(B, H, 29, 29, D, seed=6, dtype=torch.float64)
     kpm = random_padding(B, 29, seed=6, min_real=10)
-    out = attnkit.build_attention(name, **opts)(q, k, v, causal=causal, key_padding_mask=kpm)
-    full = attnkit.build_attention("full")(q, k, v, causal=causal, key_padding_mask=kpm)
-    torch.testing.assert_close(
-        out, reference_attention(q, k, v, causal=causal, key_padding_mask=kpm), atol=1e-10, rtol=0
-    )
+    out = attnkit.build_attention(name, **opts)(q, k, v, causal=causal, attention_mask=kpm)
+    full = attnkit.build_attention("full")(q, k, v, causal=causal, attention_mask=kpm)
+    torch.testing.assert_close(out, reference_attention(q, k, v, causal=causal, attention_mask=kpm), atol=1e-10, rtol=0)
     torch.testing.assert_close(out, full, atol=1e-10, rtol=0)
 
 
@@ -165,7 +163,7 @@ def test_rolling_cache_decoding_equals_recompute(window: int, dilation: int, pad
         kpm[1, :3] = False
     bias = ALiBi(H).score_bias()
     module = attnkit.build_attention("sliding_window", window=window, dilation=dilation)
-    full = module(q, k, v, causal=True, key_padding_mask=kpm, score_bias=bias)
+    full = module(q, k, v, causal=True, attention_mask=kpm, score_bias=bias)
     state = module.new_state()
     for t in range(length):
         step = slice(t, t + 1)
@@ -174,7 +172,7 @@ def test_rolling_cache_decoding_equals_recompute(window: int, dilation: int, pad
             k[:, :, step],
             v[:, :, step],
             state,
-            key_padding_mask=None if kpm is None else kpm[:, step],
+            attention_mask=None if kpm is None else kpm[:, step],
             score_bias=bias,
         )
         torch.testing.assert_close(out, full[:, :, step], atol=1e-10, rtol=0)
@@ -274,9 +272,7 @@ def test_bigbird_without_bias_matches_reference(causal: bool, length: int, padde
     kpm = random_padding(B, length, seed=length, min_real=length // 2) if padded else None
     if kpm is not None:
         kpm[:, 0] = True  # every global row keeps a key: no fallback
-    _check_against_reference(
-        attnkit.build_attention("bigbird", **BIGBIRD), length, length, causal, key_padding_mask=kpm
-    )
+    _check_against_reference(attnkit.build_attention("bigbird", **BIGBIRD), length, length, causal, attention_mask=kpm)
 
 
 @pytest.mark.parametrize("steps", [[1] * 29, [3, 1, 4, 6, 9, 6], [8, 8, 13], [5, 24]])
@@ -302,9 +298,9 @@ def test_bigbird_global_row_with_no_visible_key_is_zero(causal: bool) -> None:
     kpm[0, :3] = False
     kpm[1] = False
     module = attnkit.build_attention("bigbird", **BIGBIRD)
-    _check_against_reference(module, 23, 23, causal, key_padding_mask=kpm)
+    _check_against_reference(module, 23, 23, causal, attention_mask=kpm)
     q, k, v = structured_qkv(B, H, 23, 23, D, seed=2, dtype=torch.float64)
-    out = module(q, k, v, causal=causal, key_padding_mask=kpm)
+    out = module(q, k, v, causal=causal, attention_mask=kpm)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     if causal:
         assert torch.equal(out[0, :, :3], torch.zeros_like(out[0, :, :3]))

@@ -32,7 +32,7 @@ def brute_force_selection(
     topk: int,
     *,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     mask: Mask | None = None,
     score_bias: ScoreBias | None = None,
 ) -> tuple[Tensor, float]:
@@ -49,8 +49,8 @@ def brute_force_selection(
     visible = torch.ones(b, h, t_len, s_len, dtype=torch.bool)
     if causal:
         visible &= materialize(causal_mask(t_len, s_len), 1, 1, t_len, s_len)
-    if key_padding_mask is not None:
-        visible &= key_padding_mask[:, None, None, :]
+    if attention_mask is not None:
+        visible &= attention_mask[:, None, None, :]
     if mask is not None:
         visible &= materialize(mask, b, h, t_len, s_len)
     selected = torch.zeros_like(visible)
@@ -76,7 +76,7 @@ def selected_oracle(q: Tensor, k: Tensor, v: Tensor, topk: int, **kwargs: object
         k,
         v,
         causal=bool(kwargs.get("causal", False)),
-        key_padding_mask=kwargs.get("key_padding_mask"),  # type: ignore[arg-type]
+        attention_mask=kwargs.get("attention_mask"),  # type: ignore[arg-type]
         mask=selected,
         score_bias=kwargs.get("score_bias"),  # type: ignore[arg-type]
     )
@@ -120,8 +120,8 @@ def test_exact_softmax_over_the_selected_keys(
     kpm = random_padding(2, s_len, seed=3, min_real=s_len // 2) if padded else None
     topk = 7
     module = attnkit.build_attention("topk", topk=topk, chunk_size=5)  # several chunks, a ragged last one
-    out = module(q, k, v, causal=causal, key_padding_mask=kpm)
-    ref = selected_oracle(q, k, v, topk, causal=causal, key_padding_mask=kpm)
+    out = module(q, k, v, causal=causal, attention_mask=kpm)
+    ref = selected_oracle(q, k, v, topk, causal=causal, attention_mask=kpm)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
 
@@ -129,8 +129,8 @@ def test_exact_softmax_over_the_selected_keys(
 def test_selected_indices_equal_the_brute_force_sets() -> None:
     q, k, _ = random_qkv(19, 26, seed=5, dtype=torch.float64)
     kpm = random_padding(2, 26, seed=5, min_real=10)
-    logits, idx = select_topk(q, k, 6, scale=1 / math.sqrt(8), causal=True, key_padding_mask=kpm, chunk=4)
-    selected, gap = brute_force_selection(q, k, 6, causal=True, key_padding_mask=kpm)
+    logits, idx = select_topk(q, k, 6, scale=1 / math.sqrt(8), causal=True, attention_mask=kpm, chunk=4)
+    selected, gap = brute_force_selection(q, k, 6, causal=True, attention_mask=kpm)
     assert gap > 1e-4
     kept = torch.zeros_like(selected)
     kept.scatter_(-1, idx, torch.isfinite(logits))  # slots past the visible keys carry -inf
@@ -142,8 +142,8 @@ def test_fewer_visible_keys_than_topk_gives_exact_attention() -> None:
     q, k, v = structured_qkv(2, 2, 17, 17, 8, seed=2)
     kpm = torch.zeros(2, 17, dtype=torch.bool)
     kpm[:, [1, 4, 5, 9, 13, 16]] = True
-    out = attnkit.build_attention("topk", topk=10)(q, k, v, key_padding_mask=kpm)
-    torch.testing.assert_close(out.double(), reference_attention(q, k, v, key_padding_mask=kpm), atol=1e-5, rtol=0)
+    out = attnkit.build_attention("topk", topk=10)(q, k, v, attention_mask=kpm)
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, attention_mask=kpm), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("extra", [0, 5])
@@ -151,10 +151,10 @@ def test_fewer_visible_keys_than_topk_gives_exact_attention() -> None:
 def test_topk_at_least_the_key_length_is_full_attention(extra: int, causal: bool) -> None:
     q, k, v = structured_qkv(2, 3, 21, 21, 8, seed=4)
     kpm = random_padding(2, 21, seed=4, min_real=8)
-    out = attnkit.build_attention("topk", topk=21 + extra)(q, k, v, causal=causal, key_padding_mask=kpm)
-    full = attnkit.build_attention("full")(q, k, v, causal=causal, key_padding_mask=kpm)
+    out = attnkit.build_attention("topk", topk=21 + extra)(q, k, v, causal=causal, attention_mask=kpm)
+    full = attnkit.build_attention("full")(q, k, v, causal=causal, attention_mask=kpm)
     assert torch.equal(out, full)
-    ref = reference_attention(q, k, v, causal=causal, key_padding_mask=kpm)
+    ref = reference_attention(q, k, v, causal=causal, attention_mask=kpm)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
 
 
@@ -217,12 +217,12 @@ def test_chunk_size_does_not_change_the_result(products: str) -> None:
 def test_gradients_equal_the_oracle_over_the_selection(causal: bool, products: str) -> None:
     q, k, v = (t.requires_grad_(True) for t in random_qkv(13, 13, seed=13, dtype=torch.float64))
     kpm = random_padding(2, 13, seed=13, min_real=7)
-    out = attnkit.build_attention("topk", topk=4, chunk_size=5)(q, k, v, causal=causal, key_padding_mask=kpm)
+    out = attnkit.build_attention("topk", topk=4, chunk_size=5)(q, k, v, causal=causal, attention_mask=kpm)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
-    selected, gap = brute_force_selection(q, k, 4, causal=causal, key_padding_mask=kpm)
+    selected, gap = brute_force_selection(q, k, 4, causal=causal, attention_mask=kpm)
     assert gap > 1e-4
-    ref = reference_attention(q, k, v, causal=causal, key_padding_mask=kpm, mask=selected)
+    ref = reference_attention(q, k, v, causal=causal, attention_mask=kpm, mask=selected)
     want = torch.autograd.grad(ref, (q, k, v), grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
@@ -234,7 +234,7 @@ def test_gradcheck_with_keys_dropped(causal: bool, products: str) -> None:
     kpm = torch.tensor([[True] * 7 + [False] * 2])
     module = attnkit.build_attention("topk", topk=3, chunk_size=3)
     assert torch.autograd.gradcheck(
-        lambda a, b, c: module(a, b, c, causal=causal, key_padding_mask=kpm), (q, k, v), eps=1e-6, atol=1e-6
+        lambda a, b, c: module(a, b, c, causal=causal, attention_mask=kpm), (q, k, v), eps=1e-6, atol=1e-6
     )
 
 

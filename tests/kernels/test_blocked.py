@@ -61,8 +61,8 @@ def test_random_patterns_match_reference_with_gradients(per_batch: bool, padded:
     q, k, v = structured_qkv(2, 3, q_len, kv_len, 8, seed=1, dtype=torch.float64, requires_grad=True)
     pattern = random_pattern(q_len, kv_len, 5, 11, per_batch=per_batch, seed=2)
     kpm = random_padding(2, kv_len, seed=3, min_real=10) if padded else None
-    out = gathered_attention(q, k, v, pattern, key_padding_mask=kpm)
-    ref = reference_attention(q, k, v, key_padding_mask=kpm, mask=dense_mask(pattern, 2, 3, q_len, kv_len))
+    out = gathered_attention(q, k, v, pattern, attention_mask=kpm)
+    ref = reference_attention(q, k, v, attention_mask=kpm, mask=dense_mask(pattern, 2, 3, q_len, kv_len))
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
     grad = torch.randn_like(out)
     ours = torch.autograd.grad((out * grad).sum(), (q, k, v))

@@ -32,10 +32,10 @@ def test_flex_eager_equals_blocked(name: str, opts: dict[str, Any], causal: bool
     kpm[0] = False  # a batch row with nothing visible: zeros on both backends
     bias = ALiBi(2).score_bias()
     module = attnkit.build_attention(name, backend="blocked", **opts)
-    blocked = module(q, k, v, causal=causal, key_padding_mask=kpm, score_bias=bias)
+    blocked = module(q, k, v, causal=causal, attention_mask=kpm, score_bias=bias)
     pattern = module.pattern(27, 27, causal=causal)
-    flex = flex_pattern_attention(q, k, v, pattern, key_padding_mask=kpm, score_bias=bias, compiled=False)
-    ref = reference_attention(q, k, v, causal=causal, key_padding_mask=kpm, mask=pattern, score_bias=bias)
+    flex = flex_pattern_attention(q, k, v, pattern, attention_mask=kpm, score_bias=bias, compiled=False)
+    ref = reference_attention(q, k, v, causal=causal, attention_mask=kpm, mask=pattern, score_bias=bias)
     torch.testing.assert_close(flex.double(), ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(flex, blocked, atol=1e-5, rtol=0)
     assert torch.equal(flex[0], torch.zeros_like(flex[0]))
@@ -62,9 +62,9 @@ def test_flex_compiled_equals_blocked(name: str, opts: dict[str, Any]) -> None:
     with torch.no_grad():
         for causal in (False, True):
             torch.testing.assert_close(
-                flex(q, k, v, causal=causal, key_padding_mask=kpm),
-                blocked(q, k, v, causal=causal, key_padding_mask=kpm),
+                flex(q, k, v, causal=causal, attention_mask=kpm),
+                blocked(q, k, v, causal=causal, attention_mask=kpm),
                 atol=1e-5,
                 rtol=0,
             )
-        assert torch.equal(flex(q, k, v, key_padding_mask=kpm)[1], torch.zeros(2, 150, 16))
+        assert torch.equal(flex(q, k, v, attention_mask=kpm)[1], torch.zeros(2, 150, 16))

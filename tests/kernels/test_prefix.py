@@ -55,7 +55,7 @@ def test_normalised_attention_equals_naive_with_gradients(chunk: int, scaled: bo
     log_scale = a if scaled else None
     ours = tuple(x.clone().requires_grad_(True) for x in (q, k, v))
     ref = tuple(x.clone().requires_grad_(True) for x in (q, k, v))
-    out = kernel_attention(*ours, causal=causal, key_padding_mask=real, key_log_scale=log_scale, chunk_size=chunk)
+    out = kernel_attention(*ours, causal=causal, attention_mask=real, key_log_scale=log_scale, chunk_size=chunk)
     want = naive(*ref, log_scale, real, causal)
     torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-10)
     for got, expected in zip(weighted_grads(out, ours), weighted_grads(want, ref)):

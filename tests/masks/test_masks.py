@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnkit.masks import Mask, causal_mask, full_mask, key_padding_mask, materialize
+from attnkit.masks import Mask, causal_mask, full_mask, materialize, real_keys_mask
 
 
 def brute(pred, b: int, h: int, t: int, s: int) -> torch.Tensor:
@@ -28,7 +28,7 @@ def test_causal_is_end_aligned(t: int, s: int) -> None:
 
 def test_key_padding_and_algebra() -> None:
     pad = torch.tensor([[True, True, False, True, False], [False, True, True, True, True]])
-    kp = key_padding_mask(pad)
+    kp = real_keys_mask(pad)
     cm = causal_mask(4, 5)
     diag = Mask(lambda b, h, q, k: (q + 1) == k, "diag")
     both = materialize(kp & cm, 2, 3, 4, 5)

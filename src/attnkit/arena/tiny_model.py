@@ -34,7 +34,7 @@ class _Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x: Tensor, *, causal: bool, padding: Tensor | None) -> Tensor:
-        x = x + self.attn(self.norm1(x), causal=causal, key_padding_mask=padding)
+        x = x + self.attn(self.norm1(x), causal=causal, attention_mask=padding)
         return x + self.mlp(self.norm2(x))
 
 

@@ -138,7 +138,7 @@ class BigBirdAttention(PatternAttention):
         v: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:
@@ -146,7 +146,7 @@ class BigBirdAttention(PatternAttention):
         size = self.block_size
         table = self.block_table(s_len, causal=causal).to(q.device)
         g = min(self.num_global_blocks, table.shape[0])
-        opts: dict[str, Any] = {"key_padding_mask": key_padding_mask, "score_bias": score_bias, "scale": self.scale}
+        opts: dict[str, Any] = {"attention_mask": attention_mask, "score_bias": score_bias, "scale": self.scale}
         # Queries are end-aligned (query i at absolute position i + S - T): the leading m queries
         # of this call, those in global blocks, are cut off and attended densely, and the rest
         # stays end-aligned on its own.
@@ -155,9 +155,7 @@ class BigBirdAttention(PatternAttention):
         if m > 0:
             rows_out = None
             if score_bias is None:
-                rows_out = _global_rows_sdpa(
-                    q, k, v, m, causal=causal, key_padding_mask=key_padding_mask, scale=self.scale
-                )
+                rows_out = _global_rows_sdpa(q, k, v, m, causal=causal, attention_mask=attention_mask, scale=self.scale)
             if rows_out is None:
                 element = causal_mask(t_len, s_len) if causal else None
                 dense = dense_rows_pattern(torch.arange(m, device=q.device).view(1, -1), s_len, element, key_block=size)
@@ -188,7 +186,7 @@ class BigBirdAttention(PatternAttention):
 
 
 def _global_rows_sdpa(
-    q: Tensor, k: Tensor, v: Tensor, m: int, *, causal: bool, key_padding_mask: Tensor | None, scale: float | None
+    q: Tensor, k: Tensor, v: Tensor, m: int, *, causal: bool, attention_mask: Tensor | None, scale: float | None
 ) -> Tensor | None:
     """The first ``m`` queries attending to every key (up to causality and padding) with PyTorch's
     fused SDPA: ``(B, H, m, Dv)`` in float32 or wider, or None when a row sees no key (what SDPA
@@ -204,12 +202,12 @@ def _global_rows_sdpa(
     allowed = None
     if causal:  # query i sits at absolute position i + S - T
         allowed = torch.arange(s_len, device=q.device) <= torch.arange(m, device=q.device)[:, None] + s_len - t_len
-    if key_padding_mask is not None:
-        pad = key_padding_mask[:, None, None, :]
+    if attention_mask is not None:
+        pad = attention_mask[:, None, None, :]
         allowed = pad if allowed is None else allowed & pad
     if allowed is not None and not bool(allowed.any(dim=-1).all()):
         return None
-    if allowed is not None and key_padding_mask is None and s_len == t_len:
+    if allowed is not None and attention_mask is None and s_len == t_len:
         # plain causal over a square prefix: the kernel's own causal mask, no mask tensor
         return F.scaled_dot_product_attention(rows, k[:, :, :m], v[:, :, :m], is_causal=True, scale=scale)
     return F.scaled_dot_product_attention(rows, k, v, attn_mask=allowed, scale=scale)

@@ -112,12 +112,12 @@ class FixedAttention(PatternAttention):
         v: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:
         t_len, s_len = q.shape[2], k.shape[2]
-        opts: dict[str, Any] = {"key_padding_mask": key_padding_mask, "score_bias": score_bias, "scale": self.scale}
+        opts: dict[str, Any] = {"attention_mask": attention_mask, "score_bias": score_bias, "scale": self.scale}
         own = own_block_pattern(t_len, s_len, self.block_size, causal=causal, device=q.device)
         parts = [gathered_attention_with_lse(q, k, v, own, **opts)]
         if s_len > self.block_size:

@@ -71,7 +71,7 @@ class FullAttention(AttentionMechanism):
         v: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         mask: Mask | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
@@ -79,7 +79,7 @@ class FullAttention(AttentionMechanism):
         b, h, t_len, _ = q.shape
         s_len = k.shape[2]
         dropout_p = self.dropout if self.training else 0.0
-        simple = key_padding_mask is None and mask is None and score_bias is None and (not causal or t_len == s_len)
+        simple = attention_mask is None and mask is None and score_bias is None and (not causal or t_len == s_len)
         if simple and self.backend != "eager":
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, scale=self.scale)
 
@@ -87,8 +87,8 @@ class FullAttention(AttentionMechanism):
         if causal:
             offset = s_len - t_len
             allowed = torch.ones(t_len, s_len, dtype=torch.bool, device=q.device).tril(diagonal=offset)[None, None]
-        if key_padding_mask is not None:
-            pad = key_padding_mask[:, None, None, :]
+        if attention_mask is not None:
+            pad = attention_mask[:, None, None, :]
             allowed = pad if allowed is None else allowed & pad
         if mask is not None:
             dense = materialize(mask, b, h, t_len, s_len, device=q.device)

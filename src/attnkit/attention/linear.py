@@ -125,7 +125,7 @@ class LinearAttention(AttentionMechanism):
         v: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         mask: Mask | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
@@ -135,7 +135,7 @@ class LinearAttention(AttentionMechanism):
             upcast(k),
             upcast(v),
             causal=causal,
-            key_padding_mask=key_padding_mask,
+            attention_mask=attention_mask,
             feature_map=_MAPS[self.feature_map],
             normalize=self.normalize,
             chunk_size=self.chunk_size,
@@ -152,7 +152,7 @@ class LinearAttention(AttentionMechanism):
         v: Tensor,
         state: Any,
         *,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         score_bias: ScoreBias | None,
     ) -> Tensor:
         if not isinstance(state, PrefixState):
@@ -162,7 +162,7 @@ class LinearAttention(AttentionMechanism):
             self.features(k),
             upcast(v),
             state,
-            key_padding_mask=key_padding_mask,
+            attention_mask=attention_mask,
             normalize=self.normalize,
             chunk_size=self.chunk_size,
         )

@@ -102,7 +102,7 @@ class LinformerAttention(AttentionMechanism):
         v: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         mask: Mask | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
@@ -114,17 +114,15 @@ class LinformerAttention(AttentionMechanism):
             )
         proj_k = self.proj_k[:, :s_len].to(q.dtype)  # (k, S)
         proj_v = (self.proj_v if self.proj_v is not None else self.proj_k)[:, :s_len].to(q.dtype)
-        if key_padding_mask is not None:
-            real = key_padding_mask[:, None, :, None]
+        if attention_mask is not None:
+            real = attention_mask[:, None, :, None]
             k = k.masked_fill(~real, 0.0)
             v = v.masked_fill(~real, 0.0)
         keys, values = _project(proj_k, k), _project(proj_v, v)
 
         # A slot is empty when no real key has a nonzero weight in it (either projection).
         weight = proj_k.detach().abs() + proj_v.detach().abs()  # (k, S)
-        real_keys = (
-            key_padding_mask.to(q.dtype) if key_padding_mask is not None else q.new_ones(1, s_len)
-        )  # (B or 1, S)
+        real_keys = attention_mask.to(q.dtype) if attention_mask is not None else q.new_ones(1, s_len)  # (B or 1, S)
         slot_ok = (real_keys @ weight.T) > 0  # (B or 1, k)
         if bool(slot_ok.all()):
             return F.scaled_dot_product_attention(q, keys, values)

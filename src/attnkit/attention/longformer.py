@@ -127,14 +127,14 @@ class LongformerAttention(PatternAttention):
         v: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:
         b, _, t_len, _ = q.shape
         s_len = k.shape[2]
         offset = s_len - t_len
-        opts: dict[str, Any] = {"key_padding_mask": key_padding_mask, "score_bias": score_bias, "scale": self.scale}
+        opts: dict[str, Any] = {"attention_mask": attention_mask, "score_bias": score_bias, "scale": self.scale}
         window = sliding_window_attention(q, k, v, self.window, causal=causal, dilation=self.dilation, **opts)
         flags = self.global_flags(b, s_len, call_kwargs.get("global_tokens"), q.device)
         if flags is None:

@@ -136,7 +136,7 @@ class LSHAttention(AttentionMechanism):
         v: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         mask: Mask | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
@@ -154,11 +154,11 @@ class LSHAttention(AttentionMechanism):
         k_ids = None
         if not self.shared_qk:
             k_ids = lsh_buckets(k, num_buckets, self.n_hashes, self.seed)
-        if key_padding_mask is not None:
+        if attention_mask is not None:
             # Padded keys go to a bucket of their own past the real ones: whatever they
             # contain, they never move a real key (nor attend to anything).
-            k_ids = torch.where(key_padding_mask[:, None, None, :], q_ids if k_ids is None else k_ids, num_buckets)
-        layout = bucket_layout(q_ids, num_buckets + (key_padding_mask is not None), self.bucket_size, k_ids)
+            k_ids = torch.where(attention_mask[:, None, None, :], q_ids if k_ids is None else k_ids, num_buckets)
+        layout = bucket_layout(q_ids, num_buckets + (attention_mask is not None), self.bucket_size, k_ids)
         return bucketed_attention(
-            q, k, v, layout, causal=causal, key_padding_mask=key_padding_mask, exclude_self=self.shared_qk
+            q, k, v, layout, causal=causal, attention_mask=attention_mask, exclude_self=self.shared_qk
         )

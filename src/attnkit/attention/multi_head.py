@@ -164,7 +164,7 @@ class MultiHeadAttention(nn.Module):
         context: Tensor | None = None,
         *,
         causal: bool = False,
-        key_padding_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         cache: AttentionCache | None = None,
         positions: Tensor | None = None,
         **attention_kwargs: Any,
@@ -175,7 +175,7 @@ class MultiHeadAttention(nn.Module):
             x: ``(B, T, dim)``.
             context: ``(B, S, context_dim)`` for cross-attention, else None.
             causal: causal self-attention.
-            key_padding_mask: bool ``(B, S)`` over the keys (``x``'s tokens, or ``context``'s);
+            attention_mask: bool ``(B, S)`` over the keys (``x``'s tokens, or ``context``'s);
                 with a self-attention cache, over the new tokens only.
             cache: an :class:`AttentionCache` for incremental decoding: ``x`` holds only the
                 new tokens; self-attention is then causal.
@@ -198,7 +198,7 @@ class MultiHeadAttention(nn.Module):
             self._check_positions(positions, x)
         q = self._split(self.to_q(x), self.heads)
         if cache is not None:
-            out = self._forward_cached(q, x, context, key_padding_mask, cache, positions, attention_kwargs)
+            out = self._forward_cached(q, x, context, attention_mask, cache, positions, attention_kwargs)
         else:
             source = x if context is None else context
             k = self._split(self.to_k(source), self.kv_heads)
@@ -211,7 +211,7 @@ class MultiHeadAttention(nn.Module):
                 self._expand_kv(k),
                 self._expand_kv(v),
                 causal=causal,
-                key_padding_mask=key_padding_mask,
+                attention_mask=attention_mask,
                 score_bias=self._score_bias() if context is None else None,
                 **attention_kwargs,
             )
@@ -223,7 +223,7 @@ class MultiHeadAttention(nn.Module):
         q: Tensor,
         x: Tensor,
         context: Tensor | None,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         cache: AttentionCache,
         positions: Tensor | None,
         attention_kwargs: dict[str, Any],
@@ -235,9 +235,9 @@ class MultiHeadAttention(nn.Module):
             if cache.context is None:
                 k = self._expand_kv(self._split(self.to_k(context), self.kv_heads))
                 v = self._expand_kv(self._split(self.to_v(context), self.kv_heads))
-                cache.context = (k, v, key_padding_mask)
+                cache.context = (k, v, attention_mask)
             k, v, context_mask = cache.context
-            return self.attention(q, k, v, key_padding_mask=context_mask, **attention_kwargs)
+            return self.attention(q, k, v, attention_mask=context_mask, **attention_kwargs)
         if attention_kwargs:
             raise TypeError(
                 f"per-call options {sorted(attention_kwargs)} are not supported while decoding with a cache"
@@ -256,7 +256,7 @@ class MultiHeadAttention(nn.Module):
             self._expand_kv(k),
             self._expand_kv(v),
             cache.state,
-            key_padding_mask=key_padding_mask,
+            attention_mask=attention_mask,
             score_bias=self._score_bias(),
         )
         cache.position += x.shape[1]

@@ -376,26 +376,26 @@ class NystromAttention(AttentionMechanism):
         v: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         mask: Mask | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:
         scale = q.shape[-1] ** -0.5
         m = self.num_landmarks
-        if key_padding_mask is None and q.shape[2] % m == 0 and k.shape[2] % m == 0:
+        if attention_mask is None and q.shape[2] % m == 0 and k.shape[2] % m == 0:
             if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
                 return _WholeRunsNystrom.apply(q, k, v, m, scale, self.pinv_iterations)
             return _whole_runs_forward(q, k, v, m, scale, self.pinv_iterations, keep=False)[0]
         # the 1/√D scale goes on the (m, D) landmarks, never on a copy of the (T, D) queries
         q_land, q_ok = segment_means(q, None, m)  # (B, H, m, D), (B, m) or None
         q_land = q_land * scale
-        k_land, k_ok = segment_means(k, key_padding_mask, m)
+        k_land, k_ok = segment_means(k, attention_mask, m)
 
         # masks (None = nothing to mask): landmark keys that exist, landmark queries that exist, real keys
         k_cols = k_ok[:, None, None, :] if k_ok is not None else None
         q_rows = q_ok[:, None, :, None] if q_ok is not None else None
-        real_k = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
+        real_k = attention_mask[:, None, None, :] if attention_mask is not None else None
         kernel_1 = masked_softmax(q @ (k_land * scale).transpose(-1, -2), k_cols)  # (B, H, T, m)
         kernel_2 = masked_softmax(q_land @ k_land.transpose(-1, -2), _both(k_cols, q_rows))  # (B, H, m, m)
         kernel_3 = masked_softmax(q_land @ k.transpose(-1, -2), _both(real_k, q_rows))  # (B, H, m, S)

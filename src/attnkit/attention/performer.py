@@ -284,7 +284,7 @@ class PerformerAttention(AttentionMechanism):
         v: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         mask: Mask | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
@@ -296,23 +296,23 @@ class PerformerAttention(AttentionMechanism):
             if causal or self.kernel == "relu":
                 k_feat, k_log_scale = self.features(k)
             else:
-                k_feat, k_log_scale = self._global_key_features(k, key_padding_mask), None
+                k_feat, k_log_scale = self._global_key_features(k, attention_mask), None
             return kernel_attention(
                 q_feat,
                 k_feat,
                 upcast(v),
                 causal=causal,
-                key_padding_mask=key_padding_mask,
+                attention_mask=attention_mask,
                 key_log_scale=k_log_scale,
                 chunk_size=self.chunk_size,
             )
 
-    def _global_key_features(self, k: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def _global_key_features(self, k: Tensor, attention_mask: Tensor | None) -> Tensor:
         # Bidirectional: one stabiliser per (batch, head), the maximum over its real keys and
         # features; it cancels on normalising and saves a pass over the (S, m) features.
         x = upcast(k)
         w = self.projection(x.shape[-1], device=x.device, dtype=x.dtype)
-        real = key_padding_mask[:, None, :, None] if key_padding_mask is not None else None
+        real = attention_mask[:, None, :, None] if attention_mask is not None else None
         return softmax_kernel_features(x, w, scale=x.shape[-1] ** -0.25, real=real, per_row=False)[0]
 
     def new_state(self) -> PerformerState:
@@ -326,7 +326,7 @@ class PerformerAttention(AttentionMechanism):
         v: Tensor,
         state: Any,
         *,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         score_bias: ScoreBias | None,
     ) -> Tensor:
         if not isinstance(state, PerformerState):
@@ -343,7 +343,7 @@ class PerformerAttention(AttentionMechanism):
             k_feat,
             upcast(v),
             state,
-            key_padding_mask=key_padding_mask,
+            attention_mask=attention_mask,
             key_log_scale=k_log_scale,
             chunk_size=self.chunk_size,
         )

@@ -33,7 +33,7 @@ def reference_attention(
     v: Tensor,
     *,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     mask: Mask | Tensor | None = None,
     score_bias: ScoreBias | Tensor | None = None,
     scale: float | None = None,
@@ -45,7 +45,7 @@ def reference_attention(
         k: ``(B, H, S, D)``.
         v: ``(B, H, S, Dv)``.
         causal: end-aligned causal mask.
-        key_padding_mask: bool ``(B, S)``, True = real token.
+        attention_mask: bool ``(B, S)``, True = real token.
         mask: a :class:`Mask` or a bool tensor broadcastable to ``(B, H, T, S)``.
         score_bias: a :data:`ScoreBias` or a float tensor broadcastable to ``(B, H, T, S)``.
         scale: score scale, default ``1/sqrt(D)``.
@@ -63,8 +63,8 @@ def reference_attention(
     allowed = torch.ones(b, h, t_len, s_len, dtype=torch.bool, device=q.device)
     if causal:
         allowed &= materialize(causal_mask(t_len, s_len), 1, 1, t_len, s_len, device=q.device)
-    if key_padding_mask is not None:
-        allowed &= key_padding_mask[:, None, None, :]
+    if attention_mask is not None:
+        allowed &= attention_mask[:, None, None, :]
     if mask is not None:
         dense = mask if isinstance(mask, Tensor) else materialize(mask, b, h, t_len, s_len, device=q.device)
         allowed &= dense.to(torch.bool)

@@ -141,7 +141,7 @@ class RoutingAttention(AttentionMechanism):
             ]
             return torch.cat(ids, dim=2)
 
-    def _record(self, q: Tensor, k: Tensor, q_ids: Tensor, k_ids: Tensor, key_padding_mask: Tensor | None) -> None:
+    def _record(self, q: Tensor, k: Tensor, q_ids: Tensor, k_ids: Tensor, attention_mask: Tensor | None) -> None:
         """Store this batch's per-cluster sums of unit queries and real unit keys (training only)."""
         with torch.no_grad():
             h, c, d = self.centroids.shape
@@ -150,8 +150,8 @@ class RoutingAttention(AttentionMechanism):
             head_row = torch.arange(h, device=q.device).view(1, h, 1) * c  # row of (head, cluster) in sums
             for x, ids, keys in ((q, q_ids, False), (k, k_ids, True)):
                 rows = ids + head_row  # (B, H, T)
-                if keys and key_padding_mask is not None:
-                    rows = torch.where(key_padding_mask[:, None, :], rows, h * c)  # padded keys: a dummy row
+                if keys and attention_mask is not None:
+                    rows = torch.where(attention_mask[:, None, :], rows, h * c)  # padded keys: a dummy row
                 for part, part_rows in zip(x.split(_TOKENS_PER_PASS, dim=2), rows.split(_TOKENS_PER_PASS, dim=2)):
                     unit = nn.functional.normalize(part.float(), dim=-1)
                     sums.index_add_(0, part_rows.reshape(-1), unit.reshape(-1, d))
@@ -193,7 +193,7 @@ class RoutingAttention(AttentionMechanism):
         v: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         mask: Mask | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
@@ -202,17 +202,17 @@ class RoutingAttention(AttentionMechanism):
         q, k, v = q.to(compute), k.to(compute), v.to(compute)
         q_ids, k_ids = self.assign(q), self.assign(k)
         if self.training:
-            self._record(q, k, q_ids, k_ids, key_padding_mask)
-        if key_padding_mask is not None:
+            self._record(q, k, q_ids, k_ids, attention_mask)
+        if attention_mask is not None:
             # Padded keys get a cluster of their own past the real ones, so they never move a real key.
-            k_ids = torch.where(key_padding_mask[:, None, :], k_ids, self.num_clusters)
-        buckets = self.num_clusters + (key_padding_mask is not None)
+            k_ids = torch.where(attention_mask[:, None, :], k_ids, self.num_clusters)
+        buckets = self.num_clusters + (attention_mask is not None)
         q_ids, k_ids = q_ids.unsqueeze(2), k_ids.unsqueeze(2)  # (B, H, rounds, T)
         if self.local:  # a second round where every token is in one bucket: chunks of consecutive positions
             q_ids = torch.cat([q_ids, torch.zeros_like(q_ids)], dim=2)
             k_ids = torch.cat([k_ids, torch.zeros_like(k_ids)], dim=2)
         layout = bucket_layout(q_ids, buckets, self.window, k_ids)
-        return bucketed_attention(q, k, v, layout, causal=causal, key_padding_mask=key_padding_mask)
+        return bucketed_attention(q, k, v, layout, causal=causal, attention_mask=attention_mask)
 
 
 def update_routing_centroids(model: nn.Module) -> int:

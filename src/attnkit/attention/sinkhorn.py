@@ -201,7 +201,7 @@ class SinkhornAttention(AttentionMechanism):
         v: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         mask: Mask | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
@@ -212,13 +212,13 @@ class SinkhornAttention(AttentionMechanism):
         c = self.block_size
         nb = -(-t_len // c)
         pad = nb * c - t_len
-        masked = key_padding_mask is not None or pad > 0
+        masked = attention_mask is not None or pad > 0
 
         if pad:  # (B, H, nb·c, E), empty slots zero
             q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         real = torch.ones(b, t_len, dtype=torch.bool, device=q.device)
-        if key_padding_mask is not None:
-            real = key_padding_mask
+        if attention_mask is not None:
+            real = attention_mask
         real = torch.nn.functional.pad(real, (0, pad)).view(b, 1, nb, c)  # False on padded keys and empty slots
         # Own block: the block's keys, masked by padding and (causal) original position.
         own_blocked: Tensor | None = None

@@ -55,7 +55,7 @@ def sliding_window_attention(
     *,
     causal: bool,
     dilation: int = 1,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     score_bias: ScoreBias | None = None,
     scale: float | None = None,
     group_size: int | None = None,
@@ -69,7 +69,7 @@ def sliding_window_attention(
         window: ``w``, see the module docstring for exactly which keys.
         causal: causal or bidirectional window.
         dilation: ``d``, spacing between window keys.
-        key_padding_mask: bool ``(B, S)``, True = real token.
+        attention_mask: bool ``(B, S)``, True = real token.
         score_bias: additive bias ``(h, q_pos, kv_pos)``.
         scale: score scale, default ``1/sqrt(D)``.
         group_size: queries per gathered group; default from :func:`default_group_size`.
@@ -79,13 +79,13 @@ def sliding_window_attention(
     """
     t_len, s_len = q.shape[2], k.shape[2]
     if dilation > 1 and t_len == s_len:
-        return _interleaved(q, k, v, window, causal, dilation, key_padding_mask, score_bias, scale, group_size)
+        return _interleaved(q, k, v, window, causal, dilation, attention_mask, score_bias, scale, group_size)
     before, after = window_extent(window, dilation, causal)
     size = group_size or default_group_size(before + after)
     element = sliding_window_mask(t_len, s_len, window, causal=causal, dilation=dilation)
     pattern = span_pattern(t_len, s_len, size, before=before, after=after, element_mask=element, device=q.device)
     return gathered_attention_with_lse(
-        q, k, v, pattern, key_padding_mask=key_padding_mask, score_bias=score_bias, scale=scale
+        q, k, v, pattern, attention_mask=attention_mask, score_bias=score_bias, scale=scale
     )
 
 
@@ -96,7 +96,7 @@ def _interleaved(
     window: int,
     causal: bool,
     dilation: int,
-    key_padding_mask: Tensor | None,
+    attention_mask: Tensor | None,
     score_bias: ScoreBias | None,
     scale: float | None,
     group_size: int | None,
@@ -112,9 +112,7 @@ def _interleaved(
         x = torch.nn.functional.pad(x, (0, 0, 0, pad))
         return x.view(b, h, rows, d, -1).permute(0, 3, 1, 2, 4).reshape(b * d, h, rows, -1)
 
-    real = (
-        key_padding_mask if key_padding_mask is not None else torch.ones(b, length, dtype=torch.bool, device=q.device)
-    )
+    real = attention_mask if attention_mask is not None else torch.ones(b, length, dtype=torch.bool, device=q.device)
     real = torch.nn.functional.pad(real, (0, pad), value=False).view(b, rows, d).transpose(1, 2).reshape(b * d, rows)
     bias = None
     if score_bias is not None:
@@ -129,7 +127,7 @@ def _interleaved(
         split(v),
         window,
         causal=causal,
-        key_padding_mask=real,
+        attention_mask=real,
         score_bias=bias,
         scale=scale,
         group_size=group_size,
@@ -216,7 +214,7 @@ class SlidingWindowAttention(PatternAttention):
         v: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:
@@ -227,7 +225,7 @@ class SlidingWindowAttention(PatternAttention):
             self.window,
             causal=causal,
             dilation=self.dilation,
-            key_padding_mask=key_padding_mask,
+            attention_mask=attention_mask,
             score_bias=score_bias,
             scale=self.scale,
             group_size=self.group_size,
@@ -245,19 +243,19 @@ class SlidingWindowAttention(PatternAttention):
         v: Tensor,
         state: Any,
         *,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         score_bias: ScoreBias | None,
     ) -> Tensor:
         if not isinstance(state, WindowCache):
             raise ValueError(f"state must come from {type(self).__name__}.new_state(), got {type(state).__name__}")
-        state.append(k, v, key_padding_mask)
+        state.append(k, v, attention_mask)
         assert state.keys is not None and state.values is not None
         out = self._attend(
             q,
             state.keys,
             state.values,
             causal=True,
-            key_padding_mask=state.key_padding,
+            attention_mask=state.key_padding,
             mask=None,
             score_bias=score_bias,
         )

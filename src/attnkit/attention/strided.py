@@ -99,11 +99,11 @@ class StridedAttention(PatternAttention):
         v: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:
-        opts: dict[str, Any] = {"key_padding_mask": key_padding_mask, "score_bias": score_bias, "scale": self.scale}
+        opts: dict[str, Any] = {"attention_mask": attention_mask, "score_bias": score_bias, "scale": self.scale}
         band = self.stride if causal else 2 * self.stride - 1  # |p - j| < l as a sliding window
         local = sliding_window_attention(q, k, v, band, causal=causal, **opts)
         grid = grid_pattern(q.shape[2], k.shape[2], self.stride, causal=causal, device=q.device)

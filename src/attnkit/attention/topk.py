@@ -51,7 +51,7 @@ from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import ScoreBias
-from attnkit.masks.functions import Mask, causal_mask, key_padding_mask
+from attnkit.masks.functions import Mask, causal_mask, real_keys_mask
 
 #: Target number of float scores in one chunk's ``(B, H, chunk, S)`` working set (16 MiB).
 _CHUNK_SCORES = 1 << 22
@@ -181,7 +181,7 @@ def _allowed(causal: bool, key_padding: Tensor | None, mask: Mask | None, q_len:
     """Every constraint on which keys a query may see, as one mask over local indices (None: all)."""
     parts = [m for m in (causal_mask(q_len, kv_len) if causal else None, mask) if m is not None]
     if key_padding is not None:
-        parts.append(key_padding_mask(key_padding))
+        parts.append(real_keys_mask(key_padding))
     if not parts:
         return None
     allowed = parts[0]
@@ -243,15 +243,13 @@ class TopKAttention(AttentionMechanism):
         v: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         mask: Mask | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:
         if self.topk >= k.shape[2]:  # nothing would be dropped: exact attention
-            return self._exact(
-                q, k, v, causal=causal, key_padding_mask=key_padding_mask, mask=mask, score_bias=score_bias
-            )
+            return self._exact(q, k, v, causal=causal, attention_mask=attention_mask, mask=mask, score_bias=score_bias)
         if q.dtype in (torch.float16, torch.bfloat16):  # select and normalise in float32
             q, k, v = q.float(), k.float(), v.float()
         # row gathers need (B*H*S, D) views; a transposed projection is copied once here, not per chunk
@@ -264,7 +262,7 @@ class TopKAttention(AttentionMechanism):
             self.topk,
             scale=scale,
             causal=causal,
-            key_padding_mask=key_padding_mask,
+            attention_mask=attention_mask,
             mask=mask,
             score_bias=score_bias,
             chunk=chunk,
@@ -299,7 +297,7 @@ def select_topk(
     *,
     scale: float,
     causal: bool = False,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     mask: Mask | None = None,
     score_bias: ScoreBias | None = None,
     chunk: int = 128,
@@ -312,7 +310,7 @@ def select_topk(
         topk: keys kept per query.
         scale: score scale.
         causal: query ``i`` sees key ``j`` only when ``j <= i + S - T``.
-        key_padding_mask: bool ``(B, S)``, True = real token.
+        attention_mask: bool ``(B, S)``, True = real token.
         mask: an extra boolean :class:`~attnkit.masks.Mask` over local indices.
         score_bias: additive bias included in the scores before selection.
         chunk: queries per step; the working set is ``(B, H, chunk, S)`` scores.
@@ -326,7 +324,7 @@ def select_topk(
     s_len = k.shape[2]
     logits = q.new_empty(b, h, t_len, topk)
     idx = torch.empty(b, h, t_len, topk, dtype=torch.long, device=q.device)
-    allowed = _allowed(causal, key_padding_mask, mask, t_len, s_len)
+    allowed = _allowed(causal, attention_mask, mask, t_len, s_len)
     bh = (torch.arange(b, device=q.device).view(-1, 1, 1, 1), torch.arange(h, device=q.device).view(1, -1, 1, 1))
     for start in range(0, t_len, chunk):
         stop = min(start + chunk, t_len)

@@ -57,13 +57,13 @@ class KVState:
         """Number of cached positions."""
         return 0 if self.keys is None else self.keys.shape[2]
 
-    def append(self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> None:
+    def append(self, k: Tensor, v: Tensor, attention_mask: Tensor | None) -> None:
         """Append ``t`` new positions: ``k (B, H, t, D)``, ``v (B, H, t, Dv)``, mask ``(B, t)``."""
         old = self.length
         b, t = k.shape[0], k.shape[2]
         padding = None
-        if key_padding_mask is not None or self.key_padding is not None:
-            padding = key_padding_mask if key_padding_mask is not None else k.new_ones(b, t, dtype=torch.bool)
+        if attention_mask is not None or self.key_padding is not None:
+            padding = attention_mask if attention_mask is not None else k.new_ones(b, t, dtype=torch.bool)
             if self.key_padding is None:
                 self.key_padding = k.new_ones(b, old, dtype=torch.bool)
         recorded = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
@@ -134,7 +134,7 @@ class AttentionMechanism(nn.Module, ABC):
         v: Tensor,
         *,
         causal: bool = False,
-        key_padding_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         mask: Mask | None = None,
         score_bias: ScoreBias | None = None,
         **call_kwargs: Any,
@@ -146,7 +146,7 @@ class AttentionMechanism(nn.Module, ABC):
             k: ``(B, H, S, D)`` keys.
             v: ``(B, H, S, Dv)`` values.
             causal: query ``i`` sees key ``j`` only when ``j <= i + S - T`` (end-aligned).
-            key_padding_mask: bool ``(B, S)``, True = real token.
+            attention_mask: bool ``(B, S)``, True = real token.
             mask: an extra boolean :class:`~attnkit.masks.Mask` (mechanisms with ``custom_mask``).
             score_bias: an additive positional bias (mechanisms with ``score_bias``).
             **call_kwargs: mechanism-specific per-call options listed in ``call_options``.
@@ -159,11 +159,11 @@ class AttentionMechanism(nn.Module, ABC):
                 (every reason listed).
             TypeError: an unknown per-call keyword.
         """
-        check_qkv(q, k, v, key_padding_mask)
-        self._check_call(q, k, causal=causal, key_padding_mask=key_padding_mask, mask=mask, score_bias=score_bias)
+        check_qkv(q, k, v, attention_mask)
+        self._check_call(q, k, causal=causal, attention_mask=attention_mask, mask=mask, score_bias=score_bias)
         self._check_call_kwargs(call_kwargs)
         out = self._attend(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, mask=mask, score_bias=score_bias, **call_kwargs
+            q, k, v, causal=causal, attention_mask=attention_mask, mask=mask, score_bias=score_bias, **call_kwargs
         )
         return out.to(q.dtype)
 
@@ -176,7 +176,7 @@ class AttentionMechanism(nn.Module, ABC):
         v: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         mask: Mask | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
@@ -221,7 +221,7 @@ class AttentionMechanism(nn.Module, ABC):
         v: Tensor,
         state: Any,
         *,
-        key_padding_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         score_bias: ScoreBias | None = None,
     ) -> Tensor:
         """Append ``t`` new positions to ``state`` and attend their queries causally.
@@ -231,22 +231,22 @@ class AttentionMechanism(nn.Module, ABC):
             k: ``(B, H, t, D)`` keys of the new positions.
             v: ``(B, H, t, Dv)`` values of the new positions.
             state: from :meth:`new_state`; updated in place.
-            key_padding_mask: bool ``(B, t)`` for the new positions.
+            attention_mask: bool ``(B, t)`` for the new positions.
             score_bias: as in :meth:`forward`.
 
         Returns:
             ``(B, H, t, Dv)``, equal to the last ``t`` rows of a causal forward over the
             whole sequence.
         """
-        check_qkv(q, k, v, key_padding_mask)
+        check_qkv(q, k, v, attention_mask)
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"decode needs as many new keys as queries, got q {q.shape[2]} and k {k.shape[2]}")
-        reasons = self._unsupported(causal=True, key_padding_mask=key_padding_mask, mask=None, score_bias=score_bias)
+        reasons = self._unsupported(causal=True, attention_mask=attention_mask, mask=None, score_bias=score_bias)
         if self.capabilities.decoding is None:
             reasons.append("it has no incremental decoding state")
         if reasons:
             raise ValueError(f"attention {self.name!r} cannot do this: " + "; ".join(reasons))
-        return self._decode(q, k, v, state, key_padding_mask=key_padding_mask, score_bias=score_bias).to(q.dtype)
+        return self._decode(q, k, v, state, attention_mask=attention_mask, score_bias=score_bias).to(q.dtype)
 
     def _decode(
         self,
@@ -255,20 +255,20 @@ class AttentionMechanism(nn.Module, ABC):
         v: Tensor,
         state: Any,
         *,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         score_bias: ScoreBias | None,
     ) -> Tensor:
         # Default: a growing KV cache and a causal call with queries aligned to the end.
         if not isinstance(state, KVState):
             raise ValueError(f"state must come from {type(self).__name__}.new_state(), got {type(state).__name__}")
-        state.append(k, v, key_padding_mask)
+        state.append(k, v, attention_mask)
         assert state.keys is not None and state.values is not None
         return self._attend(
             q,
             state.keys,
             state.values,
             causal=True,
-            key_padding_mask=state.key_padding,
+            attention_mask=state.key_padding,
             mask=None,
             score_bias=score_bias,
         )
@@ -278,7 +278,7 @@ class AttentionMechanism(nn.Module, ABC):
         self,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         mask: Mask | None,
         score_bias: ScoreBias | None,
     ) -> list[str]:
@@ -286,8 +286,8 @@ class AttentionMechanism(nn.Module, ABC):
         reasons = []
         if causal and not caps.causal:
             reasons.append(self.no_causal_reason)
-        if key_padding_mask is not None and not caps.key_padding:
-            reasons.append("key_padding_mask is not supported")
+        if attention_mask is not None and not caps.key_padding:
+            reasons.append("attention_mask is not supported")
         if mask is not None and not caps.custom_mask:
             reasons.append("a custom mask function is not supported")
         if score_bias is not None and not caps.score_bias:
@@ -300,7 +300,7 @@ class AttentionMechanism(nn.Module, ABC):
         k: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         mask: Mask | None,
         score_bias: ScoreBias | None,
     ) -> None:
@@ -308,7 +308,7 @@ class AttentionMechanism(nn.Module, ABC):
             raise ValueError(f"causal must be a bool, got {causal!r}")
         if mask is not None and not callable(mask):
             raise ValueError(f"mask must be an attnkit.masks.Mask (a callable), got {type(mask).__name__}")
-        reasons = self._unsupported(causal=causal, key_padding_mask=key_padding_mask, mask=mask, score_bias=score_bias)
+        reasons = self._unsupported(causal=causal, attention_mask=attention_mask, mask=mask, score_bias=score_bias)
         if q.shape[2] != k.shape[2] and not self.capabilities.cross_attention:
             reasons.append(
                 f"queries and keys must have the same length (no cross-attention), got T={q.shape[2]}, S={k.shape[2]}"
@@ -322,7 +322,7 @@ class AttentionMechanism(nn.Module, ABC):
             accepted = ", ".join(self.call_options) or "none"
             raise TypeError(
                 f"attention {self.name!r} got unknown per-call argument(s) {', '.join(unknown)}; "
-                f"accepted: causal, key_padding_mask, mask, score_bias and mechanism-specific: {accepted}"
+                f"accepted: causal, attention_mask, mask, score_bias and mechanism-specific: {accepted}"
             )
 
     def extra_repr(self) -> str:

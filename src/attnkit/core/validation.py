@@ -10,14 +10,14 @@ def _shape(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def check_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> None:
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None = None) -> None:
     """Validate projected queries, keys, values and an optional key padding mask.
 
     Args:
         q: ``(B, H, T, D)`` queries.
         k: ``(B, H, S, D)`` keys.
         v: ``(B, H, S, Dv)`` values.
-        key_padding_mask: optional bool ``(B, S)``, True for real tokens.
+        attention_mask: optional bool ``(B, S)``, True for real tokens.
 
     Raises:
         ValueError: naming the argument, the shape/dtype/device it got and what was expected.
@@ -42,16 +42,16 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None =
         raise ValueError(
             f"empty sequences are not allowed: q {_shape(q)}, k {_shape(k)} (lengths and head dim must be > 0)"
         )
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, Tensor):
-            raise ValueError(f"key_padding_mask must be a bool tensor (B, S), got {type(key_padding_mask).__name__}")
-        if key_padding_mask.dtype != torch.bool:
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor):
+            raise ValueError(f"attention_mask must be a bool tensor (B, S), got {type(attention_mask).__name__}")
+        if attention_mask.dtype != torch.bool:
             raise ValueError(
-                f"key_padding_mask must have dtype torch.bool (True = real token), got {key_padding_mask.dtype}"
+                f"attention_mask must have dtype torch.bool (True = real token), got {attention_mask.dtype}"
             )
-        if tuple(key_padding_mask.shape) != (b, k.shape[2]):
+        if tuple(attention_mask.shape) != (b, k.shape[2]):
             raise ValueError(
-                f"key_padding_mask must have shape (B, S) = ({b}, {k.shape[2]}), got {_shape(key_padding_mask)}"
+                f"attention_mask must have shape (B, S) = ({b}, {k.shape[2]}), got {_shape(attention_mask)}"
             )
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask must be on {q.device} like q, got {key_padding_mask.device}")
+        if attention_mask.device != q.device:
+            raise ValueError(f"attention_mask must be on {q.device} like q, got {attention_mask.device}")

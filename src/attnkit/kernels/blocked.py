@@ -147,7 +147,7 @@ class _Plan:
         batch: int,
         heads: int,
         width: int,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         device: torch.device,
     ) -> None:
         groups = pattern.num_groups
@@ -168,8 +168,8 @@ class _Plan:
         q_valid_all = (q_all >= 0) & (q_all < q_len)
         batch_rows = torch.arange(batch, device=device).view(batch, 1, 1, 1)
         real = None  # key padding with one padded slot at position ``kv_len``
-        if key_padding_mask is not None:
-            real = torch.cat([key_padding_mask, key_padding_mask.new_zeros(batch, 1)], dim=1)
+        if attention_mask is not None:
+            real = torch.cat([attention_mask, attention_mask.new_zeros(batch, 1)], dim=1)
         for c0, c1 in self.bounds:
             kv = kv_all[:, :, c0:c1]
             valid = (kv >= 0) & (kv < kv_len)
@@ -346,7 +346,7 @@ def gathered_attention_with_lse(
     v: Tensor,
     pattern: GatherPattern,
     *,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     score_bias: ScoreBias | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -360,7 +360,7 @@ def gathered_attention_with_lse(
         k: ``(B, H, S, D)`` keys.
         v: ``(B, H, S, Dv)`` values.
         pattern: the groups and the keys each gathers.
-        key_padding_mask: bool ``(B, S)``, True = real token.
+        attention_mask: bool ``(B, S)``, True = real token.
         score_bias: additive bias ``(h, q_pos, kv_pos)`` evaluated on the gathered positions
             only (queries end-aligned: ``q_pos = i + S - T``); learned biases get gradients.
             It is materialised once, ``(.., H, T, W)`` floats.
@@ -377,7 +377,7 @@ def gathered_attention_with_lse(
     scale = scale if scale is not None else 1.0 / math.sqrt(dim)
     size = pattern.group_size
     groups = pattern.num_groups
-    plan = _Plan(pattern, t_len, s_len, b, h, pattern.kv_index.shape[-1], key_padding_mask, q.device)
+    plan = _Plan(pattern, t_len, s_len, b, h, pattern.kv_index.shape[-1], attention_mask, q.device)
     # keys/values as rows of key_block positions, plus one all-zero row for empty slots
     kb = pattern.key_block
     rows = plan.null_row + 1
@@ -420,7 +420,7 @@ def gathered_attention(
     v: Tensor,
     pattern: GatherPattern,
     *,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     score_bias: ScoreBias | None = None,
     scale: float | None = None,
 ) -> Tensor:
@@ -431,7 +431,7 @@ def gathered_attention(
         k: ``(B, H, S, D)`` keys.
         v: ``(B, H, S, Dv)`` values.
         pattern: the groups and the keys each gathers.
-        key_padding_mask: bool ``(B, S)``, True = real token.
+        attention_mask: bool ``(B, S)``, True = real token.
         score_bias: additive bias ``(h, q_pos, kv_pos)`` evaluated on the gathered positions
             only (queries end-aligned: ``q_pos = i + S - T``); learned biases get gradients.
         scale: score scale, default ``1/sqrt(D)``.
@@ -441,7 +441,7 @@ def gathered_attention(
         Low-precision inputs are computed and returned in float32.
     """
     out, _ = gathered_attention_with_lse(
-        q, k, v, pattern, key_padding_mask=key_padding_mask, score_bias=score_bias, scale=scale
+        q, k, v, pattern, attention_mask=attention_mask, score_bias=score_bias, scale=scale
     )
     return out
 

@@ -1035,7 +1035,7 @@ def bucketed_attention(
     layout: ChunkLayout,
     *,
     causal: bool,
-    key_padding_mask: Tensor | None,
+    attention_mask: Tensor | None,
     exclude_self: bool = False,
     look_back: bool = True,
     scale: float | None = None,
@@ -1048,7 +1048,7 @@ def bucketed_attention(
         v: ``(B, H, T, Dv)`` values.
         layout: from :func:`bucket_layout` with leading shape ``(B, H, R)``.
         causal: query ``i`` sees key ``j`` only when ``j <= i`` (original positions).
-        key_padding_mask: bool ``(B, T)``, True = real key.
+        attention_mask: bool ``(B, T)``, True = real key.
         exclude_self: the self-token rule: a query sees its own key only when no other
             key is visible to it (in any round).
         look_back: each chunk also sees the previous chunk of the same bucket.
@@ -1066,8 +1066,8 @@ def bucketed_attention(
     query_tok = layout.queries.token_of_slot.reshape(b, h, rounds, nc, c)
     key_tok = layout.keys.token_of_slot.reshape(b, h, rounds, nc, c)
     key_ok = layout.keys.slot_filled.reshape(b, h, rounds, nc, c)
-    if key_padding_mask is not None:
-        real = key_padding_mask[:, None, None, :].expand(b, h, rounds, t_len)
+    if attention_mask is not None:
+        real = attention_mask[:, None, None, :].expand(b, h, rounds, t_len)
         key_ok = key_ok & real.gather(3, layout.keys.token_of_slot).reshape(key_ok.shape)
     if look_back:  # keys (previous chunk, own chunk): (B, H, R, nc, 2c)
         key_tok = _with_look_back(key_tok, layout.chunk_continues)

@@ -41,7 +41,7 @@ def flex_pattern_attention(
     v: Tensor,
     mask: Mask,
     *,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     score_bias: ScoreBias | None = None,
     scale: float | None = None,
     compiled: bool = True,
@@ -54,7 +54,7 @@ def flex_pattern_attention(
         k: ``(B, H, S, D)`` keys.
         v: ``(B, H, S, Dv)`` values.
         mask: the pattern, local indices, queries end-aligned (as returned by ``pattern()``).
-        key_padding_mask: bool ``(B, S)``, True = real token.
+        attention_mask: bool ``(B, S)``, True = real token.
         score_bias: additive bias ``(h, q_pos, kv_pos)`` with ``q_pos = i + S - T``.
         scale: score scale, default ``1/sqrt(D)``.
         compiled: run under ``torch.compile`` (the fast path); False runs FlexAttention's
@@ -69,7 +69,7 @@ def flex_pattern_attention(
     b, h, t_len, dim = q.shape
     s_len = k.shape[2]
     offset = s_len - t_len
-    pad = key_padding_mask
+    pad = attention_mask
 
     def mask_mod(bi: Tensor, hi: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
         seen = mask(bi, hi, qi, ki)

@@ -54,7 +54,7 @@ class PatternAttention(AttentionMechanism):
         v: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         mask: Mask | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
@@ -69,10 +69,10 @@ class PatternAttention(AttentionMechanism):
             pattern = self.pattern(q.shape[2], k.shape[2], causal=causal, **call_kwargs)
             assert pattern is not None
             return flex_pattern_attention(
-                q, k, v, pattern, key_padding_mask=key_padding_mask, score_bias=score_bias, scale=self.scale
+                q, k, v, pattern, attention_mask=attention_mask, score_bias=score_bias, scale=self.scale
             )
         return self._blocked(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, score_bias=score_bias, **call_kwargs
+            q, k, v, causal=causal, attention_mask=attention_mask, score_bias=score_bias, **call_kwargs
         )
 
     @abstractmethod
@@ -83,7 +83,7 @@ class PatternAttention(AttentionMechanism):
         v: Tensor,
         *,
         causal: bool,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:

@@ -911,7 +911,7 @@ def kernel_attention(
     v: Tensor,
     *,
     causal: bool,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     key_log_scale: Tensor | None = None,
     feature_map: FeatureMap | None = None,
     normalize: bool = True,
@@ -924,7 +924,7 @@ def kernel_attention(
         k: ``(B, H, S, F)`` key features, or keys when ``feature_map`` is given.
         v: ``(B, H, S, Dv)`` values.
         causal: end-aligned causal (query ``i`` sees keys ``j <= i + S - T``).
-        key_padding_mask: bool ``(B, S)``, True = real key; padded keys are removed exactly.
+        attention_mask: bool ``(B, S)``, True = real key; padded keys are removed exactly.
         key_log_scale: ``(B, H, S)`` detached per-key log-scales of ``k`` (see module docstring).
         feature_map: ``φ``, applied here to ``q`` and ``k`` (inside the kernels, a group of
             heads or a block of rows at a time), or None when they are features already.
@@ -937,14 +937,14 @@ def kernel_attention(
     t_len, s_len = q.shape[2], k.shape[2]
     if not causal:
         if key_log_scale is not None:
-            if key_padding_mask is not None:  # padded keys must not set the maximum
-                key_log_scale = key_log_scale.masked_fill(~key_padding_mask[:, None, :], NEG)
+            if attention_mask is not None:  # padded keys must not set the maximum
+                key_log_scale = key_log_scale.masked_fill(~attention_mask[:, None, :], NEG)
             k = k * (key_log_scale - key_log_scale.amax(dim=-1, keepdim=True)).exp()[..., None]
-        return _GlobalKernel.apply(q, k, v, key_padding_mask, feature_map, normalize)
-    if feature_map is not None and key_padding_mask is not None:
+        return _GlobalKernel.apply(q, k, v, attention_mask, feature_map, normalize)
+    if feature_map is not None and attention_mask is not None:
         # padded keys are zeroed as features: map first (without padding, φ is applied in the core)
         q, k, feature_map = apply_features(q, feature_map), apply_features(k, feature_map), None
-    k, v, key_log_scale = _drop_padded(k, v, key_log_scale, key_padding_mask)
+    k, v, key_log_scale = _drop_padded(k, v, key_log_scale, attention_mask)
     if t_len <= s_len:
         # queries sit at the last T positions: give the first S - T positions empty queries
         q_full = F.pad(q, (0, 0, s_len - t_len, 0)) if t_len < s_len else q
@@ -966,7 +966,7 @@ def kernel_decode(
     v: Tensor,
     state: PrefixState,
     *,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     key_log_scale: Tensor | None = None,
     normalize: bool = True,
     chunk_size: int = 64,
@@ -978,7 +978,7 @@ def kernel_decode(
     Args:
         q: ``(B, H, t, F)``; k: ``(B, H, t, F)``; v: ``(B, H, t, Dv)``.
         state: a :class:`PrefixState`, updated in place.
-        key_padding_mask: bool ``(B, t)`` for the new positions.
+        attention_mask: bool ``(B, t)`` for the new positions.
         key_log_scale: ``(B, H, t)`` detached key log-scales, or None.
         normalize: as in :func:`kernel_attention`.
         chunk_size: chunk length for multi-token steps.
@@ -987,7 +987,7 @@ def kernel_decode(
         ``(B, H, t, Dv)``.
     """
     dv = v.shape[-1]
-    k, v, key_log_scale = _drop_padded(k, v, key_log_scale, key_padding_mask)
+    k, v, key_log_scale = _drop_padded(k, v, key_log_scale, attention_mask)
     if q.shape[2] == 1:
         if normalize:
             v = torch.cat([v, v.new_ones((*v.shape[:-1], 1))], dim=-1)
@@ -1022,12 +1022,12 @@ def upcast(x: Tensor) -> Tensor:
 
 
 def _drop_padded(
-    k: Tensor, v: Tensor, key_log_scale: Tensor | None, key_padding_mask: Tensor | None
+    k: Tensor, v: Tensor, key_log_scale: Tensor | None, attention_mask: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     # Zero features and values of padded keys, and keep them out of every running maximum.
-    if key_padding_mask is None:
+    if attention_mask is None:
         return k, v, key_log_scale
-    real = key_padding_mask[:, None, :, None]
+    real = attention_mask[:, None, :, None]
     k = k.masked_fill(~real, 0.0)
     v = v.masked_fill(~real, 0.0)
     if key_log_scale is not None:

@@ -4,8 +4,8 @@ from attnkit.masks.functions import (
     Mask,
     causal_mask,
     full_mask,
-    key_padding_mask,
     materialize,
+    real_keys_mask,
     sliding_window_mask,
 )
 from attnkit.masks.patterns import block_table_mask, fixed_mask, longformer_mask, strided_mask
@@ -16,9 +16,9 @@ __all__ = [
     "causal_mask",
     "fixed_mask",
     "full_mask",
-    "key_padding_mask",
     "longformer_mask",
     "materialize",
+    "real_keys_mask",
     "sliding_window_mask",
     "strided_mask",
 ]

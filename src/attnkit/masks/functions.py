@@ -83,7 +83,7 @@ def causal_mask(q_len: int, kv_len: int) -> Mask:
     return Mask(lambda b, h, q, k: k <= q + offset, "causal")
 
 
-def key_padding_mask(padding: Tensor) -> Mask:
+def real_keys_mask(padding: Tensor) -> Mask:
     """Keys where ``padding[b, j]`` is True (a real token) are visible. ``padding`` is bool ``(B, S)``."""
     return Mask(lambda b, h, q, k: padding[b, k], "key_padding")
 

@@ -32,14 +32,14 @@ class LayerInputs:
     """Everything besides the residual stream that a layer's branches read.
 
     Attributes:
-        key_padding_mask: bool ``(B, T)`` over the layer's own tokens (True = real), or None.
+        attention_mask: bool ``(B, T)`` over the layer's own tokens (True = real), or None.
         positions: absolute positions ``(B, T)`` of the tokens (rotary), or None for ``0..T-1``.
         context: encoder output ``(B, S, dim)`` for cross-attention, or None.
         context_mask: bool ``(B, S)`` over the context, or None.
         caches: per layer, ``(self-attention cache, cross-attention cache)`` while decoding.
     """
 
-    key_padding_mask: Tensor | None = None
+    attention_mask: Tensor | None = None
     positions: Tensor | None = None
     context: Tensor | None = None
     context_mask: Tensor | None = None
@@ -117,12 +117,12 @@ class AttentionBranch(nn.Module):
         """``x (B, T, dim) -> (B, T, dim)``, the branch output (not yet added to ``x``)."""
         h = self.norm(x)
         if self.cross:
-            out = self.attention(h, inputs.context, key_padding_mask=inputs.context_mask, cache=cache)
+            out = self.attention(h, inputs.context, attention_mask=inputs.context_mask, cache=cache)
         else:
             out = self.attention(
                 h,
                 causal=self.causal,
-                key_padding_mask=inputs.key_padding_mask,
+                attention_mask=inputs.attention_mask,
                 cache=cache,
                 positions=inputs.positions,
             )

@@ -108,7 +108,7 @@ class _TokenModel(PreTrainedModel):
             caches = cache.layers
         x = embed(ids, positions)
         inputs = LayerInputs(
-            key_padding_mask=mask, positions=positions, context=context, context_mask=context_mask, caches=caches
+            attention_mask=mask, positions=positions, context=context, context_mask=context_mask, caches=caches
         )
         return stack(x, inputs)
 
