@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import attnkit
 from attnkit.attention.reference import reference_attention
@@ -203,7 +204,7 @@ def test_decoding_equals_recompute(name: str, padded: bool) -> None:
     full = module(q, k, v, causal=True, attention_mask=kpm)
     state = module.new_state()
     pieces, start = [], 0
-    for step in [1, 1, 3, 1, 5] + [1] * length:  # mixed chunk sizes, then token by token
+    for step in [0, 1, 1, 3, 0, 1, 5] + [1] * length:  # mixed chunk sizes (empty ones too), then token by token
         if start >= length:
             break
         stop = min(start + step, length)
@@ -214,6 +215,7 @@ def test_decoding_equals_recompute(name: str, padded: bool) -> None:
             )
         )
         start = stop
+    assert [p.shape[2] for p in pieces[:7]] == [0, 1, 1, 3, 0, 1, 5]
     torch.testing.assert_close(torch.cat(pieces, dim=2), full, atol=1e-5, rtol=1e-5)
 
 
@@ -269,11 +271,15 @@ def test_bad_input_names_the_argument(name: str) -> None:
         module(q, k, v[:, :, :5])
     with pytest.raises(ValueError, match="one dtype"):
         module(q, k.double(), v)
-    with pytest.raises(ValueError, match="empty"):
-        module(q[:, :, :0], k[:, :, :0], v[:, :, :0])
+    with pytest.raises(ValueError, match="head dim D of q and k must be > 0"):
+        module(q[..., :0], k[..., :0], v)
     if caps(name).key_padding:
-        with pytest.raises(ValueError, match="attention_mask must have dtype"):
-            module(q, k, v, attention_mask=torch.ones(2, 12))
+        real = torch.ones(2, 12, dtype=torch.bool)
+        real[1, 9:] = False
+        # PyTorch's other mask forms are refused, never reinterpreted, and the error says how to convert
+        for other in (real.float(), torch.zeros(2, 12).masked_fill(~real, float("-inf")), real.long()):
+            with pytest.raises(ValueError, match=r"attention_mask must have dtype torch\.bool.*mask == 0.*~key_pad"):
+                module(q, k, v, attention_mask=other)
         with pytest.raises(ValueError, match=r"attention_mask must have shape \(B, S\) = \(2, 12\)"):
             module(q, k, v, attention_mask=torch.ones(2, 11, dtype=torch.bool))
 
@@ -290,3 +296,57 @@ def test_score_bias_matches_reference(name: str, causal: bool) -> None:
     pattern = module.pattern(ODD, ODD, causal=causal)
     ref = reference_attention(q, k, v, causal=causal, mask=pattern, score_bias=bias)
     check_close(name, out, ref)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pytorch_key_padding_mask_is_refused(name: str) -> None:
+    """PyTorch's ``key_padding_mask`` means True = padding, attnkit's ``attention_mask`` True = real
+    token: the PyTorch name must raise and say what to pass, never be accepted or routed on."""
+    module = build(name)
+    q, k, v = structured_qkv(2, 2, 12, 12, 8)
+    padding = torch.zeros(2, 12, dtype=torch.bool)
+    padding[1, 9:] = True
+    explained = r"True = padding.*attention_mask.*True = a real token.*attention_mask=~key_padding_mask"
+    with pytest.raises(TypeError, match=explained):
+        module(q, k, v, key_padding_mask=padding)
+    if caps(name).decoding is not None:
+        with pytest.raises(TypeError, match=explained):
+            module.decode(q, k, v, module.new_state(), key_padding_mask=padding)
+        with pytest.raises(TypeError, match=r"unexpected keyword argument.*not_an_option"):
+            module.decode(q, k, v, module.new_state(), not_an_option=1)
+
+
+def empty_cases(name: str) -> list[tuple[int, int, int]]:
+    """``(B, T, S)`` with nothing to attend: every mechanism takes T = S = 0 and an empty batch;
+    cross-attention ones also a query block with no key (S = 0) and keys with no query (T = 0)."""
+    cases = [(2, 0, 0), (0, 7, 7)]
+    if caps(name).cross_attention:
+        cases += [(2, 0, 7), (2, 7, 0)]
+    return cases
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_inputs_match_sdpa(name: str, dtype: torch.dtype) -> None:
+    """Like SDPA: an empty output for T = 0 (or B = 0), zeros for queries with no key (S = 0),
+    in the input dtype, and a backward pass with all-zero gradients."""
+    module = build(name)
+    for b, t_len, s_len in empty_cases(name):
+        for causal in causal_modes(name):
+            g = torch.Generator().manual_seed(t_len + s_len)
+            q, k = (torch.randn(b, H, n, D, generator=g) for n in (t_len, s_len))
+            v = torch.randn(b, H, s_len, D + 3, generator=g)  # Dv != D
+            q, k, v = (x.to(dtype).requires_grad_() for x in (q, k, v))
+            real = torch.ones(b, s_len, dtype=torch.bool) if caps(name).key_padding else None
+            out = module(q, k, v, causal=causal, attention_mask=real)
+            q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+            ref = F.scaled_dot_product_attention(q64, k64, v64)
+            assert out.shape == ref.shape == (b, H, t_len, D + 3), (b, t_len, s_len)
+            assert out.dtype == dtype
+            assert torch.equal(out.double(), ref)  # empty, or exactly zero
+            weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
+            (out.double() * weights).sum().backward()
+            (ref * weights).sum().backward()
+            for x, x64 in ((q, q64), (k, k64), (v, v64)):
+                assert x.grad is not None and x.grad.dtype == dtype
+                assert torch.equal(x.grad.double(), x64.grad)

@@ -188,7 +188,8 @@ def test_self_attention_cache_equals_recompute(setting: str, padded: bool) -> No
     full = layer(x, causal=True, attention_mask=kpm)
     cache = layer.new_cache()
     pieces = []
-    for start, stop in [(0, 5), (5, 6), (6, 9), *((i, i + 1) for i in range(9, 13))]:
+    # empty steps (no new token) change nothing, first or in the middle
+    for start, stop in [(0, 0), (0, 5), (5, 6), (6, 6), (6, 9), *((i, i + 1) for i in range(9, 13))]:
         step_mask = kpm[:, start:stop] if kpm is not None else None
         pieces.append(layer(x[:, start:stop], attention_mask=step_mask, cache=cache))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
@@ -258,3 +259,41 @@ def test_scale_is_one_over_sqrt_head_dim() -> None:
     scores = torch.tensor([[1.0, 0.0], [0.0, 4.0]]) / math.sqrt(4)
     expected = scores.softmax(-1) @ x[0]
     torch.testing.assert_close(out[0], expected, atol=1e-6, rtol=0)
+
+
+def test_pytorch_key_padding_mask_is_refused() -> None:
+    """torch.nn.MultiheadAttention's key_padding_mask means True = padding: refused, with what to pass."""
+    layer = attnkit.MultiHeadAttention(DIM, HEADS)
+    x = inputs()
+    padding = torch.zeros(B, T, dtype=torch.bool)
+    padding[1, 7:] = True
+    explained = r"True = padding.*attention_mask.*True = a real token.*attention_mask=~key_padding_mask"
+    with pytest.raises(TypeError, match=explained):
+        layer(x, key_padding_mask=padding)
+    with pytest.raises(TypeError, match=explained):
+        layer(x, key_padding_mask=padding, cache=layer.new_cache())
+    with pytest.raises(TypeError, match=explained):
+        layer(x, torch.randn(B, T, DIM), key_padding_mask=padding, cache=layer.new_cache())
+
+
+@pytest.mark.parametrize("setting", ["plain", "rotary", "t5"])
+def test_empty_inputs(setting: str) -> None:
+    """T = 0 gives an empty output with a working backward; a query with an empty context (S = 0)
+    sees no key, so the attention is zero and the layer outputs the output projection's bias."""
+    torch.manual_seed(11)
+    kwargs = {"plain": {}, "rotary": {"rotary": True}, "t5": {"position_bias": "t5"}}[setting]
+    layer = attnkit.MultiHeadAttention(DIM, HEADS, bias=True, **kwargs)
+    x = inputs(12, length=0).requires_grad_(True)
+    out = layer(x, causal=True)
+    assert out.shape == (B, 0, DIM) and out.dtype == x.dtype
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == (B, 0, DIM)
+    assert torch.equal(layer.to_q.weight.grad, torch.zeros_like(layer.to_q.weight))
+    assert layer(x, cache=layer.new_cache()).shape == (B, 0, DIM)
+    if setting == "rotary":
+        return  # no cross-attention with rotary embeddings
+    queries, empty = inputs(13), torch.randn(B, 0, DIM)
+    for cache in (None, layer.new_cache()):
+        out = layer(queries, empty, cache=cache)
+        close(out, mha_reference(layer, queries, empty), atol=1e-6)
+        assert torch.equal(out, layer.to_out.bias.expand(B, T, DIM))

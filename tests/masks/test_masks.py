@@ -37,7 +37,7 @@ def test_key_padding_and_algebra() -> None:
     assert torch.equal(both, brute(lambda b, h, i, j: pad[b, j] and j <= i + 1, 2, 3, 4, 5))
     assert torch.equal(either, brute(lambda b, h, i, j: pad[b, j] or j == i + 1, 2, 3, 4, 5))
     assert torch.equal(neither, ~either)
-    assert "key_padding" in repr(kp & cm)
+    assert "real_keys" in repr(kp & cm)
 
 
 def test_head_dependent_mask_and_full() -> None:

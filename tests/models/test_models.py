@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -193,6 +195,11 @@ def test_bad_inputs_name_the_argument() -> None:
         lm(ids(2, 5), attention_mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="attention_mask must be bool"):
         lm(ids(2, 5), attention_mask=torch.full((2, 5), 0.5))
+    # float masks are refused, not reinterpreted (an additive 0/-inf mask means the opposite of a 0/1 one)
+    additive = torch.zeros(2, 5).masked_fill(torch.tensor([[False] * 5, [False] * 3 + [True] * 2]), float("-inf"))
+    for float_mask in (additive, (additive == 0).float()):
+        with pytest.raises(ValueError, match=r"attention_mask must be bool.*mask\.bool\(\).*mask == 0"):
+            lm(ids(2, 5), attention_mask=float_mask)
     with pytest.raises(ValueError, match="beyond max_len=16"):
         lm(ids(1, 17))
     with pytest.raises(ValueError, match=r"needs config\.num_classes"):
@@ -212,3 +219,49 @@ def test_decoders_reject_non_causal_mechanisms(name: str) -> None:
     options = attnkit.get_spec(name).small_options
     with pytest.raises(ValueError, match="has no causal mode"):
         LanguageModel(config(attention=name, attention_options=options, position="rotary"))
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_empty_inputs_give_empty_outputs(position: str) -> None:
+    """T = 0 (and B = 0) returns an empty output like SDPA, with a working backward."""
+    torch.manual_seed(9)
+    cfg = config(position=position)
+    for model, width in ((LanguageModel(cfg), 37), (Encoder(cfg), 32)):
+        for batch in (2, 0):
+            out = model(ids(batch, 0), attention_mask=torch.ones(batch, 0, dtype=torch.bool))
+            assert out.shape == (batch, 0, width) and out.dtype == torch.float32
+            out.sum().backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert grads and all(not g.any() for g in grads)  # the empty output depends on nothing
+            model.zero_grad()
+
+
+def test_empty_steps_in_cached_decoding_change_nothing() -> None:
+    torch.manual_seed(10)
+    lm = LanguageModel(config(position="rotary")).eval()
+    x = ids(2, 7, seed=11)
+    cache = lm.new_cache()
+    pieces = [lm(x[:, a:b], cache=cache) for a, b in [(0, 0), (0, 3), (3, 3), (3, 4), (4, 7)]]
+    assert [p.shape[1] for p in pieces] == [0, 3, 0, 1, 3]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), lm(x), atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_decoder_with_an_empty_side() -> None:
+    torch.manual_seed(12)
+    model = EncoderDecoder(config()).eval()
+    src, tgt = ids(2, 6, seed=13), ids(2, 4, seed=14)
+    assert model(src, tgt[:, :0]).shape == (2, 0, 37)
+    # An empty source: cross-attention sees no key, its attention output is zero, so the decoder
+    # equals a copy whose cross-attention output projections are zeroed, reading any source.
+    blind = copy.deepcopy(model)
+    for layer in blind.decoder.layers:
+        layer.cross_attention.attention.to_out.weight.data.zero_()
+    torch.testing.assert_close(model(src[:, :0], tgt), blind(src, tgt), atol=1e-6, rtol=0)
+
+
+def test_empty_inputs_are_refused_where_nothing_can_be_computed() -> None:
+    lm = LanguageModel(config())
+    with pytest.raises(ValueError, match="input_ids must not be empty"):
+        SequenceClassifier(config())(ids(2, 0))  # nothing to pool
+    with pytest.raises(ValueError, match="input_ids must not be empty"):
+        lm.generate(ids(2, 0), max_new_tokens=2)  # nothing to continue

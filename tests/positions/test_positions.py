@@ -28,6 +28,16 @@ def test_sinusoidal_closed_form() -> None:
             assert emb[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-5)
 
 
+def test_empty_position_tables() -> None:
+    """Length 0 (an input with T = 0) gives an empty ``(0, dim)`` table; negative lengths raise."""
+    assert SinusoidalPositions(8)(0, offset=5).shape == (0, 8)
+    assert LearnedPositions(4, max_len=6)(0).shape == (0, 4)
+    with pytest.raises(ValueError, match="length must be a non-negative integer"):
+        SinusoidalPositions(8)(-1)
+    with pytest.raises(ValueError, match="offset must be a non-negative integer"):
+        SinusoidalPositions(8)(3, offset=-1)
+
+
 def test_learned_positions_bounds() -> None:
     pos = LearnedPositions(4, max_len=6)
     assert pos(6).shape == (6, 4)

@@ -203,8 +203,8 @@ def _global_rows_sdpa(
     if causal:  # query i sits at absolute position i + S - T
         allowed = torch.arange(s_len, device=q.device) <= torch.arange(m, device=q.device)[:, None] + s_len - t_len
     if attention_mask is not None:
-        pad = attention_mask[:, None, None, :]
-        allowed = pad if allowed is None else allowed & pad
+        real = attention_mask[:, None, None, :]
+        allowed = real if allowed is None else allowed & real
     if allowed is not None and not bool(allowed.any(dim=-1).all()):
         return None
     if allowed is not None and attention_mask is None and s_len == t_len:

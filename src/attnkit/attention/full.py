@@ -88,8 +88,8 @@ class FullAttention(AttentionMechanism):
             offset = s_len - t_len
             allowed = torch.ones(t_len, s_len, dtype=torch.bool, device=q.device).tril(diagonal=offset)[None, None]
         if attention_mask is not None:
-            pad = attention_mask[:, None, None, :]
-            allowed = pad if allowed is None else allowed & pad
+            real = attention_mask[:, None, None, :]
+            allowed = real if allowed is None else allowed & real
         if mask is not None:
             dense = materialize(mask, b, h, t_len, s_len, device=q.device)
             allowed = dense if allowed is None else allowed & dense

@@ -17,6 +17,7 @@ from attnkit.core.base import AttentionMechanism
 from attnkit.core.errors import check_positive_int
 from attnkit.core.registry import build_attention
 from attnkit.core.types import ScoreBias
+from attnkit.core.validation import check_no_key_padding_mask
 from attnkit.positions.relative import ALiBi, T5RelativeBias
 from attnkit.positions.rotary import RotaryEmbedding
 
@@ -175,8 +176,10 @@ class MultiHeadAttention(nn.Module):
             x: ``(B, T, dim)``.
             context: ``(B, S, context_dim)`` for cross-attention, else None.
             causal: causal self-attention.
-            attention_mask: bool ``(B, S)`` over the keys (``x``'s tokens, or ``context``'s);
-                with a self-attention cache, over the new tokens only.
+            attention_mask: bool ``(B, S)`` over the keys (``x``'s tokens, or ``context``'s),
+                True = real token; with a self-attention cache, over the new tokens only.
+                PyTorch's ``key_padding_mask`` (True = padding) is refused with a ``TypeError``:
+                pass ``attention_mask=~key_padding_mask``.
             cache: an :class:`AttentionCache` for incremental decoding: ``x`` holds only the
                 new tokens; self-attention is then causal.
             positions: absolute positions of ``x``'s tokens for rotary embeddings, ``(T,)`` or
@@ -185,8 +188,9 @@ class MultiHeadAttention(nn.Module):
             **attention_kwargs: per-call options of the mechanism.
 
         Returns:
-            ``(B, T, dim)``.
+            ``(B, T, dim)`` (empty when ``T = 0``).
         """
+        check_no_key_padding_mask(attention_kwargs)
         self._check_input("x", x, self.dim)
         if context is not None:
             self._check_input("context", context, self.to_k.in_features)

@@ -177,11 +177,11 @@ class _SelectedSoftmax(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_bias, None, None, None, None
 
 
-def _allowed(causal: bool, key_padding: Tensor | None, mask: Mask | None, q_len: int, kv_len: int) -> Mask | None:
+def _allowed(causal: bool, attention_mask: Tensor | None, mask: Mask | None, q_len: int, kv_len: int) -> Mask | None:
     """Every constraint on which keys a query may see, as one mask over local indices (None: all)."""
     parts = [m for m in (causal_mask(q_len, kv_len) if causal else None, mask) if m is not None]
-    if key_padding is not None:
-        parts.append(real_keys_mask(key_padding))
+    if attention_mask is not None:
+        parts.append(real_keys_mask(attention_mask))
     if not parts:
         return None
     allowed = parts[0]

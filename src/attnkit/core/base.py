@@ -1,9 +1,14 @@
 """The base class every attention mechanism derives from.
 
 The seam: a mechanism receives projected ``q (B, H, T, D)``, ``k (B, H, S, D)``,
-``v (B, H, S, Dv)`` plus an explicit causal flag, key padding mask, optional mask
-function and optional additive score bias, and returns ``(B, H, T, Dv)`` in the input
-dtype. Projections, rotary embeddings and caches live in :class:`MultiHeadAttention`.
+``v (B, H, S, Dv)`` plus an explicit causal flag, padding mask (``attention_mask``, bool
+``(B, S)``, True = real token), optional mask function and optional additive score bias,
+and returns ``(B, H, T, Dv)`` in the input dtype. Projections, rotary embeddings and caches
+live in :class:`MultiHeadAttention`.
+
+Empty inputs (``T = 0`` or ``S = 0``) are answered here, before any mechanism runs, as
+:func:`torch.nn.functional.scaled_dot_product_attention` answers them: an empty output, or
+zeros for queries with no key at all.
 
 Subclasses implement :meth:`_attend`, and declare ``capabilities`` at registration.
 Exact sparse mechanisms also implement :meth:`pattern` (the dense oracle for tests
@@ -22,7 +27,7 @@ from torch import Tensor, nn
 
 from attnkit.core.capabilities import Capabilities
 from attnkit.core.types import ScoreBias
-from attnkit.core.validation import check_qkv
+from attnkit.core.validation import check_no_key_padding_mask, check_qkv
 from attnkit.masks.functions import Mask
 
 
@@ -146,22 +151,27 @@ class AttentionMechanism(nn.Module, ABC):
             k: ``(B, H, S, D)`` keys.
             v: ``(B, H, S, Dv)`` values.
             causal: query ``i`` sees key ``j`` only when ``j <= i + S - T`` (end-aligned).
-            attention_mask: bool ``(B, S)``, True = real token.
+            attention_mask: bool ``(B, S)``, True = real token (the opposite of the
+                ``key_padding_mask`` of :class:`torch.nn.MultiheadAttention`, which is refused).
             mask: an extra boolean :class:`~attnkit.masks.Mask` (mechanisms with ``custom_mask``).
             score_bias: an additive positional bias (mechanisms with ``score_bias``).
             **call_kwargs: mechanism-specific per-call options listed in ``call_options``.
 
         Returns:
-            ``(B, H, T, Dv)`` in ``q``'s dtype. Rows with no visible key are zeros.
+            ``(B, H, T, Dv)`` in ``q``'s dtype. Rows with no visible key are zeros, so ``T = 0``
+            gives an empty output and ``S = 0`` all zeros.
 
         Raises:
             ValueError: bad shapes/dtypes, or a request the mechanism cannot honour exactly
                 (every reason listed).
-            TypeError: an unknown per-call keyword.
+            TypeError: an unknown per-call keyword, or PyTorch's ``key_padding_mask``.
         """
+        check_no_key_padding_mask(call_kwargs)
         check_qkv(q, k, v, attention_mask)
         self._check_call(q, k, causal=causal, attention_mask=attention_mask, mask=mask, score_bias=score_bias)
         self._check_call_kwargs(call_kwargs)
+        if _nothing_to_attend(q, v):
+            return _empty_attention(q, k, v)
         out = self._attend(
             q, k, v, causal=causal, attention_mask=attention_mask, mask=mask, score_bias=score_bias, **call_kwargs
         )
@@ -223,6 +233,7 @@ class AttentionMechanism(nn.Module, ABC):
         *,
         attention_mask: Tensor | None = None,
         score_bias: ScoreBias | None = None,
+        **unexpected: Any,
     ) -> Tensor:
         """Append ``t`` new positions to ``state`` and attend their queries causally.
 
@@ -231,13 +242,21 @@ class AttentionMechanism(nn.Module, ABC):
             k: ``(B, H, t, D)`` keys of the new positions.
             v: ``(B, H, t, Dv)`` values of the new positions.
             state: from :meth:`new_state`; updated in place.
-            attention_mask: bool ``(B, t)`` for the new positions.
+            attention_mask: bool ``(B, t)`` for the new positions, True = real token.
             score_bias: as in :meth:`forward`.
+            **unexpected: refused with a ``TypeError`` (caught here to explain PyTorch's
+                ``key_padding_mask``).
 
         Returns:
             ``(B, H, t, Dv)``, equal to the last ``t`` rows of a causal forward over the
-            whole sequence.
+            whole sequence. ``t = 0`` returns an empty output and leaves ``state`` unchanged.
         """
+        check_no_key_padding_mask(unexpected)
+        if unexpected:
+            raise TypeError(
+                f"decode() got unexpected keyword argument(s) {', '.join(sorted(unexpected))}; "
+                "accepted: attention_mask, score_bias"
+            )
         check_qkv(q, k, v, attention_mask)
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"decode needs as many new keys as queries, got q {q.shape[2]} and k {k.shape[2]}")
@@ -246,6 +265,8 @@ class AttentionMechanism(nn.Module, ABC):
             reasons.append("it has no incremental decoding state")
         if reasons:
             raise ValueError(f"attention {self.name!r} cannot do this: " + "; ".join(reasons))
+        if _nothing_to_attend(q, v):  # no new position: nothing to append either
+            return _empty_attention(q, k, v)
         return self._decode(q, k, v, state, attention_mask=attention_mask, score_bias=score_bias).to(q.dtype)
 
     def _decode(
@@ -287,7 +308,7 @@ class AttentionMechanism(nn.Module, ABC):
         if causal and not caps.causal:
             reasons.append(self.no_causal_reason)
         if attention_mask is not None and not caps.key_padding:
-            reasons.append("attention_mask is not supported")
+            reasons.append("a padding attention_mask is not supported (padded keys would change the output)")
         if mask is not None and not caps.custom_mask:
             reasons.append("a custom mask function is not supported")
         if score_bias is not None and not caps.score_bias:
@@ -327,6 +348,23 @@ class AttentionMechanism(nn.Module, ABC):
 
     def extra_repr(self) -> str:
         return getattr(self, "_options_repr", "")
+
+
+def _nothing_to_attend(q: Tensor, v: Tensor) -> bool:
+    # No query (T = 0 or an empty batch), no key (S = 0) or no value channel (Dv = 0).
+    return q.numel() == 0 or v.numel() == 0
+
+
+def _empty_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The output when :func:`_nothing_to_attend`: ``(B, H, T, Dv)``, empty or all zeros.
+
+    A query with no key outputs zeros, so the answer needs no mechanism. It is written as
+    ``(q kᵀ) v`` without the softmax: over an empty T or S axis that product is exactly the
+    answer, and it keeps ``q``, ``k`` and ``v`` in the autograd graph, so backward runs and
+    gives zero gradients, as SDPA does.
+    """
+    keys = k.shape[2] if v.shape[3] > 0 else 0  # with Dv = 0, skip (T, S) scores that nobody reads
+    return (q @ k[:, :, :keys].transpose(-1, -2)) @ v[:, :, :keys]
 
 
 def after_optimizer_step(model: nn.Module) -> int:

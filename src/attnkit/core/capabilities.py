@@ -22,7 +22,8 @@ class Capabilities:
         exact: True when the output equals softmax attention under the mechanism's
             own mask (``pattern``); False for approximations.
         causal: supports ``causal=True`` exactly (no information from later keys).
-        key_padding: honours ``attention_mask`` exactly (padded keys change nothing).
+        key_padding: honours a padding ``attention_mask`` (bool ``(B, S)``, True = real
+            token) exactly: padded keys change nothing.
         cross_attention: accepts keys/values whose length differs from the queries'.
         decoding: incremental decoding state: ``"kv_cache"``, ``"window_cache"``,
             ``"recurrent"`` or None (no incremental decoding).

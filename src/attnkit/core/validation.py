@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
+
+#: What to do with the masks PyTorch users bring: ``attention_mask`` is bool, True = real token.
+_MASK_CONVERSIONS = (
+    "convert it: a 0/1 mask (1 = real token) -> mask.bool(); an additive float mask "
+    "(0 = keep, -inf = drop) -> mask == 0; PyTorch's key_padding_mask (True = padding) -> ~key_padding_mask"
+)
 
 
 def _shape(t: Tensor) -> str:
@@ -11,7 +20,10 @@ def _shape(t: Tensor) -> str:
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None = None) -> None:
-    """Validate projected queries, keys, values and an optional key padding mask.
+    """Validate projected queries, keys, values and an optional padding mask.
+
+    Empty sequences (``T = 0`` or ``S = 0``) and an empty batch are valid, as in
+    :func:`torch.nn.functional.scaled_dot_product_attention`; the head dim must be positive.
 
     Args:
         q: ``(B, H, T, D)`` queries.
@@ -33,21 +45,23 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None = N
         raise ValueError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    b, h, t_len, d = q.shape
+    b, h, _, d = q.shape
     if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
         raise ValueError(f"k must have shape ({b}, {h}, S, {d}) to match q {_shape(q)}, got {_shape(k)}")
     if v.shape[0] != b or v.shape[1] != h or v.shape[2] != k.shape[2]:
         raise ValueError(f"v must have shape ({b}, {h}, {k.shape[2]}, Dv) to match k {_shape(k)}, got {_shape(v)}")
-    if t_len == 0 or k.shape[2] == 0 or d == 0:
-        raise ValueError(
-            f"empty sequences are not allowed: q {_shape(q)}, k {_shape(k)} (lengths and head dim must be > 0)"
-        )
+    if d == 0:
+        # Empty sequences are fine (T = 0 or S = 0, as in SDPA), but scores over zero channels
+        # would all be 0: a uniform average that no sensible model asks for.
+        raise ValueError(f"the head dim D of q and k must be > 0, got q {_shape(q)}, k {_shape(k)}")
     if attention_mask is not None:
         if not isinstance(attention_mask, Tensor):
             raise ValueError(f"attention_mask must be a bool tensor (B, S), got {type(attention_mask).__name__}")
         if attention_mask.dtype != torch.bool:
+            # Never reinterpreted: a float mask may be 0/1 or additive (0/-inf), which mean opposite things.
             raise ValueError(
-                f"attention_mask must have dtype torch.bool (True = real token), got {attention_mask.dtype}"
+                f"attention_mask must have dtype torch.bool (True = real token), got {attention_mask.dtype}; "
+                + _MASK_CONVERSIONS
             )
         if tuple(attention_mask.shape) != (b, k.shape[2]):
             raise ValueError(
@@ -55,3 +69,24 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None = N
             )
         if attention_mask.device != q.device:
             raise ValueError(f"attention_mask must be on {q.device} like q, got {attention_mask.device}")
+
+
+def check_no_key_padding_mask(kwargs: Mapping[str, Any]) -> None:
+    """Refuse PyTorch's ``key_padding_mask`` keyword, whose meaning is the opposite of attnkit's mask.
+
+    ``torch.nn.MultiheadAttention(key_padding_mask=...)`` marks *padding* with True; attnkit's
+    ``attention_mask`` marks *real tokens* with True (the Hugging Face convention). Accepting the
+    PyTorch name, or routing it anywhere, would silently invert a user's mask.
+
+    Args:
+        kwargs: the keyword arguments a call did not recognise.
+
+    Raises:
+        TypeError: when ``kwargs`` holds ``key_padding_mask``, saying what to pass instead.
+    """
+    if "key_padding_mask" in kwargs:
+        raise TypeError(
+            "key_padding_mask is torch.nn.MultiheadAttention's argument, where True = padding; attnkit's "
+            "argument is attention_mask, a bool (B, S) tensor where True = a real token (the opposite "
+            "meaning): pass attention_mask=~key_padding_mask"
+        )

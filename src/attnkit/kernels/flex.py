@@ -69,11 +69,11 @@ def flex_pattern_attention(
     b, h, t_len, dim = q.shape
     s_len = k.shape[2]
     offset = s_len - t_len
-    pad = attention_mask
+    real = attention_mask  # bool (B, S), True = real key
 
     def mask_mod(bi: Tensor, hi: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
         seen = mask(bi, hi, qi, ki)
-        return seen & pad[bi, ki] if pad is not None else seen
+        return seen & real[bi, ki] if real is not None else seen
 
     score_mod = None
     if score_bias is not None:
@@ -83,7 +83,7 @@ def flex_pattern_attention(
             return score + bias(hi, qi + offset, ki).to(score.dtype)
 
     block_mask = create_block_mask(
-        mask_mod, b if pad is not None else None, h, t_len, s_len, device=q.device, BLOCK_SIZE=block_size
+        mask_mod, b if real is not None else None, h, t_len, s_len, device=q.device, BLOCK_SIZE=block_size
     )
     scale = scale if scale is not None else 1.0 / math.sqrt(dim)
     # Compiled FlexAttention on CPU cannot return the log-sum-exp; its kernel writes zeros for a

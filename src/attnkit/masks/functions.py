@@ -83,9 +83,13 @@ def causal_mask(q_len: int, kv_len: int) -> Mask:
     return Mask(lambda b, h, q, k: k <= q + offset, "causal")
 
 
-def real_keys_mask(padding: Tensor) -> Mask:
-    """Keys where ``padding[b, j]`` is True (a real token) are visible. ``padding`` is bool ``(B, S)``."""
-    return Mask(lambda b, h, q, k: padding[b, k], "key_padding")
+def real_keys_mask(attention_mask: Tensor) -> Mask:
+    """Keys where ``attention_mask[b, j]`` is True (a real token) are visible.
+
+    The mask-function form of the mechanisms' ``attention_mask`` argument: bool ``(B, S)``,
+    True = real token (the opposite of PyTorch's ``key_padding_mask``).
+    """
+    return Mask(lambda b, h, q, k: attention_mask[b, k], "real_keys")
 
 
 def sliding_window_mask(q_len: int, kv_len: int, window: int, *, causal: bool, dilation: int = 1) -> Mask:

@@ -34,8 +34,8 @@ class TokenEmbedding(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         """``input_ids (B, T)`` at absolute ``positions (B, T)`` -> ``(B, T, dim)``."""
         x = self.tokens(input_ids)
+        top = int(positions.max()) if positions.numel() > 0 else -1  # -1: no token (T = 0)
         if isinstance(self.positions, LearnedPositions):
-            top = int(positions.max())
             if top >= self.positions.max_len:
                 raise ValueError(
                     f"position {top} is beyond max_len={self.positions.max_len} of the learned positions "
@@ -43,7 +43,7 @@ class TokenEmbedding(nn.Module):
                 )
             x = x + self.positions.embedding(positions)
         elif isinstance(self.positions, SinusoidalPositions):
-            table = self.positions(int(positions.max()) + 1)  # (P, dim)
+            table = self.positions(top + 1)  # (P, dim)
             x = x + table[positions].to(x.dtype)
         return self.dropout(x)
 

@@ -28,12 +28,18 @@ from attnkit.models.pretrained import PreTrainedModel, register_architecture
 from attnkit.models.stack import TokenEmbedding, TransformerStack
 
 
-def check_ids(name: str, ids: Any, vocab_size: int) -> Tensor:
-    """Validate token ids: an integer tensor ``(B, T)`` with values in ``[0, vocab_size)``."""
+def check_ids(name: str, ids: Any, vocab_size: int, *, allow_empty: bool = False) -> Tensor:
+    """Validate token ids: an integer tensor ``(B, T)`` with values in ``[0, vocab_size)``.
+
+    ``allow_empty`` accepts ``B = 0`` or ``T = 0`` (a forward pass then returns an empty
+    output, as attention does); generation and pooling need at least one token.
+    """
     if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
         raise ValueError(f"{name} must be an integer tensor of shape (B, T), got {got}")
-    if ids.shape[1] == 0 or ids.shape[0] == 0:
+    if ids.numel() == 0:
+        if allow_empty:
+            return ids.long()
         raise ValueError(f"{name} must not be empty, got shape {tuple(ids.shape)}")
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab_size:
@@ -50,8 +56,13 @@ def check_mask(name: str, mask: Any, ids: Tensor) -> Tensor | None:
         got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"{name} must be a bool tensor of shape {tuple(ids.shape)} (True = real token), got {got}")
     if mask.dtype != torch.bool:
+        # Float masks are refused, not guessed: PyTorch's are additive (0 = keep, -inf = drop).
         if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"{name} must be bool (True = real token) or 0/1 integers, got dtype {mask.dtype}")
+            raise ValueError(
+                f"{name} must be bool (True = real token) or 0/1 integers (1 = real token), got dtype "
+                f"{mask.dtype}; convert a 0/1 float mask with mask.bool(), an additive one (0 = keep, "
+                "-inf = drop) with mask == 0"
+            )
         mask = mask.bool()
     if mask.device != ids.device:
         raise ValueError(f"{name} must be on {ids.device} like the ids, got {mask.device}")
@@ -128,7 +139,7 @@ class Encoder(_TokenModel):
 
     def forward(self, input_ids: Tensor, *, attention_mask: Tensor | None = None) -> Tensor:
         """Encode ``input_ids (B, T)``; returns hidden states ``(B, T, dim)`` (final-normed)."""
-        ids = check_ids("input_ids", input_ids, self.config.vocab_size)
+        ids = check_ids("input_ids", input_ids, self.config.vocab_size, allow_empty=True)
         mask = check_mask("attention_mask", attention_mask, ids)
         return self._run(self.embed, self.encoder, ids, mask)
 
@@ -224,7 +235,7 @@ class LanguageModel(LanguageModelGeneration, _TokenModel):
         Returns:
             ``(B, T, vocab_size)`` logits.
         """
-        ids = check_ids("input_ids", input_ids, self.config.vocab_size)
+        ids = check_ids("input_ids", input_ids, self.config.vocab_size, allow_empty=True)
         mask = check_mask("attention_mask", attention_mask, ids)
         return self.lm_head(self._run(self.embed, self.decoder, ids, mask, cache=cache))
 
@@ -261,7 +272,7 @@ class EncoderDecoder(Seq2SeqGeneration, _TokenModel):
 
     def encode(self, src_ids: Tensor, *, src_mask: Tensor | None = None) -> Tensor:
         """Encode the source: ``src_ids (B, S)`` -> memory ``(B, S, dim)``."""
-        ids = check_ids("src_ids", src_ids, self.config.vocab_size)
+        ids = check_ids("src_ids", src_ids, self.config.vocab_size, allow_empty=True)
         mask = check_mask("src_mask", src_mask, ids)
         return self._run(self.embed, self.encoder, ids, mask)
 
@@ -275,7 +286,7 @@ class EncoderDecoder(Seq2SeqGeneration, _TokenModel):
         cache: ModelCache | None = None,
     ) -> Tensor:
         """Decoder logits ``(B, T, V)`` for ``tgt_ids (B, T)`` attending to ``memory (B, S, dim)``."""
-        ids = check_ids("tgt_ids", tgt_ids, self.config.vocab_size)
+        ids = check_ids("tgt_ids", tgt_ids, self.config.vocab_size, allow_empty=True)
         mask = check_mask("tgt_mask", tgt_mask, ids)
         if not isinstance(memory, Tensor) or memory.dim() != 3 or memory.shape[-1] != self.config.dim:
             got = tuple(memory.shape) if isinstance(memory, Tensor) else type(memory).__name__

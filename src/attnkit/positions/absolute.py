@@ -10,13 +10,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from attnkit.core.errors import check_positive_int
+from attnkit.core.errors import check_non_negative_int, check_positive_int
 
 
 def _positions(length: int, offset: int, device: torch.device | None) -> Tensor:
-    check_positive_int("length", length)
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative integer, got {offset!r}")
+    # length 0 is an empty table, for empty inputs (T = 0)
+    check_non_negative_int("length", length)
+    check_non_negative_int("offset", offset)
     return torch.arange(offset, offset + length, device=device)
 
 
