@@ -13,15 +13,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 . "$VENV/bin/activate"
 
-# Prefer an installed torch; otherwise the CPU wheel (a bare 'torch' would pull a multi-GB CUDA build).
-if ! python -c "import torch" >/dev/null 2>&1; then
-  echo "[run.sh] installing torch (CPU build)" >&2
-  pip install -q --disable-pip-version-check "torch==2.13.0"
-fi
+# PyPI's Linux torch is the multi-GB CUDA build: the script installs the CPU build where nvidia-smi lists no
+# GPU, the CUDA build where it does, and keeps an installed torch. It prints one line when it installs, and
+# why. Override: ATTNKIT_TORCH=auto|cpu|cuda|skip, ATTNKIT_TORCH_INDEX=URL (python scripts/torch_setup.py -h).
+python scripts/torch_setup.py
 stamp="$VENV/.attnkit-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "[run.sh] installing attnkit and its dependencies" >&2
-  pip install -q --disable-pip-version-check -e ".[dev]"
+  pip install -q --disable-pip-version-check -e ".[dev,hf]"
   touch "$stamp"
 fi
 

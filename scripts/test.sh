@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 fail=0
 
-echo "== ruff check"; ruff check src tests benchmarks || fail=1
-echo "== ruff format --check"; ruff format --check src tests benchmarks || fail=1
+echo "== ruff check"; ruff check src tests benchmarks scripts || fail=1
+echo "== ruff format --check"; ruff format --check src tests benchmarks scripts || fail=1
 echo "== mypy"; mypy || fail=1
 echo "== pytest (fast suite)"
 python -m pytest -m "not slow" -p no:cacheprovider "$@" || fail=1
