@@ -20,7 +20,7 @@ python scripts/torch_setup.py
 stamp="$VENV/.attnkit-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "[run.sh] installing attnkit and its dependencies" >&2
-  pip install -q --disable-pip-version-check -e ".[dev,hf]"
+  pip install -q --disable-pip-version-check -e ".[dev,hf,compress]"
   touch "$stamp"
 fi
 

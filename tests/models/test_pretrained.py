@@ -48,6 +48,22 @@ def test_round_trip_is_bit_exact(cls: type, tmp_path: Path, monkeypatch: pytest.
     assert torch.equal(run(model, x), run(loaded, x))
 
 
+def test_lazily_created_mechanism_state_round_trips(tmp_path: Path) -> None:
+    # Routing's centroids are an empty buffer until the first forward sets them up; a model saved after
+    # that holds (heads, clusters, head_dim) centroids that a freshly built model does not have yet.
+    torch.manual_seed(0)
+    model = LanguageModel(config(attention="routing", attention_options={"routing": {"num_clusters": 2}})).eval()
+    x = torch.randint(0, 23, (2, 9))
+    expected = model(x)
+    centroids = {k: v for k, v in model.state_dict().items() if k.endswith("centroids")}
+    assert centroids and all(v.numel() > 0 for v in centroids.values())
+    model.save_pretrained(tmp_path)
+    loaded = LanguageModel.from_pretrained(tmp_path)
+    for name, value in centroids.items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    assert torch.equal(loaded(x), expected)
+
+
 def test_tied_weights_stay_tied_and_are_stored_once(tmp_path: Path) -> None:
     from safetensors import safe_open
 

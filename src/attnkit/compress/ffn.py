@@ -1,0 +1,138 @@
+"""Structured removal of feed-forward hidden channels: narrower ``w_in`` and ``w_out``.
+
+Channel ``c`` of a :class:`~attnkit.models.layers.FeedForward` is row ``c`` of ``w_in`` (GELU;
+with SwiGLU, gate row ``c`` and value row ``hidden + c``, since the module splits ``w_in``'s
+output in halves) and column ``c`` of ``w_out``. Removing it equals the unpruned layer with that
+``w_out`` column zeroed, and saves ``(2 or 3) · dim`` multiply-adds per token.
+
+Importance: the gradient score of Michel et al. 2019 with a gate per channel
+(:mod:`attnkit.compress.importance`), or a magnitude score: the product of the norms of the rows
+feeding the channel and of its output column (``‖w_in[c]‖ · ‖w_out[:, c]‖``; SwiGLU:
+``‖gate_c‖ · ‖value_c‖ · ‖w_out[:, c]‖``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnkit.compress.importance import (
+    SCORES,
+    check_amount_fraction,
+    choose_global,
+    gate_gradients,
+    normalise_per_layer,
+    parse_explicit,
+    require_float_linears,
+    slice_linear,
+)
+from attnkit.compress.records import PruneResult, count_parameters, record_of
+from attnkit.core.errors import check_choice, check_positive_int
+from attnkit.models.layers import FeedForward
+
+
+def feed_forward_layers(model: nn.Module) -> list[str]:
+    """Paths of the model's :class:`FeedForward` modules, in module order (the layer indices)."""
+    return [name for name, m in model.named_modules() if isinstance(m, FeedForward)]
+
+
+def _width(ff: FeedForward) -> int:
+    return ff.w_out.in_features
+
+
+def remove_channels(ff: FeedForward, keep: Sequence[int]) -> None:
+    """Keep only hidden channels ``keep`` of ``ff`` (in place).
+
+    Raises:
+        ValueError: an empty or out-of-range ``keep``, or weights that are no longer ``nn.Linear``.
+    """
+    hidden = _width(ff)
+    kept = sorted(set(keep))
+    if not kept or kept[0] < 0 or kept[-1] >= hidden:
+        raise ValueError(f"keep must list some of the {hidden} channels (0..{hidden - 1}), got {list(keep)}")
+    index = torch.tensor(kept, device=ff.w_out.weight.device)
+    rows = torch.cat([index, index + hidden]) if ff.activation == "swiglu" else index
+    ff.w_in = slice_linear(ff.w_in, rows=rows)
+    ff.w_out = slice_linear(ff.w_out, columns=index)
+
+
+def _magnitude(ff: FeedForward) -> Tensor:
+    hidden = _width(ff)
+    feeding = ff.w_in.weight.detach().double().norm(dim=1)  # (hidden or 2 * hidden,)
+    if ff.activation == "swiglu":
+        feeding = feeding[:hidden] * feeding[hidden:]
+    return (feeding * ff.w_out.weight.detach().double().norm(dim=0)).cpu()
+
+
+def prune_ffn(
+    model: nn.Module,
+    amount: float | Mapping[Any, Sequence[int]] = 0.3,
+    *,
+    score: str = "gradient",
+    data: Any = None,
+    max_batches: int = 8,
+) -> tuple[nn.Module, PruneResult]:
+    """Remove feed-forward hidden channels for real (narrower weights), in place.
+
+    Args:
+        model: an attnkit model (or any module holding :class:`FeedForward` layers).
+        amount: a fraction in ``[0, 1)`` of all channels, chosen globally by importance
+            (``round(amount · total)``, never a layer's last); or ``{layer: [channels]}`` with
+            ``layer`` an index into :func:`feed_forward_layers` or a module path.
+        score: ``"gradient"`` (needs ``data``) or ``"magnitude"``; ignored for a dict ``amount``.
+        data: an iterable of :class:`~attnkit.data.tasks.Batch` to score on.
+        max_batches: batches of ``data`` to use.
+
+    Returns:
+        ``(model, result)``; ``model.compression_record`` holds the kept original channels.
+
+    Raises:
+        ValueError: a bad ``amount`` (too many channels, all of a layer, unknown layers), a bad
+            ``score``, missing ``data``, or a model already quantized.
+    """
+    check_choice("score", score, SCORES)
+    check_positive_int("max_batches", max_batches, example=8)
+    names = feed_forward_layers(model)
+    if not names:
+        raise ValueError("model has no FeedForward layers: there are no channels to prune")
+    layers: dict[str, FeedForward] = {name: model.get_submodule(name) for name in names}  # type: ignore[misc]
+    for name, ff in layers.items():
+        require_float_linears({f"{name}.w_in": ff.w_in, f"{name}.w_out": ff.w_out})
+    before = count_parameters(model)
+    sizes = {name: _width(ff) for name, ff in layers.items()}
+    importance: dict[str, list[float]] = {}
+    if isinstance(amount, Mapping):
+        removed = parse_explicit(amount, sizes, unit="channels", layers_hint=f"layers: {names}")
+        used_score = "given"
+    else:
+        fraction = check_amount_fraction(amount)
+        if score == "magnitude":
+            raw = {name: _magnitude(ff) for name, ff in layers.items()}
+        else:
+            targets = {name: (ff.w_out, sizes[name]) for name, ff in layers.items()}
+            raw = gate_gradients(model, data, targets, max_batches=max_batches)
+        scores = normalise_per_layer(raw)
+        removed = choose_global(scores, fraction, unit="feed-forward channels")
+        importance = {name: s.tolist() for name, s in scores.items()}
+        used_score = score
+    record = record_of(model)
+    for name, channels in removed.items():
+        if not channels:
+            continue
+        gone = set(channels)
+        keep = [c for c in range(sizes[name]) if c not in gone]
+        remove_channels(layers[name], keep)
+        record.keep("ffn", name, keep, sizes[name])
+    return model, PruneResult(
+        kind="ffn",
+        score=used_score,
+        units_before=sizes,
+        units_after={name: _width(ff) for name, ff in layers.items()},
+        removed={name: c for name, c in removed.items() if c},
+        importance=importance,
+        parameters_before=before,
+        parameters_after=count_parameters(model),
+    )
