@@ -21,7 +21,7 @@ from attnkit.attention.routing import RoutingAttention, update_routing_centroids
 from attnkit.attention.sinkhorn import SinkhornAttention, sinkhorn_normalize
 from attnkit.kernels import bucketed
 from attnkit.kernels.bucketed import bucket_layout, chunk_attention
-from tests.helpers import random_padding, relative_error, structured_qkv
+from tests.helpers import build, random_padding, relative_error, structured_qkv
 
 NAMES = ["lsh", "routing", "sinkhorn"]
 
@@ -612,3 +612,15 @@ def test_routing_centroid_update_is_global_under_torch_distributed(tmp_path: pat
         replicas[0], RoutingAttention(num_clusters=3, window=4, seed=3)._centroids_for(2, 8, q.device)
     )
     torch.testing.assert_close(replicas[0], single.centroids, atol=1e-6, rtol=0)
+
+
+def test_routing_runs_after_the_module_is_cast_to_bfloat16() -> None:
+    # model.to(torch.bfloat16) casts the centroids too; the nearest-centroid search runs in float32
+    # either way (it failed: "expected m1 and m2 to have the same dtype").
+    layer = build("routing")
+    q, k, v = structured_qkv(1, 2, 24, 24, 8, seed=3)
+    expected = layer(q, k, v)
+    layer.to(torch.bfloat16)
+    out = layer(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - expected.double()).abs().max() < 0.1

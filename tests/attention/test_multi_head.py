@@ -297,3 +297,26 @@ def test_empty_inputs(setting: str) -> None:
         out = layer(queries, empty, cache=cache)
         close(out, mha_reference(layer, queries, empty), atol=1e-6)
         assert torch.equal(out, layer.to_out.bias.expand(B, T, DIM))
+
+
+PADDED_MECHANISMS = [name for name in attnkit.list_attention() if attnkit.attention_capabilities(name).key_padding]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", PADDED_MECHANISMS)
+def test_padded_tokens_content_never_reaches_real_tokens(name: str, causal: bool) -> None:
+    # Query-dependent structure (Nystrom landmarks, LSH buckets, routing clusters, Sinkhorn's block sort) used
+    # to be built from padded tokens' queries too: changing only padded tokens moved real rows by up to 2.5.
+    if causal and not attnkit.attention_capabilities(name).causal:
+        pytest.skip("no causal mode")
+    torch.manual_seed(0)
+    length = 37
+    layer = attnkit.MultiHeadAttention(DIM, HEADS, name, **attnkit.get_spec(name).small_options).eval()
+    x = torch.randn(B, length, DIM, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(B, length, dtype=torch.bool)
+    mask[0, 29:] = False  # right padding
+    mask[1, :6] = False  # left padding
+    changed = torch.where(mask[..., None], x, 10 * torch.randn_like(x))
+    with torch.no_grad():
+        out, out_changed = (layer(inp, causal=causal, attention_mask=mask) for inp in (x, changed))
+    torch.testing.assert_close(out[mask], out_changed[mask], atol=1e-6, rtol=0)

@@ -210,6 +210,11 @@ class MultiHeadAttention(nn.Module):
             if self.rotary is not None:
                 pos = positions if positions is not None else torch.arange(x.shape[1], device=x.device)
                 q, k = self._rotate(q, pos), self._rotate(k, pos)
+            if context is None and attention_mask is not None:
+                # Padded tokens' queries are zeroed: their outputs are never used, but Nystrom's landmarks,
+                # LSH buckets, routing clusters and Sinkhorn's block sort are built from all queries, so
+                # their content would otherwise reach real tokens.
+                q = q.masked_fill(~attention_mask[:, None, :, None], 0)
             out = self.attention(
                 q,
                 self._expand_kv(k),

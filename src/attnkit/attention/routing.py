@@ -136,7 +136,7 @@ class RoutingAttention(AttentionMechanism):
             # No need to normalise x: dividing a row of scores by |x| > 0 keeps its argmax
             # (and a zero vector scores 0 everywhere either way).
             ids = [
-                torch.einsum("bhtd,hcd->bhtc", part.float(), centroids).argmax(dim=-1)
+                torch.einsum("bhtd,hcd->bhtc", part.float(), centroids.float()).argmax(dim=-1)
                 for part in x.split(_TOKENS_PER_PASS, dim=2)
             ]
             return torch.cat(ids, dim=2)
