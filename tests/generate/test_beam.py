@@ -136,3 +136,36 @@ def test_encoder_decoder_beam_equals_exhaustive_search() -> None:
     best = seqs[max(range(len(seqs)), key=lambda i: scores[i])]
     assert out[: len(best)] == best
     assert math.isfinite(max(scores))
+
+
+def test_model_beam_search_returns_exhaustive_search_scores() -> None:
+    torch.manual_seed(4)
+    model = LanguageModel(CFG).eval()
+    with torch.no_grad():
+        model.lm_head.proj.weight[EOS] *= 3
+    prompts = [[1, 2], [3, 1]]
+    sequences, scores = model.beam_search(
+        torch.tensor(prompts), 3, num_beams=16, num_return_sequences=3, length_penalty=0.5
+    )
+    assert sequences.shape[0] == scores.shape[0] == 6 and scores.dtype == torch.float64
+    assert torch.equal(
+        sequences,
+        model.generate(torch.tensor(prompts), 3, num_beams=16, num_return_sequences=3, length_penalty=0.5),
+    )
+    expected = [score for prompt in prompts for score, _ in brute_force(model, prompt, 3, 0.5)[:3]]
+    torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_encoder_decoder_beam_search_scores_are_decoder_log_probabilities() -> None:
+    torch.manual_seed(5)
+    model = EncoderDecoder(CFG.replace(bos_token_id=1)).eval()
+    src = torch.tensor([[2, 3, 1, 2]])
+    targets, scores = model.beam_search(src, 3, num_beams=16, num_return_sequences=2, length_penalty=1.0)
+    memory = model.encode(src)
+    for row, score in zip(targets.tolist(), scores.tolist()):
+        seq = row[: row.index(EOS) + 1] if EOS in row else row
+        tgt = torch.tensor([[1, *seq]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model.decode(tgt, memory).double(), dim=-1)[0]
+        expected = sum(float(logp[i, t]) for i, t in enumerate(seq)) / len(seq)
+        assert score == pytest.approx(expected, abs=1e-5)

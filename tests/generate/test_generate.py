@@ -135,6 +135,8 @@ def test_training_mode_is_restored(model: LanguageModel) -> None:
         ({"num_beams": 0}, "num_beams must be a positive integer"),
         ({"num_beams": 2, "num_return_sequences": 3}, "num_return_sequences must be at most num_beams=2"),
         ({"num_beams": 2, "temperature": 0.7}, "beam search"),
+        ({"temperature": 0, "top_k": 3}, "temperature=0 means greedy decoding, which would ignore top_k/top_p"),
+        ({"temperature": 0.0, "top_p": 0.9}, "temperature=0 means greedy decoding"),
         ({"num_beams": 2, "streamer": print}, "streamer works with greedy"),
         ({"eos_token_id": 19}, r"eos_token_id must be a token id in \[0, 19\)"),
         ({"pad_token_id": -1}, "pad_token_id must be a token id"),

@@ -131,3 +131,11 @@ def test_bad_config_files_are_rejected(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"no model\.safetensors"):
         LanguageModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_device_is_not_reported_as_a_corrupt_file(tmp_path: Path) -> None:
+    LanguageModel(config()).save_pretrained(tmp_path)
+    with pytest.raises((RuntimeError, AssertionError)) as info:
+        LanguageModel.from_pretrained(tmp_path, map_location="cuda")
+    assert "corrupt" not in str(info.value) and "CUDA" in str(info.value)

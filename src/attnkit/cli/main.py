@@ -1,8 +1,11 @@
 """Entry point of the ``attnkit`` command.
 
 Subcommands are discovered: every module in ``attnkit.cli`` that defines
-``register(subparsers)`` adds one (so a new command touches only its own file). Modules
-import heavy dependencies inside their command functions, keeping ``--help`` fast.
+``register(subparsers)`` adds one (so a new command touches only its own file). Building
+the parser imports only the standard library and those modules (the ``attnkit`` package
+exports its names lazily), and each module imports PyTorch and the rest of attnkit inside
+its ``run`` function, so ``attnkit --help`` and ``attnkit COMMAND --help`` answer in a
+fraction of a second (``tests/cli/test_lazy_imports.py`` checks that torch stays unloaded).
 """
 
 from __future__ import annotations

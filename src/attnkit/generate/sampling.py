@@ -7,12 +7,30 @@ reaches ``top_p``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
 
-def check_sampling(temperature: float | None, top_k: int | None, top_p: float | None) -> None:
+def argument_name(names: Mapping[str, str] | None, name: str) -> str:
+    """How to call argument ``name`` in an error: ``names[name]`` (e.g. a command-line flag) or ``name``."""
+    return names.get(name, name) if names else name
+
+
+def check_sampling(
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    *,
+    names: Mapping[str, str] | None = None,
+) -> None:
     """Validate sampling settings; each error names the argument.
+
+    Args:
+        temperature, top_k, top_p: as in :func:`filter_logits`.
+        names: how to call each argument in the errors (``{"top_k": "--top-k"}`` for a
+            command line); default: the Python names.
 
     Raises:
         ValueError: ``temperature < 0``, ``top_k < 1`` or ``top_p`` outside ``(0, 1]``.
@@ -20,11 +38,12 @@ def check_sampling(temperature: float | None, top_k: int | None, top_p: float | 
     if temperature is not None and (
         isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0
     ):
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+        name = argument_name(names, "temperature")
+        raise ValueError(f"{name} must be a number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        raise ValueError(f"{argument_name(names, 'top_k')} must be a positive integer, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+        raise ValueError(f"{argument_name(names, 'top_p')} must be a number in (0, 1], got {top_p!r}")
 
 
 def filter_logits(

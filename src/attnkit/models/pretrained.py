@@ -209,12 +209,14 @@ def _read_weights(path: Path, device: str | torch.device) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path.parent} (save a model there with model.save_pretrained)")
     try:
-        return load_file(str(path), device=str(device))
+        state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise ValueError(
             f"{path} is not a readable safetensors file (truncated or corrupt?): {err}. "
             "Save the model again with model.save_pretrained"
         ) from None
+    # Moved after reading, so an unavailable device is reported as such, not as a corrupt file.
+    return {name: tensor.to(device) for name, tensor in state.items()}
 
 
 def _load_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
