@@ -23,7 +23,7 @@ def test_report_schema_and_files(tmp_path: Path, toy_mechanism: str, tiny_config
     config = tiny_config.with_(mechanisms=(toy_mechanism,))
     doc = run_arena_report(config, tmp_path, progress=False)
 
-    assert doc["schema_version"] == 1
+    assert doc["schema_version"] == 2
     assert [m["name"] for m in doc["mechanisms"]] == ["full", toy_mechanism]  # the baseline is always added
     assert doc["meta"]["config"]["lengths"] == [64, 128]
     for kind, keys in ROW_KEYS.items():
@@ -39,9 +39,9 @@ def test_report_schema_and_files(tmp_path: Path, toy_mechanism: str, tiny_config
     for r in eff:
         assert r["status"] == "ok", r
         assert r["median_ms"] > 0 and len(r["times_ms"]) >= 1
-        assert r["time_vs_full"] is not None
+        assert r["speedup_vs_full"] is not None
         if r["mechanism"] == "full":
-            assert r["time_vs_full"] == pytest.approx(1.0)
+            assert r["speedup_vs_full"] == pytest.approx(1.0)
 
     fid = {(r["mechanism"], r["input"], r["causal"]): r for r in doc["fidelity"]}
     assert fid[("full", "local", True)]["relative_error"] < 1e-5
@@ -54,7 +54,7 @@ def test_report_schema_and_files(tmp_path: Path, toy_mechanism: str, tiny_config
         assert r["status"] == "ok" and r["metric"] == "accuracy" and 0.0 <= r["value"] <= 1.0
 
     board = {r["mechanism"]: r for r in doc["leaderboard"]}
-    assert board["full"]["speedup"] == pytest.approx(1.0) and board["full"]["max_length"] == 128
+    assert board["full"]["speedup_vs_full"] == pytest.approx(1.0) and board["full"]["max_length"] == 128
     assert board[toy_mechanism]["error_causal"] is None
     headline = fid[(toy_mechanism, "self", False)]["relative_error"]
     assert board[toy_mechanism]["error"] == headline  # the leaderboard's err is the self-attention input's
@@ -78,11 +78,11 @@ def test_interrupted_run_resumes_from_cached_cells(
     real = runner.measure_efficiency
     calls: list[tuple[int, bool, str]] = []
 
-    def interrupted(module: Any, cfg: ArenaConfig, length: int, causal: bool, mode: str, meter: Any) -> Any:
+    def interrupted(module: Any, cfg: ArenaConfig, length: int, causal: bool, mode: str, meter: Any, **kw: Any) -> Any:
         if len(calls) == 3:
             raise KeyboardInterrupt  # the user pressed Ctrl-C during the fourth cell
         calls.append((length, causal, mode))
-        return real(module, cfg, length, causal, mode, meter)
+        return real(module, cfg, length, causal, mode, meter, **kw)
 
     monkeypatch.setattr(runner, "measure_efficiency", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -131,3 +131,33 @@ def test_unknown_mechanism_and_stage_fail_before_any_work(tmp_path: Path, tiny_c
 def test_load_results_explains_a_missing_report(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="attnkit arena"):
         load_results(tmp_path)
+
+
+def test_threads_setting_applies_to_the_measurements_and_is_recorded(
+    tmp_path: Path, tiny_config: ArenaConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from attnkit.arena.report import reproduce_command
+
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2  # a count different from the process's own
+    seen: list[int] = []
+    real = runner.measure_efficiency
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "measure_efficiency", spy)
+    config = tiny_config.with_(mechanisms=("full",), lengths=(64,), threads=wanted)
+    run = run_arena(config, tmp_path, progress=False, stages=("efficiency",))
+    assert seen and set(seen) == {wanted}
+    assert torch.get_num_threads() == before  # the caller's setting is restored
+    doc = assemble(run)
+    assert doc["meta"]["threads"] == wanted and doc["meta"]["config"]["threads"] == wanted
+    assert f"--threads {wanted}" in reproduce_command(doc["meta"]["config"])
+    stored = [json.loads(p.read_text()) for p in (tmp_path / "cells" / "efficiency").rglob("*.json")]
+    assert {s["key"]["params"]["machine"]["threads"] for s in stored} == {wanted}  # cells keyed on the count
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        tiny_config.with_(threads=0)

@@ -11,8 +11,11 @@ code: capabilities and options come from :func:`attnkit.get_spec`):
 
 Cells are cached (:mod:`.cells`) so an interrupted run resumes; :mod:`.results` and
 :mod:`.report` turn them into ``results.json``, ``report.md`` and the leaderboard, and
-:mod:`.plots` into PNGs. ``attnkit advise`` (:mod:`.advisor`) answers "which mechanism
-for this length, mode and budget?" from the same cells.
+:mod:`.plots` into PNGs. :mod:`.flags` marks the cells whose timings cannot be trusted
+as they stand (repeats that disagree, time that falls or jumps as the length grows).
+Every speed-up is time of exact attention / time of the mechanism (> 1 = faster).
+``attnkit advise`` (:mod:`.advisor`) answers "which mechanism for this length, mode and
+budget?" from the same cells.
 
 From Python::
 

@@ -17,14 +17,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 import attnkit
 from attnkit.arena.cells import CellCache, machine_fingerprint
 from attnkit.arena.config import HEADLINE_INPUT, ArenaConfig
-from attnkit.arena.efficiency import project
+from attnkit.arena.efficiency import project, thread_count
 from attnkit.arena.fidelity import fidelity_params
+from attnkit.arena.flags import efficiency_flags
 from attnkit.arena.quality import fidelity_options
 from attnkit.arena.runner import CellRunner, build_seeded, efficiency_sweep, fidelity_cell
 from attnkit.core.errors import check_positive_float, check_positive_int
@@ -76,7 +78,8 @@ class Candidate:
         peak_mb: peak extra memory of one step (None = unknown).
         error: relative error vs exact attention (None = unknown).
         source: how time/memory were obtained: ``"measured"``, ``"cached"`` or
-            ``"projected from L=..."``.
+            ``"projected from L=..."``, followed by ``", flagged: <kinds>"`` when a cell
+            behind them is flagged (noisy repeats, an impossible length curve).
         note: why a value is unknown.
     """
 
@@ -129,7 +132,8 @@ def decide(constraints: Constraints, candidates: list[Candidate]) -> Advice:
         winner.reasons = [f"fastest that meets every constraint ({winner.candidate.source})"]
         for v in eligible[1:]:
             t = v.candidate.time_ms or float("inf")
-            v.reasons = [f"meets the constraints but {t / best:.2f}x slower than {winner.candidate.name}"]
+            # a speed-up, as everywhere in the arena: > 1 = the winner is faster
+            v.reasons = [f"meets the constraints, but {winner.candidate.name} is {t / best:.2f}x faster"]
     rest = sorted((v for v in verdicts if not v.eligible), key=lambda v: (len(v.reasons), v.candidate.time_ms or 1e30))
     advice = Advice(constraints, winner.candidate.name if winner else None, [*eligible, *rest])
     if winner is None:
@@ -200,12 +204,16 @@ def measure_candidates(
     """Facts for every mechanism (or ``mechanisms``) at ``constraints.length`` on this machine.
 
     Mechanisms that fail a capability are not measured (their verdict needs no numbers).
+    Cells run on ``config.threads`` CPU threads, as the arena run being reused did.
     """
     cfg = advisor_config(constraints, config)
     names = mechanisms or attnkit.list_attention()
     cache = CellCache(Path(cache_dir))
     candidates = []
-    with tqdm(total=len(names), desc="advise", unit="mechanism", disable=not progress) as bar:
+    with (
+        thread_count(cfg.threads),
+        tqdm(total=len(names), desc="advise", unit="mechanism", disable=not progress) as bar,
+    ):
         cells = CellRunner(cache, machine_fingerprint(cfg.device), tqdm(disable=True))
         for name in names:
             bar.set_postfix_str(name)
@@ -236,10 +244,11 @@ def _measure_one(name: str, c: Constraints, cfg: ArenaConfig, cells: CellRunner)
         cand.note = fid.get("error", "")
     module = build_seeded(name, options, cfg.seed)
     rows = efficiency_sweep(cfg, name, c.causal, c.mode, cells, module)
+    efficiency_flags(rows)  # marks each row's "flags": a noisy cell or an impossible curve
     last = rows[-1]
     if last["status"] == "ok":
         cand.time_ms, cand.peak_mb = last["median_ms"], last.get("peak_mb")
-        cand.source = "cached" if last.get("cached") else "measured"
+        cand.source = ("cached" if last.get("cached") else "measured") + _flagged(last)
         return cand
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
@@ -247,6 +256,12 @@ def _measure_one(name: str, c: Constraints, cfg: ArenaConfig, cells: CellRunner)
         return cand
     cand.time_ms = project([(r["length"], r["median_ms"]) for r in ok], c.length)
     cand.peak_mb = project([(r["length"], r["peak_mb"]) for r in ok], c.length, high=2.0)
-    cand.source = f"projected from L={ok[-1]['length']}"
+    cand.source = f"projected from L={ok[-1]['length']}" + _flagged(*ok[-2:])
     cand.note = last.get("reason", "")
     return cand
+
+
+def _flagged(*rows: dict[str, Any]) -> str:
+    """``", flagged: noisy"`` when a row behind a number is flagged (see :mod:`attnkit.arena.flags`), else ``""``."""
+    kinds = sorted({kind for r in rows for kind in r.get("flags", [])})
+    return f", flagged: {', '.join(kinds)}" if kinds else ""

@@ -3,9 +3,14 @@
 Protocol: ``B x H x L x D`` fp32 locally correlated inputs, the mechanism's registered
 ``benchmark_options``, one warm-up step, then timed repeats until ``repeats`` are done
 or ``cell_seconds`` are spent (at least one); the median is reported. Peak memory is
-that of the warm-up step (see :mod:`attnkit.arena.memory`); the libraries' one-time
-set-up is done before the first cell (:func:`warm_up_libraries`). Everything runs in the
-arena's own process so a cell costs milliseconds of overhead, not an interpreter start.
+that of the warm-up step (see :mod:`attnkit.arena.memory`: idle pooled buffers are
+released first, so the step counts every byte it needs, buffer pool on or off). One-time
+costs are paid before a tracked step: the libraries' set-up before the first cell
+(:func:`warm_up_libraries`), and each sweep's first measured cell runs one extra untracked
+step (a code path's first call in a process allocates once-only buffers: linear
+attention's first causal call, 36 MB, which made its 1K cell look larger than its 2K one).
+Everything runs in the arena's own process so a cell costs milliseconds of overhead, not
+an interpreter start.
 
 A sweep over lengths stops for a mechanism as soon as a step exceeds the time or memory
 budget, or is *projected* to exceed it at the next length (power-law fit through the
@@ -14,10 +19,11 @@ last two lengths), so a quadratic mechanism never gets the chance to exhaust mem
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -27,8 +33,9 @@ from attnkit.arena.memory import PeakMemoryMeter
 from attnkit.core.base import AttentionMechanism
 from attnkit.inputs import structured_qkv
 
-#: Version of the measurement protocol (2: memory from the warm-up step, timed steps at full allocator speed).
-PROTOCOL = 2
+#: Version of the measurement protocol (2: memory from the warm-up step, timed steps at full allocator speed;
+#: 3: pooled buffers released before the tracked step, one untracked step before a sweep's first cell).
+PROTOCOL = 3
 
 
 def efficiency_params(cfg: ArenaConfig, length: int, causal: bool, mode: str) -> dict[str, Any]:
@@ -60,8 +67,21 @@ def measure_efficiency(
     causal: bool,
     mode: str,
     meter: PeakMemoryMeter,
+    *,
+    first_use: bool = False,
 ) -> dict[str, Any]:
     """Time one (length, causal, mode) cell of ``module``.
+
+    Args:
+        module: the mechanism, built with its ``benchmark_options``.
+        cfg: shapes, repeats and time per cell.
+        length: sequence length ``L``.
+        causal: causal attention.
+        mode: ``"fwd"`` or ``"fwd+bwd"``.
+        meter: the peak-memory meter.
+        first_use: the first cell of this (mechanism, causal, mode) measured in this
+            process: one more untracked step runs first, so once-only allocations are not
+            charged to the cell's memory.
 
     Returns:
         ``{"status": "ok", "median_ms", "times_ms", "peak_mb", "memory_method"}``, or
@@ -85,6 +105,9 @@ def measure_efficiency(
                 with torch.no_grad():
                     module(q, k, v, causal=causal)
 
+        if first_use:
+            step()
+            _sync(cfg.device)
         return _time_steps(step, cfg, meter)
     except (RuntimeError, ValueError, TypeError, MemoryError) as err:
         return {"status": "error", "error": _one_line(err)}
@@ -122,6 +145,21 @@ def warm_up_libraries(cfg: ArenaConfig) -> None:
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     out.sum().backward()
     _sync(cfg.device)
+
+
+@contextlib.contextmanager
+def thread_count(threads: int | None) -> Iterator[int]:
+    """Run the block on ``threads`` intra-op CPU threads (None: leave PyTorch's setting); yields the count in force.
+
+    The previous setting is restored on exit, so a library caller's process is left as it was.
+    """
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def _one_line(err: BaseException) -> str:

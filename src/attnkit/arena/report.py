@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from attnkit.arena.config import FIDELITY_INPUTS
+from attnkit.arena.flags import TIME_FLAGS
 from attnkit.arena.results import TASK_METRICS
 
 TASK_TITLES = {"mqar": "MQAR acc", "listops": "ListOps acc", "lm": "LM bpc"}
@@ -48,13 +49,23 @@ def format_table(
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
+#: Appended to a number whose measurement is flagged (see :mod:`attnkit.arena.flags`).
+FLAG_MARK = "?"
+SPEEDUP_LABEL = "speed-up vs full (>1 = faster)"
+
+
+def _speedup(value: float | None, flags: Sequence[str] = ()) -> str:
+    """A speed-up over exact attention as ``2.50x`` (> 1 = faster), marked when flagged."""
+    return "-" if value is None else f"{value:.2f}x" + (FLAG_MARK if flags else "")
+
+
 def leaderboard_table(doc: dict[str, Any], *, markdown: bool = False) -> str:
     """The LRA-style table: mechanism x task, fidelity, speed and memory columns."""
     tasks = doc["meta"]["config"]["tasks"]
     board = doc["leaderboard"]
     ref = _length(board[0]["reference_length"]) if board else "-"
     header = ["mechanism", "family", *[TASK_TITLES[t] for t in tasks], "avg acc", "err", "err causal"]
-    header += [f"speed @{ref}", f"peak MB @{ref}", "speed @longest", "max L"]
+    header += [f"speed-up vs full @{ref} (>1 = faster)", f"peak MB @{ref}", "speed-up vs full @longest", "max L"]
     rows = []
     for r in board:
         name = r["mechanism"] + ("" if r["exact"] else " ~")
@@ -63,12 +74,12 @@ def leaderboard_table(doc: dict[str, Any], *, markdown: bool = False) -> str:
             value = r.get(t)
             cells.append(_num(value, ".3f") if TASK_METRICS[t][0] == "bits_per_char" else _num(value, ".1%"))
         cells += [_num(r["avg_accuracy"], ".1%"), _num(r["error"], ".3f"), _num(r["error_causal"], ".3f")]
+        flags = r.get("flags", {})
+        longest = _speedup(r["speedup_vs_full_longest"], flags.get("speedup_vs_full_longest", ()))
         cells += [
-            _num(r["speedup"], ".2f") + ("x" if r["speedup"] is not None else ""),
-            _num(r["peak_mb"], ".0f"),
-            "-"
-            if r["longest_speedup"] is None
-            else f"{r['longest_speedup']:.2f}x@{_length(r['longest_speedup_length'])}",
+            _speedup(r["speedup_vs_full"], flags.get("speedup_vs_full", ())),
+            _num(r["peak_mb"], ".0f") + (FLAG_MARK if flags.get("peak_mb") else ""),
+            longest if r["speedup_vs_full_longest"] is None else f"{longest} @{_length(r['longest_shared_length'])}",
             _length(r["max_length"]),
         ]
         rows.append(cells)
@@ -86,21 +97,40 @@ def legend(doc: dict[str, Any]) -> str:
     """What the leaderboard's columns mean."""
     cfg = doc["meta"]["config"]
     ref = doc["leaderboard"][0]["reference_length"] if doc["leaderboard"] else None
-    return "\n".join(
-        [
-            "~ approximate mechanism. Accuracy: held-out query positions (MQAR), sequences (ListOps); "
-            "LM: bits per character on held-out text (lower is better; '-' = no causal mode). "
-            "(no context): what ignoring the sequence scores (majority class; unigram bits per char): "
-            "a mechanism near it has not learned the task within the budget.",
-            f"err: relative error vs float64 exact attention, self-attention over smooth hidden states "
-            f"(L={cfg['fidelity_length']}; most attention mass near the diagonal); "
-            "exact sparse mechanisms are compared with dense attention too.",
-            f"speed: forward+backward speed-up over exact attention (full, SDPA) at L={ref}, the longest length "
-            "every mechanism reached, and at the longest length both it and exact attention reached "
-            f"(B={cfg['batch']}, H={cfg['heads']}, D={cfg['head_dim']}, fp32); peak MB: extra memory of one step; "
-            "max L: longest length measured within the budget.",
-        ]
-    )
+    lines = [
+        "~ approximate mechanism. Accuracy: held-out query positions (MQAR), sequences (ListOps); "
+        "LM: bits per character on held-out text (lower is better; '-' = no causal mode). "
+        "(no context): what ignoring the sequence scores (majority class; unigram bits per char): "
+        "a mechanism near it has not learned the task within the budget.",
+        f"err: relative error vs float64 exact attention, self-attention over smooth hidden states "
+        f"(L={cfg['fidelity_length']}; most attention mass near the diagonal); "
+        "exact sparse mechanisms are compared with dense attention too.",
+        f"{SPEEDUP_LABEL}: forward+backward time of exact attention (full, SDPA) / time of the mechanism, "
+        f"measured back to back, at L={ref} (the longest length every mechanism reached) and at the longest "
+        f"length both it and exact attention reached (B={cfg['batch']}, H={cfg['heads']}, D={cfg['head_dim']}, "
+        "fp32); peak MB: extra memory of one step; max L: longest length measured within the budget.",
+    ]
+    if doc.get("flags"):
+        lines.append(
+            f"{FLAG_MARK} = a measurement behind the number is flagged (noisy repeats or an impossible length "
+            "curve; each flag is explained under Flags in report.md)."
+        )
+    return "\n".join(lines)
+
+
+def _sweep_cell(r: dict[str, Any] | None) -> str:
+    if r is None or r["status"] == "stopped":
+        return "stop"
+    if r["status"] != "ok":
+        return "error"
+    flags = set(r.get("flags", []))
+    time_mark = FLAG_MARK if flags & set(TIME_FLAGS) else ""
+    parts = [f"{r['median_ms']:.1f} ms{time_mark}"]
+    if r.get("speedup_vs_full") is not None:
+        parts.append(f"{r['speedup_vs_full']:.2f}x")
+    if r.get("peak_mb") is not None:
+        parts.append(f"{r['peak_mb']:.0f} MB" + (FLAG_MARK if flags - set(TIME_FLAGS) else ""))
+    return " · ".join(parts)
 
 
 def _sweep_table(doc: dict[str, Any], causal: bool, mode: str, markdown: bool) -> str:
@@ -109,23 +139,32 @@ def _sweep_table(doc: dict[str, Any], causal: bool, mode: str, markdown: bool) -
     rows = []
     for mech in doc["mechanisms"]:
         cells = [r for r in doc["efficiency"] if r["mechanism"] == mech["name"] and r["causal"] == causal]
-        cells = [r for r in cells if r["mode"] == mode]
-        if not cells:
-            continue
-        by_len = {r["length"]: r for r in cells}
-        line = [mech["name"]]
-        for n in lengths:
-            r = by_len.get(n)
-            if r is None or r["status"] == "stopped":
-                line.append("stop")
-            elif r["status"] != "ok":
-                line.append("error")
-            else:
-                ratio = f" ({r['time_vs_full']:.2f}x)" if r.get("time_vs_full") is not None else ""
-                mem = f", {r['peak_mb']:.0f} MB" if r.get("peak_mb") is not None else ""
-                line.append(f"{r['median_ms']:.1f} ms{ratio}{mem}")
-        rows.append(line)
+        by_len = {r["length"]: r for r in cells if r["mode"] == mode}
+        if by_len:
+            rows.append([mech["name"], *(_sweep_cell(by_len.get(n)) for n in lengths)])
     return format_table(header, rows, markdown=markdown)
+
+
+def flag_lines(doc: dict[str, Any]) -> list[str]:
+    """One line per flag (mechanism, mode, what is wrong, with the numbers)."""
+    lines = []
+    for f in doc.get("flags", []):
+        mode = ("causal " if f["causal"] else "") + f["mode"]
+        lines.append(f"{f['mechanism']} {mode}: {f['kind']}: {f['message']}")
+    return lines
+
+
+def _flags_section(doc: dict[str, Any]) -> list[str]:
+    flags = doc.get("flags", [])
+    if not flags:
+        return ["No cell flagged: every cell's repeats agree and no length curve falls or jumps.", ""]
+    help_ = doc["meta"].get("flag_help") or {}
+    kinds = sorted({f["kind"] for f in flags})
+    parts = [f"Cells marked {FLAG_MARK} in the tables. What each flag means:", ""]
+    parts += [f"- `{k}`: {help_.get(k, '')}" for k in kinds]
+    parts += ["", f"What to do: {help_.get('what to do', '')}.", ""]
+    parts += [f"- {line}" for line in flag_lines(doc)]
+    return [*parts, ""]
 
 
 def _fidelity_table(doc: dict[str, Any]) -> str:
@@ -187,6 +226,8 @@ def reproduce_command(cfg: dict[str, Any]) -> str:
         parts.append("--mechanisms " + ",".join(cfg["mechanisms"]))
     if cfg["device"] != "cpu":
         parts.append(f"--device {cfg['device']}")
+    if cfg.get("threads") is not None:
+        parts.append(f"--threads {cfg['threads']}")
     return " ".join(parts)
 
 
@@ -217,13 +258,18 @@ def write_report(doc: dict[str, Any], out_dir: Path | str) -> Path:
             parts += [f"## {title}", "", f"![{title}]({file})", ""]
     parts += ["## Efficiency", ""]
     parts.append(
-        f"Median of up to {cfg['repeats']} timed steps after a warm-up; (ratio to exact attention in the same cell); "
-        "peak extra memory of one step. 'stop' = the sweep hit its budget (see below)."
+        f"Median of up to {cfg['repeats']} timed steps after a warm-up on {meta['threads']} threads; "
+        f"{SPEEDUP_LABEL} = time of exact attention in the same cell / time of the mechanism; "
+        f"peak extra memory of one step in MB. {FLAG_MARK} = flagged (see Flags). "
+        "'stop' = the sweep hit its budget (see below)."
     )
     for mode in ("fwd+bwd", "fwd"):
         for causal in (False, True):
             parts += ["", f"### {mode}, {'causal' if causal else 'bidirectional'}", ""]
+            parts += [f"Each cell: median time · {SPEEDUP_LABEL} · peak MB.", ""]
             parts.append(_sweep_table(doc, causal, mode, markdown=True))
+    parts += ["", "## Flags", ""]
+    parts += _flags_section(doc)
     parts += [
         "",
         "## Fidelity",
@@ -249,10 +295,15 @@ def write_report(doc: dict[str, Any], out_dir: Path | str) -> Path:
 
 
 def terminal_summary(doc: dict[str, Any]) -> str:
-    """The leaderboard, its legend and where the sweeps stopped, for the terminal."""
+    """The leaderboard, its legend, where the sweeps stopped and what was flagged, for the terminal."""
     lines = [leaderboard_table(doc), "", legend(doc)]
     stops = [s for s in doc["stops"] if not s["causal"] and s["mode"] == "fwd+bwd"]
     if stops:
         lines.append("")
         lines += [f"budget: {s['mechanism']} stopped at L={s['at_length']}: {s['reason']}" for s in stops]
+    flags = flag_lines(doc)
+    if flags:
+        lines += ["", f"flagged ({len(flags)}; what each kind means: report.md, Flags):"]
+        lines += [f"  {line}" for line in flags]
+        lines.append(f"  what to do: {(doc['meta'].get('flag_help') or {}).get('what to do', '')}")
     return "\n".join(lines)

@@ -1,19 +1,24 @@
 """Assemble an arena run into the ``results.json`` document and its leaderboard.
 
-Schema (``schema_version`` 1)::
+Schema (``schema_version`` 2)::
 
-    meta         machine, library versions, settings, wall time, cache use, and the context-free
-                 baseline of each quality task (majority class / unigram bits per char)
+    meta         machine, library versions, settings, threads, wall time, cache use, the
+                 context-free baseline of each quality task (majority class / unigram bits per
+                 char) and what each flag kind means
     mechanisms   one record per mechanism: capabilities and the options each stage used
     efficiency   one row per (mechanism, length, causal, mode): median_ms, times_ms, peak_mb,
-                 time_vs_full / memory_vs_full (ratios to exact attention in the same cell),
-                 status ok | error | stopped (with reason)
+                 speedup_vs_full (time of exact attention / time of the mechanism in the same
+                 cell: > 1 = faster), memory_vs_full (peak memory / exact attention's: < 1 = less),
+                 flags (see attnkit.arena.flags), status ok | error | stopped (with reason)
     fidelity     one row per (mechanism, input, causal): relative_error vs float64 exact
     quality      one row per (mechanism, task): metric, value, status ok | error | n/a
     stops        where and why each sweep stopped
+    flags        noisy cells and impossible length curves, with a message each
     leaderboard  one summary row per mechanism (what the terminal table shows)
 
-Ratios are taken only between cells of the same settings on the same machine.
+Ratios are taken only between cells of the same settings on the same machine. Version 1
+stored ``time_vs_full`` (the inverse ratio, < 1 = faster); :func:`load_results` upgrades
+such a file.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ import torch
 
 import attnkit
 from attnkit.arena.config import HEADLINE_INPUT
+from attnkit.arena.flags import FLAG_HELP, SUGGESTION, TIME_FLAGS, efficiency_flags
 from attnkit.arena.quality import task_baseline
 from attnkit.arena.runner import BASELINE, ArenaRun
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Quality metric per task and whether larger is better.
 TASK_METRICS: dict[str, tuple[str, bool]] = {
@@ -42,16 +48,20 @@ TASK_METRICS: dict[str, tuple[str, bool]] = {
 }
 
 
-def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    base = {
+def _baseline_cells(rows: list[dict[str, Any]]) -> dict[tuple[int, bool, str], dict[str, Any]]:
+    return {
         (r["length"], r["causal"], r["mode"]): r for r in rows if r["mechanism"] == BASELINE and r["status"] == "ok"
     }
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    base = _baseline_cells(rows)
     for r in rows:
-        r["time_vs_full"] = r["memory_vs_full"] = None
+        r["speedup_vs_full"] = r["memory_vs_full"] = None
         ref = base.get((r["length"], r["causal"], r["mode"]))
         if r["status"] != "ok" or ref is None:
             continue
-        r["time_vs_full"] = r["median_ms"] / ref["median_ms"]
+        r["speedup_vs_full"] = ref["median_ms"] / r["median_ms"]
         if r.get("peak_mb") is not None and ref.get("peak_mb"):
             r["memory_vs_full"] = r["peak_mb"] / ref["peak_mb"]
 
@@ -114,6 +124,7 @@ def leaderboard(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """One summary row per mechanism from a results document."""
     eff, fid, qual = doc["efficiency"], doc["fidelity"], doc["quality"]
     ref_len = reference_length(eff)
+    base = _baseline_cells(eff)
     rows = []
     for mech in doc["mechanisms"]:
         name = mech["name"]
@@ -128,34 +139,51 @@ def leaderboard(doc: dict[str, Any]) -> list[dict[str, Any]]:
             row["error_causal" if causal else "error"] = (
                 cell["relative_error"] if cell and cell["status"] == "ok" else None
             )
-        cell = _find(eff, mechanism=name, length=ref_len, causal=False, mode="fwd+bwd") if ref_len else None
-        ok = cell is not None and cell["status"] == "ok"
-        row["reference_length"] = ref_len
-        row["time_ms"] = cell["median_ms"] if ok and cell else None
-        row["speedup"] = 1.0 / cell["time_vs_full"] if ok and cell and cell.get("time_vs_full") else None
-        row["peak_mb"] = cell.get("peak_mb") if ok and cell else None
-        row["memory_vs_full"] = cell.get("memory_vs_full") if ok and cell else None
-        ratios = [
-            (1.0 / r["time_vs_full"], r["length"])
-            for r in eff
-            if r["mechanism"] == name and not r["causal"] and r["mode"] == "fwd+bwd" and r.get("time_vs_full")
-        ]
-        best = max(ratios, key=lambda x: x[1]) if ratios else (None, None)  # at the longest shared length
-        row["longest_speedup"], row["longest_speedup_length"] = best
-        reached = [
-            r["length"]
-            for r in eff
-            if r["mechanism"] == name and r["status"] == "ok" and not r["causal"] and r["mode"] == "fwd+bwd"
-        ]
-        row["max_length"] = max(reached) if reached else None
+        row.update(_speed_columns(name, eff, ref_len, base))
         rows.append(row)
     return rows
+
+
+def _speed_columns(
+    name: str, eff: list[dict[str, Any]], ref_len: int | None, base: dict[tuple[int, bool, str], dict[str, Any]]
+) -> dict[str, Any]:
+    """The leaderboard's efficiency columns of ``name`` (bidirectional fwd+bwd), with the flags behind them."""
+    sweep = [r for r in eff if r["mechanism"] == name and not r["causal"] and r["mode"] == "fwd+bwd"]
+    cell = next((r for r in sweep if r["length"] == ref_len and r["status"] == "ok"), None)
+    shared = [r for r in sweep if r.get("speedup_vs_full")]
+    longest = max(shared, key=lambda r: r["length"]) if shared else None  # the longest length shared with full
+    reached = [r["length"] for r in sweep if r["status"] == "ok"]
+    return {
+        "reference_length": ref_len,
+        "time_ms": cell["median_ms"] if cell else None,
+        "speedup_vs_full": cell.get("speedup_vs_full") if cell else None,
+        "peak_mb": cell.get("peak_mb") if cell else None,
+        "memory_vs_full": cell.get("memory_vs_full") if cell else None,
+        "speedup_vs_full_longest": longest["speedup_vs_full"] if longest else None,
+        "longest_shared_length": longest["length"] if longest else None,
+        "max_length": max(reached) if reached else None,
+        "flags": {
+            "speedup_vs_full": _time_flags(cell, base),
+            "peak_mb": [f for f in cell.get("flags", []) if f not in TIME_FLAGS] if cell else [],
+            "speedup_vs_full_longest": _time_flags(longest, base),
+        },
+    }
+
+
+def _time_flags(cell: dict[str, Any] | None, base: dict[tuple[int, bool, str], dict[str, Any]]) -> list[str]:
+    """Time flags of ``cell`` and of the exact-attention cell its speed-up divides by."""
+    if cell is None:
+        return []
+    ref = base.get((cell["length"], cell["causal"], cell["mode"])) or {}
+    kinds = [*cell.get("flags", []), *ref.get("flags", [])]
+    return sorted({f for f in kinds if f in TIME_FLAGS})
 
 
 def assemble(run: ArenaRun) -> dict[str, Any]:
     """The ``results.json`` document of ``run``."""
     efficiency = [dict(r) for r in run.efficiency]
     _add_ratios(efficiency)
+    flags = efficiency_flags(efficiency)
     cfg = run.config
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -166,7 +194,7 @@ def assemble(run: ArenaRun) -> dict[str, Any]:
             "machine": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "device": cfg.device,
-            "threads": torch.get_num_threads(),
+            "threads": run.threads or torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load_average": run.load_average,
             "cpu_count": os.cpu_count(),
@@ -176,12 +204,14 @@ def assemble(run: ArenaRun) -> dict[str, Any]:
             "cells_measured": run.cache_misses,
             "baseline": BASELINE,
             "quality_baselines": {task: task_baseline(task, cfg) for task in cfg.tasks} if run.quality else {},
+            "flag_help": {**FLAG_HELP, "what to do": SUGGESTION},
         },
         "mechanisms": [_mechanism_record(n) for n in run.mechanisms],
         "efficiency": efficiency,
         "fidelity": [dict(r) for r in run.fidelity],
         "quality": [dict(r) for r in run.quality],
         "stops": _stops(efficiency),
+        "flags": flags,
     }
     doc = json.loads(json.dumps(doc, default=repr))  # exactly what results.json will hold
     doc["leaderboard"] = leaderboard(doc)
@@ -197,11 +227,11 @@ def write_results(doc: dict[str, Any], out_dir: Path | str) -> Path:
 
 
 def load_results(path: Path | str) -> dict[str, Any]:
-    """Read a ``results.json`` (a file, or the report folder holding one).
+    """Read a ``results.json`` (a file, or the report folder holding one); older schemas are upgraded.
 
     Raises:
         FileNotFoundError: no results there (run ``attnkit arena`` first).
-        ValueError: a document of another schema version.
+        ValueError: a document of an unknown schema version.
     """
     path = Path(path)
     if path.is_dir():
@@ -209,6 +239,26 @@ def load_results(path: Path | str) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"no arena results at {path}; run 'attnkit arena --out {path.parent}' first")
     doc: dict[str, Any] = json.loads(path.read_text())
-    if doc.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path} has schema version {doc.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    version = doc.get("schema_version")
+    if version == 1:
+        return upgrade_v1(doc)
+    if version != SCHEMA_VERSION:
+        raise ValueError(
+            f"{path} has schema version {version!r}, this attnkit reads 1 and {SCHEMA_VERSION}; "
+            f"run 'attnkit arena --out {path.parent}' again to measure with this version"
+        )
+    return doc
+
+
+def upgrade_v1(doc: dict[str, Any]) -> dict[str, Any]:
+    """A schema-1 document in schema 2: ``time_vs_full`` (< 1 = faster) becomes ``speedup_vs_full``
+    (> 1 = faster), flags are computed and the leaderboard is rebuilt. Modifies and returns ``doc``."""
+    for r in doc["efficiency"]:
+        ratio = r.pop("time_vs_full", None)
+        r["speedup_vs_full"] = 1.0 / ratio if ratio else None
+    doc["flags"] = efficiency_flags(doc["efficiency"])
+    doc["meta"]["flag_help"] = {**FLAG_HELP, "what to do": SUGGESTION}
+    doc["meta"]["upgraded_from_schema"] = 1
+    doc["schema_version"] = SCHEMA_VERSION
+    doc["leaderboard"] = leaderboard(doc)
     return doc

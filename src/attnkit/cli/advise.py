@@ -38,12 +38,32 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--mechanisms", default="", help="comma-separated candidates (default: every registered one)")
     parser.add_argument("--cache", default="arena-report", help="arena folder whose cached cells to reuse")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for new measurements (default: the --cache run's setting, else PyTorch's choice)",
+    )
     parser.add_argument("--json", action="store_true", help="print the advice as JSON")
     parser.set_defaults(func=run)
 
 
+SPEEDUP_LABEL = "speed-up vs full (>1 = faster)"
+
+
+def _speedups(advice: Any) -> dict[str, float]:
+    """Each candidate's speed-up over exact attention (time of ``full`` / its time), where both are known."""
+    from attnkit.arena.runner import BASELINE
+
+    full = next((v.candidate for v in advice.verdicts if v.candidate.name == BASELINE), None)
+    if full is None or not full.time_ms:
+        return {}
+    return {v.candidate.name: full.time_ms / v.candidate.time_ms for v in advice.verdicts if v.candidate.time_ms}
+
+
 def advice_as_dict(advice: Any) -> dict[str, Any]:
-    """A JSON-ready view of an :class:`~attnkit.arena.Advice`."""
+    """A JSON-ready view of an :class:`~attnkit.arena.Advice` (``speedup_vs_full``: > 1 = faster)."""
+    speedups = _speedups(advice)
     return {
         "constraints": vars(advice.constraints),
         "recommended": advice.recommended,
@@ -54,6 +74,7 @@ def advice_as_dict(advice: Any) -> dict[str, Any]:
                 "eligible": v.eligible,
                 "reasons": v.reasons,
                 "time_ms": v.candidate.time_ms,
+                "speedup_vs_full": speedups.get(v.candidate.name),
                 "peak_mb": v.candidate.peak_mb,
                 "error": v.candidate.error,
                 "source": v.candidate.source,
@@ -90,11 +111,13 @@ def render(advice: Any) -> str:
     def num(x: float | None, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)
 
+    speedups = _speedups(advice)
     rows = [
         [
             ("* " if v.candidate.name == advice.recommended else "  ") + v.candidate.name,
             num(v.candidate.time_ms, ".1f"),
-            num(None if v.candidate.peak_mb is None else v.candidate.peak_mb / 1024, ".2f"),
+            num(speedups.get(v.candidate.name), ".2f") + ("x" if v.candidate.name in speedups else ""),
+            num(v.candidate.peak_mb, ".0f"),
             num(v.candidate.error, ".3g"),
             v.candidate.source if v.candidate.time_ms is not None else "-",
             "; ".join(v.reasons),
@@ -102,17 +125,26 @@ def render(advice: Any) -> str:
         for v in advice.verdicts
     ]
     mode = "fwd+bwd" if c.training else "fwd"
-    header = ["mechanism", f"{mode} ms", "peak GB", "error", "how", "verdict"]
-    lines.append(format_table(header, rows, align="lrrrll"))
+    header = ["mechanism", f"{mode} ms", SPEEDUP_LABEL, "peak MB", "error", "how", "verdict"]
+    lines.append(format_table(header, rows, align="lrrrrll"))
     lines.append(
-        "\nerror: relative error vs exact attention, self-attention over smooth hidden states "
-        "(the arena's fidelity inputs and length)."
+        f"\n{SPEEDUP_LABEL}: {mode} time of exact attention / time of the mechanism, at this length ('-' where "
+        "full was not measured). error: relative error vs exact attention, self-attention over smooth hidden "
+        "states (the arena's fidelity inputs and length)."
     )
+    if any("flagged" in v.candidate.source for v in advice.verdicts):
+        lines.append(
+            "flagged: a cell behind the number is noisy (its repeats disagree) or contradicts its length curve; "
+            "measure again with 'attnkit arena --threads 1 --repeats 5 --no-resume' (same --out as --cache)."
+        )
     return "\n".join(lines)
 
 
-def _arena_config(cache: str, device: str) -> Any:
-    """The settings of the arena run in ``cache`` (so its cells match), else the default preset."""
+def _arena_config(cache: str, device: str, threads: int | None) -> Any:
+    """The settings of the arena run in ``cache`` (so its cells match), else the default preset.
+
+    ``threads`` overrides the run's thread count (cells measured on another count are not reused).
+    """
     from pathlib import Path
 
     from attnkit.arena import load_results
@@ -120,8 +152,10 @@ def _arena_config(cache: str, device: str) -> Any:
 
     if (Path(cache) / "results.json").exists():
         stored = load_results(cache)["meta"]["config"]
-        return ArenaConfig.from_dict(stored).with_(device=device, mechanisms=())
-    return ArenaConfig.preset("default", device=device)
+        config = ArenaConfig.from_dict(stored).with_(device=device, mechanisms=())
+    else:
+        config = ArenaConfig.preset("default", device=device)
+    return config if threads is None else config.with_(threads=threads)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     candidates = measure_candidates(
         constraints,
         cache_dir=args.cache,
-        config=_arena_config(args.cache, args.device),
+        config=_arena_config(args.cache, args.device, args.threads),
         mechanisms=mechanisms,
         progress=not args.json,
     )

@@ -31,7 +31,11 @@ def register(subparsers: Any) -> None:
             "  attnkit arena                     # default: 1K-8K, all mechanisms, <= 10 min on a 2-core CPU\n"
             "  attnkit arena --quick             # <= 3 min subset\n"
             "  attnkit arena --full --device cuda --out gpu-report\n"
-            "  attnkit arena --mechanisms full,linear --skip-quality"
+            "  attnkit arena --mechanisms full,linear --skip-quality\n"
+            "  attnkit arena --threads 1 --repeats 5 --no-resume   # re-measure on a busy machine\n"
+            "\n"
+            "Speed-ups are time of exact attention / time of the mechanism (>1 = faster). Cells whose repeats\n"
+            "disagree, or whose time falls (or jumps) as the length grows, are flagged with '?' and explained."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -54,6 +58,23 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--memory-budget-gb", type=float, default=None, help="peak GB one step may use before a sweep stops"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed steps per efficiency cell, median reported (presets: quick 2, default 3, full 5); more "
+        "repeats steady the median on a noisy machine",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=(
+            "CPU threads for the timed cells (torch.set_num_threads; default: PyTorch's choice). On a busy "
+            "machine --threads 1 stalls far less (a 2-thread step was measured 45x slower than 1 thread under "
+            "load). Recorded in results.json; quality training always uses 1 thread on CPU"
+        ),
     )
     parser.add_argument("--no-resume", action="store_true", help="measure every cell again (still cached for later)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -86,6 +107,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
         overrides["step_budget_s"] = args.step_budget
     if args.memory_budget_gb is not None:
         overrides["memory_budget_gb"] = args.memory_budget_gb
+    if args.repeats is not None:
+        overrides["repeats"] = args.repeats
+    if args.threads is not None:
+        overrides["threads"] = args.threads
     return ArenaConfig.preset(preset, **overrides)
 
 
@@ -109,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
     meta = doc["meta"]
     print(
         f"\nattnkit arena ({config.preset_name}): {len(doc['mechanisms'])} mechanisms on {meta['device']} in "
-        f"{meta['seconds']:.0f} s ({meta['cells_measured']} cells measured, {meta['cells_reused']} reused from {args.out})\n"
+        f"{meta['seconds']:.0f} s on {meta['threads']} thread{'' if meta['threads'] == 1 else 's'} "
+        f"({meta['cells_measured']} cells measured, "
+        f"{meta['cells_reused']} reused from {args.out})\n"
     )
     print(terminal_summary(doc))
     print(f"\nreport: {args.out}/report.md   results: {args.out}/results.json   plots: {args.out}/*.png")
