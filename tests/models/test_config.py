@@ -108,3 +108,56 @@ def test_frozen() -> None:
     with pytest.raises(AttributeError):
         cfg.dim = 3  # type: ignore[misc]
     assert cfg.replace(dim=64).dim == 64
+
+
+@pytest.mark.parametrize(
+    ("changes", "path"),
+    [
+        ({"dim": 30, "heads": 4}, ("dim",)),
+        ({"reversible": True, "checkpointing": True}, ("checkpointing",)),
+        ({"attention": ["full", "ful"]}, ("attention", 1)),
+        ({"attention": "sliding_window", "attention_options": {"windw": 3}}, ("attention_options", "windw")),
+        (
+            {"attention": "sliding_window", "attention_options": {"sliding_window": {"windw": 3}}},
+            ("attention_options", "sliding_window", "windw"),
+        ),
+        ({"attention_options": [{}, {"windw": 3}]}, ("attention_options", 1, "windw")),
+        ({"decoder_attention": ["full", "nope"]}, ("decoder_attention", 1)),
+        # The decoder inherits the encoder's options: the bad key is where it was written.
+        ({"decoder_depth": 3, "attention_options": [{}, {}]}, ("attention_options",)),
+        ({"cross_attention_options": {"windw": 1}}, ("cross_attention_options", "windw")),
+    ],
+)
+def test_errors_carry_the_key_path_of_the_bad_value(changes: dict, path: tuple) -> None:
+    from attnkit.models.config import ConfigFieldError
+
+    with pytest.raises(ConfigFieldError) as err:
+        TransformerConfig(**{"vocab_size": 10, "dim": 16, "depth": 2, "heads": 2, **changes})
+    assert err.value.path == path
+
+
+def test_unknown_options_get_a_did_you_mean() -> None:
+    with pytest.raises(
+        ValueError, match=r"has no option\(s\) \['windw'\] \(did you mean 'window'\?\); accepted: window"
+    ):
+        TransformerConfig(
+            vocab_size=10, dim=16, depth=1, heads=2, attention="sliding_window", attention_options={"windw": 3}
+        )
+
+
+def test_options_for_a_mechanism_no_layer_uses_are_refused_not_dropped() -> None:
+    with pytest.raises(
+        ValueError, match=r"attention_options sets options for \['sliding_window'\], but no layer uses it"
+    ):
+        TransformerConfig(vocab_size=10, dim=16, depth=1, heads=2, attention_options={"sliding_window": {"window": 4}})
+    # Used by the decoder only is used.
+    cfg = TransformerConfig(
+        vocab_size=10,
+        dim=16,
+        depth=1,
+        heads=2,
+        decoder_attention="sliding_window",
+        attention_options={"sliding_window": {"window": 4}},
+    )
+    assert cfg.layer_attention(decoder=True) == [("sliding_window", {"window": 4})]
+    assert cfg.layer_attention() == [("full", {})]

@@ -1,15 +1,28 @@
-"""Atomic checkpoint writes, rotation, weights_only loading, and the learning-rate schedule."""
+"""Atomic checkpoint writes, rotation, weights_only loading, damaged-checkpoint detection, and the
+learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from attnkit.train.checkpoint import checkpoint_dirs, latest_checkpoint, load_state, save_checkpoint
+from attnkit.data.tokenizers import ByteTokenizer
+from attnkit.models import LanguageModel, TransformerConfig
+from attnkit.train.checkpoint import (
+    CorruptCheckpointError,
+    checkpoint_dirs,
+    latest_checkpoint,
+    load_checkpoint,
+    load_intact_checkpoint,
+    load_state,
+    save_checkpoint,
+    write_atomically,
+)
 from attnkit.train.schedule import learning_rate
 
 
@@ -71,3 +84,89 @@ def test_learning_rate_closed_form() -> None:
     assert learning_rate(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert learning_rate(110, **kw) == pytest.approx(0.1)
     assert learning_rate(500, **kw) == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def _real_checkpoint(root: Path, step: int) -> Path:
+    """A checkpoint like the trainer's: model files, a tokenizer and state.pt (weights tagged by step)."""
+    torch.manual_seed(step)
+    model = LanguageModel(TransformerConfig(vocab_size=ByteTokenizer().vocab_size, dim=8, depth=1, heads=2))
+
+    def write_model(directory: Path) -> None:
+        model.save_pretrained(directory)
+        ByteTokenizer().save(directory)
+
+    return save_checkpoint(root, step, write_model, {"step": step, "rng": torch.get_rng_state()}, keep=5)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damaged", ["state.pt", "model.safetensors", "config.json", "tokenizer.json"])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(tmp_path: Path, damaged: str) -> None:
+    for step in (2, 4, 6):
+        _real_checkpoint(tmp_path, step)
+    _truncate(tmp_path / "step_00000006" / damaged)
+    with pytest.raises(CorruptCheckpointError, match=damaged):
+        load_checkpoint(tmp_path / "step_00000006")
+    skipped: list[CorruptCheckpointError] = []
+    found = load_intact_checkpoint(tmp_path, on_skip=skipped.append)
+    assert found is not None and found.path.name == "step_00000004" and found.state["step"] == 4
+    assert [err.checkpoint.name for err in skipped] == ["step_00000006"] and damaged in skipped[0].reason
+    # The weights are those of step 4 (the writer seeded them with the step).
+    torch.manual_seed(4)
+    expected = LanguageModel(TransformerConfig(vocab_size=ByteTokenizer().vocab_size, dim=8, depth=1, heads=2))
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(found.model.state_dict()[name], tensor), name
+
+
+def test_garbage_and_empty_files_are_damage_too(tmp_path: Path) -> None:
+    _real_checkpoint(tmp_path, 1)
+    _real_checkpoint(tmp_path, 2)
+    state = tmp_path / "step_00000002" / "state.pt"
+    state.write_bytes(os.urandom(state.stat().st_size))
+    assert (found := load_intact_checkpoint(tmp_path)) is not None and found.path.name == "step_00000001"
+    state.write_bytes(b"")
+    assert (found := load_intact_checkpoint(tmp_path)) is not None and found.path.name == "step_00000001"
+
+
+def test_no_intact_checkpoint_is_a_clear_error_and_none_at_all_is_none(tmp_path: Path) -> None:
+    assert load_intact_checkpoint(tmp_path) is None
+    for step in (1, 2):
+        _truncate(_real_checkpoint(tmp_path, step) / "state.pt")
+    with pytest.raises(
+        ValueError, match=r"none of the 2 checkpoint\(s\) .* loads.*step_00000002: state\.pt is truncated"
+    ):
+        load_intact_checkpoint(tmp_path)
+
+
+def test_saving_a_step_removes_checkpoints_of_an_abandoned_future(tmp_path: Path) -> None:
+    # A run resumed from step 2 because step 6 was damaged: its next checkpoint (3) must not
+    # be rotated out in favour of the damaged later one.
+    for step in (2, 6):
+        save_checkpoint(tmp_path, step, _model_writer(step), {"step": step}, keep=2)
+    save_checkpoint(tmp_path, 3, _model_writer(3), {"step": 3}, keep=2)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_00000002", "step_00000003"]
+
+
+def test_an_interrupt_between_the_two_renames_puts_the_old_copy_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "best"
+    write_atomically(target, lambda d: (d / "weights.txt").write_text("old"))
+    real_replace, calls = os.replace, []
+
+    def replace(src: object, dst: object) -> None:
+        calls.append(dst)
+        if len(calls) == 2:  # the old copy has been moved aside, the new one not yet moved in
+            raise KeyboardInterrupt
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(target, lambda d: (d / "weights.txt").write_text("new"))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (target / "weights.txt").read_text() == "old"

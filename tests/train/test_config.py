@@ -1,4 +1,5 @@
-"""Training configs: JSON/TOML parsing, overrides, and errors naming the file, key and line."""
+"""Training configs: JSON/TOML parsing, overrides, and errors naming where the bad value came from
+(the command-line override, or the file, its line and the key path)."""
 
 from __future__ import annotations
 
@@ -66,10 +67,10 @@ def test_overrides_reach_into_tables(tmp_path: Path) -> None:
             ('task = "listops"', 'task = "lisops"'),
             r"line 1: key 'task' must be one of listops, .* or an existing data path",
         ),
-        (("dim = 32", "dim = 33"), r"line 12: key 'model.dim' is invalid: dim must be divisible by heads"),
+        (("dim = 32", "dim = 33"), r"line 12: \[model\] key 'dim' is invalid: dim must be divisible by heads"),
         (
             ("depth = 1", "deepth = 1"),
-            r"line 13: key 'model.deepth' is not a TransformerConfig field \(did you mean 'depth'\?\)",
+            r"line 13: \[model\] key 'deepth' is not a TransformerConfig field \(did you mean 'depth'\?\)",
         ),
         (
             ("min_length = 10", "min_length = 100"),
@@ -98,7 +99,7 @@ def test_syntax_errors_carry_the_parser_line(tmp_path: Path) -> None:
 
 
 def test_data_decided_model_fields_and_batch_split_are_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"key 'model\.vocab_size' is set from the data"):
+    with pytest.raises(ValueError, match=r"line 15: \[model\] key 'vocab_size' is set from the data"):
         load_config(_write(tmp_path, "c.toml", GOOD_TOML + "vocab_size = 9\n"))
     with pytest.raises(ValueError, match="key 'grad_accum' must divide batch_size=4, got 3"):
         load_config(_write(tmp_path, "c.toml", GOOD_TOML), ["grad_accum=3"])
@@ -118,3 +119,110 @@ def test_shipped_configs_are_valid() -> None:
     assert paths, "configs/ should hold example configs"
     for path in paths:
         load_config(path, ["attention=full", "attention_options={}"])
+
+
+# ----------------------------------------------------------------------------- where a bad value came from
+
+WINDOW_TOML = """\
+# attnkit train w.toml attention=full   (a comment that mentions attention_options and window)
+task = "listops"
+out_dir = "runs/x"
+attention = "sliding_window"
+max_steps = 10
+
+[task_options]
+min_length = 10
+max_length = 40
+
+[attention_options]
+window = 8
+
+[model]
+dim = 32
+depth = 1
+heads = 2
+"""
+
+
+def test_a_bad_override_is_reported_as_the_override_not_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "w.toml", WINDOW_TOML)
+    with pytest.raises(ValueError) as err:
+        load_config(path, ["max_steps=abc"])
+    assert (
+        str(err.value) == "command-line override 'max_steps=abc': key 'max_steps' must be a positive integer, got 'abc'"
+    )
+    with pytest.raises(
+        ValueError, match=r"^command-line override 'model.dim=33': key 'model.dim' is invalid: dim must"
+    ):
+        load_config(path, ["model.dim=33"])
+    with pytest.raises(ValueError, match=r"^command-line override 'max_step=5': key 'max_step' is not a training op"):
+        load_config(path, ["max_step=5"])
+    # An override that replaces a whole table owns every key inside it.
+    with pytest.raises(ValueError, match=r"^command-line override 'attention_options=\{\"windw\": 3\}': "):
+        load_config(path, ['attention_options={"windw": 3}'])
+    # The last override of a key wins, so it is the one named.
+    with pytest.raises(ValueError, match=r"^command-line override 'max_steps=0': "):
+        load_config(path, ["max_steps=abc", "max_steps=0"])
+
+
+def test_a_table_from_the_file_with_an_override_inside_names_both(tmp_path: Path) -> None:
+    path = _write(tmp_path, "w.toml", WINDOW_TOML)
+    with pytest.raises(ValueError) as err:
+        load_config(path, ["task_options.max_length=5"])
+    message = str(err.value)
+    assert message.startswith(f"{path}, line 7 (with command-line override 'task_options.max_length=5'): ")
+    assert "key 'task_options' is invalid for task 'listops': min_length must be <= max_length" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # A typo inside [attention_options] is reported at that key, not against 'attention'.
+        (
+            WINDOW_TOML.replace("window = 8", "windw = 8"),
+            r"w.toml, line 12: \[attention_options\] key 'windw' is invalid: .*has no option\(s\) \['windw'\] "
+            r"\(did you mean 'window'\?\); accepted: window, ",
+        ),
+        (
+            WINDOW_TOML.replace("[attention_options]\nwindow = 8", "[attention_options.sliding_window]\nwindw = 8"),
+            r"w.toml, line 12: \[attention_options.sliding_window\] key 'windw' is invalid: ",
+        ),
+        # A bad option value is caught now, at its key, not later inside model construction.
+        (
+            WINDOW_TOML.replace("window = 8", "window = 0"),
+            r"w.toml, line 12: \[attention_options\] key 'window' is invalid for attention 'sliding_window': "
+            r"window must be a positive integer, got 0",
+        ),
+        # The same key name in an earlier table must not steal the line.
+        (
+            WINDOW_TOML.replace('"sliding_window"', '"full"').replace("window = 8", "dropout = 0.1")
+            + "dropout = 1.5\n",
+            r"w.toml, line 18: \[model\] key 'dropout' is invalid: dropout must be a number in \[0, 1\)",
+        ),
+        # Options for a mechanism no layer uses would be dropped silently: an error instead.
+        (
+            WINDOW_TOML.replace('"sliding_window"', '"full"').replace(
+                "[attention_options]", "[attention_options.sliding_window]"
+            ),
+            r"w.toml, line 11: \[attention_options\] key 'sliding_window' is invalid: .*no layer uses it",
+        ),
+    ],
+    ids=["option-typo", "keyed-option-typo", "option-value", "same-name-elsewhere", "unused-keyed-options"],
+)
+def test_file_errors_point_at_the_key_path_and_its_line(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_config(_write(tmp_path, "w.toml", text))
+
+
+def test_json_errors_name_the_dotted_key_path_and_its_line(tmp_path: Path) -> None:
+    data = {
+        "task": "listops",
+        "out_dir": "x",
+        "attention": "sliding_window",
+        "task_options": {"min_length": 10, "max_length": 40},
+        "attention_options": {"sliding_window": {"windw": 3}},
+    }
+    path = _write(tmp_path, "w.json", json.dumps(data, indent=2))
+    line = json.dumps(data, indent=2).splitlines().index('      "windw": 3') + 1
+    with pytest.raises(ValueError, match=rf"w.json, line {line}: key 'attention_options.sliding_window.windw' is inv"):
+        load_config(path)

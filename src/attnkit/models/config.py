@@ -9,12 +9,19 @@ Attention per layer: ``attention`` is one registered mechanism name for every la
 list with one name per layer; ``attention_options`` is one dict for every layer, a list
 with one dict per layer, or a dict keyed by mechanism name (``{"sliding_window":
 {"window": 128}}``) that gives each mechanism its own options.
+
+Errors are :class:`ConfigFieldError` (a ``ValueError``) carrying the key path of the bad
+value, e.g. ``("attention_options", "sliding_window", "windw")``, so a config file reader
+can point at the exact key the user wrote.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +36,61 @@ METADATA_KEYS: tuple[str, ...] = ("architecture", "attnkit_version")
 
 AttentionSpec = str | tuple[str, ...]
 OptionsSpec = dict[str, Any] | tuple[dict[str, Any], ...]
+#: A key path into the config: field names, mechanism names and per-layer list indices.
+KeyPath = tuple[str | int, ...]
+
+
+class ConfigFieldError(ValueError):
+    """An invalid :class:`TransformerConfig` value, with the key path where it was set.
+
+    Attributes:
+        path: the path of the bad value: ``("dim",)``, ``("attention", 2)`` (layer 2 of a
+            per-layer list), ``("attention_options", "windw")`` (options for every layer),
+            ``("attention_options", "sliding_window", "windw")`` (options keyed by mechanism)
+            or ``("attention_options", 1, "windw")`` (per-layer options).
+    """
+
+    def __init__(self, message: str, path: KeyPath) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+@contextmanager
+def _field(*path: str | int) -> Iterator[None]:
+    """Re-raise a plain ``ValueError`` from a check as a :class:`ConfigFieldError` at ``path``."""
+    try:
+        yield
+    except ConfigFieldError:
+        raise
+    except ValueError as err:
+        raise ConfigFieldError(str(err), path) from None
+
+
+def _is_keyed(options: Any) -> bool:
+    """True for options keyed by mechanism name (``{"sliding_window": {"window": 128}}``)."""
+    from attnkit.core.registry import list_attention
+
+    if not isinstance(options, dict) or not options:
+        return False
+    registered = set(list_attention())
+    return all(k in registered and isinstance(v, dict) for k, v in options.items())
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """One layer's attention and where the config sets it.
+
+    Attributes:
+        name: the registered mechanism name.
+        options: its options.
+        name_path: key path of the name (``("attention",)`` or ``("attention", i)``).
+        options_path: key path of the options table (see :class:`ConfigFieldError`).
+    """
+
+    name: str
+    options: dict[str, Any]
+    name_path: KeyPath
+    options_path: KeyPath
 
 
 @dataclass(frozen=True)
@@ -41,7 +103,9 @@ class TransformerConfig:
         depth: number of layers (the encoder's, in an encoder-decoder).
         heads: attention heads per layer.
         attention: a registered mechanism name, or one per layer (length ``depth``).
-        attention_options: options for the mechanisms (see the module docstring).
+        attention_options: options for the mechanisms: one dict for every layer, a dict keyed
+            by mechanism name (``{"sliding_window": {"window": 128}}``) or a list with one dict
+            per layer.
         max_len: longest sequence the model is meant for (the table size of learned positions).
         position: ``"sinusoidal"``, ``"learned"`` (added to the embeddings), ``"rotary"``
             (queries/keys), ``"alibi"``, ``"t5"`` (score biases) or ``"none"``.
@@ -117,77 +181,107 @@ class TransformerConfig:
         self._validate()
 
     def _validate(self) -> None:
-        check_positive_int("vocab_size", self.vocab_size, example=32000)
-        check_positive_int("dim", self.dim, example=256)
-        check_positive_int("depth", self.depth, example=4)
-        check_positive_int("heads", self.heads, example=4)
-        check_positive_int("max_len", self.max_len, example=1024)
-        check_positive_int("ff_chunks", self.ff_chunks, example=4)
-        if self.kv_heads is not None:
-            check_positive_int("kv_heads", self.kv_heads)
-            if self.heads % self.kv_heads:
-                raise ValueError(f"kv_heads must divide heads, got heads={self.heads}, kv_heads={self.kv_heads}")
+        for name, example in (("vocab_size", 32000), ("dim", 256), ("depth", 4), ("heads", 4), ("max_len", 1024)):
+            with _field(name):
+                check_positive_int(name, getattr(self, name), example=example)
+        with _field("ff_chunks"):
+            check_positive_int("ff_chunks", self.ff_chunks, example=4)
+        for name in ("kv_heads", "ff_dim", "num_classes", "decoder_depth"):
+            if getattr(self, name) is not None:
+                with _field(name):
+                    check_positive_int(name, getattr(self, name), example=2 if name == "num_classes" else None)
+        if self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ConfigFieldError(
+                f"kv_heads must divide heads, got heads={self.heads}, kv_heads={self.kv_heads}", ("kv_heads",)
+            )
         if self.dim % self.heads:
-            raise ValueError(f"dim must be divisible by heads, got dim={self.dim}, heads={self.heads}")
-        if self.ff_dim is not None:
-            check_positive_int("ff_dim", self.ff_dim)
-        check_choice("position", self.position, POSITIONS)
-        check_choice("norm", self.norm, NORMS)
-        check_choice("activation", self.activation, ACTIVATIONS)
-        check_choice("pooling", self.pooling, POOLINGS)
+            raise ConfigFieldError(f"dim must be divisible by heads, got dim={self.dim}, heads={self.heads}", ("dim",))
+        for name, choices in (("position", POSITIONS), ("norm", NORMS), ("activation", ACTIVATIONS)):
+            with _field(name):
+                check_choice(name, getattr(self, name), choices)
+        with _field("pooling"):
+            check_choice("pooling", self.pooling, POOLINGS)
         if self.position == "rotary" and self.head_dim % 2:
-            raise ValueError(f"rotary positions need an even head dimension, got dim/heads = {self.head_dim}")
+            raise ConfigFieldError(
+                f"rotary positions need an even head dimension, got dim/heads = {self.head_dim}", ("dim",)
+            )
         if self.position == "sinusoidal" and self.dim % 2:
-            raise ValueError(f"sinusoidal positions need an even dim, got {self.dim}")
-        for name in ("dropout",):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+            raise ConfigFieldError(f"sinusoidal positions need an even dim, got {self.dim}", ("dim",))
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1:
+            raise ConfigFieldError(f"dropout must be a number in [0, 1), got {self.dropout!r}", ("dropout",))
         for name in ("norm_eps", "rotary_base"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+                raise ConfigFieldError(f"{name} must be a positive number, got {value!r}", (name,))
         for name in ("reversible", "tie_embeddings", "checkpointing", "bias"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise ConfigFieldError(f"{name} must be a bool, got {getattr(self, name)!r}", (name,))
         if self.reversible and self.checkpointing:
-            raise ValueError(
-                "reversible=True already recomputes activations in backward; set checkpointing=False with it"
+            raise ConfigFieldError(
+                "reversible=True already recomputes activations in backward; set checkpointing=False with it",
+                ("checkpointing",),
             )
-        if self.num_classes is not None:
-            check_positive_int("num_classes", self.num_classes, example=2)
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is not None:
-                check_non_negative_int(name, value)
+                with _field(name):
+                    check_non_negative_int(name, value)
                 if value >= self.vocab_size:
-                    raise ValueError(f"{name} must be below vocab_size={self.vocab_size}, got {value}")
-        if self.decoder_depth is not None:
-            check_positive_int("decoder_depth", self.decoder_depth)
-        self.layer_attention(decoder=False)
-        self.layer_attention(decoder=True)
-        self._check_mechanism("cross_attention", self.cross_attention, self.cross_attention_options)
+                    raise ConfigFieldError(f"{name} must be below vocab_size={self.vocab_size}, got {value}", (name,))
+        layers = self.attention_layers(decoder=False) + self.attention_layers(decoder=True)
+        self._check_keyed_options_are_used(layers)
+        self._check_mechanism(
+            "cross_attention",
+            self.cross_attention,
+            self.cross_attention_options,
+            name_path=("cross_attention",),
+            options_path=("cross_attention_options",),
+        )
 
-    def _check_mechanism(self, field_name: str, name: Any, options: dict[str, Any]) -> None:
+    def _check_keyed_options_are_used(self, layers: list[LayerAttention]) -> None:
+        """Options keyed by a mechanism no layer uses would be dropped silently: refuse them."""
+        for key in ("attention_options", "decoder_attention_options"):
+            options = getattr(self, key)
+            if not _is_keyed(options):
+                continue
+            used = {layer.options_path[1] for layer in layers if layer.options_path[0] == key}
+            unused = sorted(set(options) - used)
+            if unused:
+                names = sorted({layer.name for layer in layers})
+                raise ConfigFieldError(
+                    f"{key} sets options for {unused}, but no layer uses {'it' if len(unused) == 1 else 'them'} "
+                    f"(the layers use {names}); remove those options or choose that attention",
+                    (key, unused[0]),
+                )
+
+    def _check_mechanism(
+        self, field_name: str, name: Any, options: dict[str, Any], *, name_path: KeyPath, options_path: KeyPath
+    ) -> None:
         from attnkit.core.registry import accepted_options, attention_capabilities
 
         if not isinstance(name, str):
-            raise ValueError(f"{field_name} must be a mechanism name (str), got {name!r}")
+            raise ConfigFieldError(f"{field_name} must be a mechanism name (str), got {name!r}", name_path)
         try:
             caps = attention_capabilities(name)
         except ValueError as err:
-            raise ValueError(f"{field_name}: {err}") from None
+            raise ConfigFieldError(f"{field_name}: {err}", name_path) from None
         if not isinstance(options, dict):
-            raise ValueError(f"{field_name} options must be a dict, got {type(options).__name__}")
+            raise ConfigFieldError(f"{field_name} options must be a dict, got {type(options).__name__}", options_path)
         accepted = accepted_options(name)
         unknown = sorted(set(options) - set(accepted))
         if unknown:
             listing = ", ".join(accepted) or "none"
-            raise ValueError(f"{field_name}: attention {name!r} has no option(s) {unknown}; accepted: {listing}")
+            close = difflib.get_close_matches(unknown[0], list(accepted), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigFieldError(
+                f"{field_name}: attention {name!r} has no option(s) {unknown}{hint}; accepted: {listing}",
+                (*options_path, unknown[0]),
+            )
         if self.position in ("alibi", "t5") and field_name != "cross_attention" and not caps.score_bias:
-            raise ValueError(
+            raise ConfigFieldError(
                 f"{field_name}: attention {name!r} does not accept additive score biases, so position="
-                f"{self.position!r} cannot be used with it (use position='rotary')"
+                f"{self.position!r} cannot be used with it (use position='rotary')",
+                ("position",),
             )
 
     # -- derived values ---------------------------------------------------------------
@@ -214,46 +308,63 @@ class TransformerConfig:
         """``(mechanism name, options)`` of every layer of the encoder (or the decoder).
 
         Raises:
-            ValueError: a list of the wrong length, an unknown mechanism or option.
+            ConfigFieldError: a list of the wrong length, an unknown mechanism or option.
         """
-        if decoder:
-            depth = self.num_decoder_layers
-            spec: Any = self.decoder_attention if self.decoder_attention is not None else self.attention
-            options: Any = (
-                self.decoder_attention_options if self.decoder_attention_options is not None else self.attention_options
-            )
-            prefix = "decoder_attention"
-        else:
-            depth, spec, options, prefix = self.depth, self.attention, self.attention_options, "attention"
+        return [(layer.name, layer.options) for layer in self.attention_layers(decoder=decoder)]
+
+    def attention_layers(self, *, decoder: bool = False) -> list[LayerAttention]:
+        """Every layer's mechanism and options, with the key paths that set them.
+
+        A decoder without its own ``decoder_attention`` (``_options``) inherits the encoder's,
+        and its paths say so (``("attention",)``, ``("attention_options", ...)``).
+
+        Raises:
+            ConfigFieldError: a list of the wrong length, an unknown mechanism or option.
+        """
+        depth = self.num_decoder_layers if decoder else self.depth
+        own_spec = decoder and self.decoder_attention is not None
+        own_options = decoder and self.decoder_attention_options is not None
+        spec: Any = self.decoder_attention if own_spec else self.attention
+        options: Any = self.decoder_attention_options if own_options else self.attention_options
+        spec_key = "decoder_attention" if own_spec else "attention"
+        options_key = "decoder_attention_options" if own_options else "attention_options"
+        prefix = "decoder_attention" if decoder else "attention"
+        name_paths: list[KeyPath]
         if isinstance(spec, str):
-            names = [spec] * depth
+            names, name_paths = [spec] * depth, [(spec_key,)] * depth
         elif isinstance(spec, tuple) and len(spec) == depth:
-            names = list(spec)
+            names, name_paths = list(spec), [(spec_key, i) for i in range(depth)]
         else:
-            raise ValueError(
-                f"{prefix} must be a mechanism name or a list of {depth} names (one per layer), got {spec!r}"
+            raise ConfigFieldError(
+                f"{prefix} must be a mechanism name or a list of {depth} names (one per layer), got {spec!r}",
+                (spec_key,),
             )
-        per_layer = self._options_per_layer(prefix, options, names)
-        for i, (name, opts) in enumerate(zip(names, per_layer)):
-            self._check_mechanism(f"{prefix}[{i}]", name, opts)
-        return list(zip(names, per_layer))
+        per_layer = self._options_per_layer(f"{prefix}_options", options, names, options_key)
+        layers = [
+            LayerAttention(name, opts, name_path, opts_path)
+            for name, (opts, opts_path), name_path in zip(names, per_layer, name_paths)
+        ]
+        for i, layer in enumerate(layers):
+            self._check_mechanism(
+                f"{prefix}[{i}]", layer.name, layer.options, name_path=layer.name_path, options_path=layer.options_path
+            )
+        return layers
 
     @staticmethod
-    def _options_per_layer(prefix: str, options: Any, names: list[str]) -> list[dict[str, Any]]:
-        from attnkit.core.registry import list_attention
-
+    def _options_per_layer(
+        label: str, options: Any, names: list[str], key: str
+    ) -> list[tuple[dict[str, Any], KeyPath]]:
         if isinstance(options, tuple):
             if len(options) != len(names) or not all(isinstance(o, dict) for o in options):
-                raise ValueError(
-                    f"{prefix}_options as a list needs {len(names)} dicts (one per layer), got {list(options)!r}"
+                raise ConfigFieldError(
+                    f"{label} as a list needs {len(names)} dicts (one per layer), got {list(options)!r}", (key,)
                 )
-            return [dict(o) for o in options]
+            return [(dict(o), (key, i)) for i, o in enumerate(options)]
         if not isinstance(options, dict):
-            raise ValueError(f"{prefix}_options must be a dict or a list of dicts, got {type(options).__name__}")
-        registered = set(list_attention())
-        if options and all(k in registered and isinstance(v, dict) for k, v in options.items()):
-            return [dict(options.get(name, {})) for name in names]  # keyed by mechanism name
-        return [dict(options) for _ in names]
+            raise ConfigFieldError(f"{label} must be a dict or a list of dicts, got {type(options).__name__}", (key,))
+        if _is_keyed(options):
+            return [(dict(options.get(name, {})), (key, name)) for name in names]
+        return [(dict(options), (key,)) for _ in names]
 
     # -- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

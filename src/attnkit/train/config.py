@@ -1,9 +1,11 @@
 """Training configuration: a validated dataclass read from JSON or TOML plus ``key=value`` overrides.
 
-Every error names the file, the key and (where it can be found) the line, what was given
-and what was expected, e.g. ``configs/x.toml, line 4: key 'max_steps' must be a positive
-integer, got 'ten'``. Unknown keys are errors with a did-you-mean hint: a typo never
-silently trains with a default.
+Every error names where the bad value came from, what was given and what was expected:
+the config file, the line and the key path (``configs/x.toml, line 14:
+[attention_options.sliding_window] key 'windw' ...``) or the command-line override that set
+it (``command-line override 'max_steps=abc': key 'max_steps' must be a positive integer, got
+'abc'``). Unknown keys are errors with a did-you-mean hint: a typo never silently trains
+with a default.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import difflib
 import json
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,39 +37,55 @@ DATA_MODEL_FIELDS: tuple[str, ...] = ("vocab_size", "num_classes", "pad_token_id
 class TrainConfig:
     """Everything ``attnkit train`` needs.
 
+    These attribute descriptions are the reference: ``docs/configuration.md`` is generated from
+    them (``python -m attnkit.train.reference``).
+
     Attributes:
-        task: ``"listops"``, ``"copy"``, ``"mqar"``, ``"reverse"``, ``"sort"``, ``"text"`` (the
-            standard-library corpus), or a path to a ``.jsonl`` file, a text file or a directory.
-        task_options: the synthetic task's options (e.g. ``min_length``, ``max_length``).
-        attention: registered mechanism name (or one per layer) for the model.
-        attention_options: the mechanism's options (e.g. ``{"window": 64}``).
-        model: :class:`~attnkit.models.TransformerConfig` fields (``dim``, ``depth``, ...);
-            ``vocab_size``, ``num_classes`` and ``pad_token_id`` come from the data.
-        max_steps: optimizer steps.
+        task: a synthetic task (``"listops"``, ``"copy"``, ``"mqar"``, ``"reverse"``, ``"sort"``),
+            ``"text"`` (the Python standard library as a language-modelling corpus), or a path
+            to your own data: a ``.jsonl`` file, a text file or a directory of ``.txt``/``.md``/``.py``
+            files (see docs/own-data.md). A relative path is tried against the working
+            directory, then the config file's directory.
+        out_dir: where checkpoints, the model and ``log.jsonl`` go.
+        attention: registered mechanism name (``attnkit list``) for every layer, or a list with one
+            name per layer.
+        attention_options: the mechanisms' options: one table for every layer (``window = 64``)
+            or tables keyed by mechanism name (``[attention_options.sliding_window]``, for an
+            ``attention`` list that mixes mechanisms). Each mechanism's options and defaults:
+            ``attnkit list --json``.
+        task_options: the synthetic task's options (see the task tables below); only for
+            synthetic tasks.
+        model: :class:`~attnkit.models.TransformerConfig` fields (``dim``, ``depth``, ...; the
+            ``[model]`` table below). ``vocab_size``, ``num_classes`` and ``pad_token_id`` come
+            from the data; ``max_len`` defaults to the data's longest sequence.
+        max_steps: optimizer steps to train for (may be raised when resuming).
         batch_size: examples per optimizer step, summed over processes and accumulation.
         grad_accum: micro-batches per step (``batch_size`` must divide evenly).
         lr: peak learning rate.
-        min_lr_ratio: final learning rate as a fraction of ``lr`` (cosine floor).
+        min_lr_ratio: final learning rate as a fraction of ``lr`` (cosine floor), in [0, 1].
         warmup_steps: linear warm-up steps.
         weight_decay: decoupled (AdamW) weight decay, not applied to biases and norms.
-        betas: AdamW betas.
+        betas: AdamW betas, two numbers in [0, 1).
         grad_clip: clip the global gradient norm to this (0 disables).
         precision: ``"fp32"``, ``"bf16"`` (autocast, CPU or GPU) or ``"fp16"`` (GPU, loss scaling).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
-        seed: seeds the model initialisation, the data and dropout.
-        out_dir: where checkpoints, the model and ``log.jsonl`` go.
-        checkpoint_every: steps between checkpoints (the last step is always saved).
+        seed: seeds the model initialisation, the data order and dropout.
+        checkpoint_every: steps between checkpoints (the last step is always saved, and so is
+            the current step on Ctrl-C or SIGTERM).
         keep_checkpoints: complete checkpoints kept (older ones are deleted after a new one lands).
-        eval_every: steps between evaluations (0: only at the end).
-        eval_examples: validation examples per evaluation.
-        eval_batch_size: batch size of evaluation (default ``batch_size``).
-        log_every: steps between ``log.jsonl`` records.
-        seq_len: window length for text, and the truncation length of JSONL records.
-        tokenizer: ``"byte"`` or ``"bpe"`` (text and data files).
+        eval_every: steps between evaluations on the validation split, each printed as one
+            line (0: only at the end).
+        eval_examples: validation examples per evaluation (the first ones of the split, fixed
+            for the whole run).
+        eval_batch_size: batch size of evaluation (unset: ``batch_size``).
+        log_every: steps between ``log.jsonl`` records (evaluation steps are always logged).
+        seq_len: window length for text files, and the truncation length of JSONL records.
+        tokenizer: ``"byte"`` or ``"bpe"`` (text and JSONL data; BPE is trained on the
+            training data and saved with the model).
         tokenizer_vocab_size: BPE vocabulary size.
         bucket_batches: batches per length-sorted pool (1 disables bucketing).
         pad_to_multiple_of: pad batch lengths to a multiple of this.
-        threads: torch intra-op threads (None: torch's default).
+        threads: torch intra-op threads (unset: torch's default).
         progress: show a progress bar.
         tensorboard: also write TensorBoard events when the package is installed.
     """
@@ -113,42 +132,128 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "<dict>", text: str | None = None) -> TrainConfig:
+    def from_dict(
+        cls,
+        data: dict[str, Any],
+        *,
+        source: str = "<dict>",
+        text: str | None = None,
+        overrides: Sequence[str] = (),
+    ) -> TrainConfig:
         """Validate ``data`` and build the config.
 
         Args:
-            data: the parsed configuration.
+            data: the parsed configuration, with ``overrides`` already applied.
             source: file name used in error messages.
             text: the file's text, used to find the line of a bad key.
+            overrides: the ``key=value`` items applied to ``data``: a bad value one of them set
+                is reported against the override, not the file.
 
         Raises:
-            ValueError: naming the source, the key, the line where found, the value and what was expected.
+            ValueError: naming where the bad value came from (the override, or the file, line
+                and key path), the value and what was expected.
         """
-        return _build(data, source, text)
+        return _build(data, source, text, overrides)
+
+
+# ----------------------------------------------------------------------------- where a value came from
+
+#: A key path into the config: ``("max_steps",)``, ``("attention_options", "sliding_window", "window")``;
+#: an int is an index into a list.
+KeyPath = tuple[str | int, ...]
+
+_TOML_HEADER = re.compile(r"^\[\[?\s*([^\]]+?)\s*\]\]?$")
+_TOML_KEY = re.compile(
+    r"^((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*="
+)
+
+
+def _toml_parts(dotted: str) -> KeyPath:
+    return tuple(part.strip().strip("\"'") for part in re.split(r"\.(?=(?:[^\"']|\"[^\"]*\"|'[^']*')*$)", dotted))
+
+
+def _toml_key_lines(text: str) -> dict[KeyPath, int]:
+    """The line of every table header and ``key = value`` in a TOML text, by full key path.
+
+    Keys inside inline tables and arrays are not listed: their value's line is the line of the
+    enclosing key, which :meth:`_Locator.line` falls back to.
+    """
+    lines: dict[KeyPath, int] = {}
+    table: KeyPath = ()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        header = _TOML_HEADER.match(line)
+        if header:
+            table = _toml_parts(header.group(1))
+            lines.setdefault(table, number)
+            continue
+        key = _TOML_KEY.match(line)
+        if key:
+            lines.setdefault((*table, *_toml_parts(key.group(1))), number)
+    return lines
+
+
+def _json_key_line(text: str, path: KeyPath) -> int | None:
+    """The line of the deepest key of ``path`` found by following it through a JSON text."""
+    position, line = 0, None
+    for part in path:
+        if isinstance(part, int):
+            break
+        found = re.compile(rf'"{re.escape(part)}"\s*:').search(text, position)
+        if found is None:
+            break
+        position, line = found.end(), text.count("\n", 0, found.start()) + 1
+    return line
+
+
+def _dotted(path: KeyPath) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+class _Locator:
+    """Builds errors that say where a key's value came from: a command-line override, or a line
+    of the config file (with the TOML table or the dotted key path)."""
+
+    def __init__(self, source: str, text: str | None, overrides: Sequence[str]) -> None:
+        self.source, self.text = source, text
+        self.toml = source.endswith(".toml")
+        self.toml_lines = _toml_key_lines(text) if self.toml and text else {}
+        # Later overrides win, like in apply_overrides.
+        self.overrides: list[tuple[KeyPath, str]] = [(tuple(parse_override(item)[0]), item) for item in overrides]
+
+    def line(self, path: KeyPath) -> int | None:
+        if not self.text:
+            return None
+        if not self.toml:
+            return _json_key_line(self.text, path)
+        for depth in range(len(path), 0, -1):  # the deepest written prefix (inline tables, arrays)
+            if path[:depth] in self.toml_lines:
+                return self.toml_lines[path[:depth]]
+        return None
+
+    def describe(self, path: KeyPath) -> str:
+        """``key 'max_steps'``, ``[model] key 'dim'`` (TOML) or ``key 'model.dim'``."""
+        if self.toml and len(path) > 1 and all(isinstance(p, str) for p in path):
+            return f"[{'.'.join(map(str, path[:-1]))}] key '{path[-1]}'"
+        return f"key '{_dotted(path)}'"
+
+    def __call__(self, key: str | KeyPath, message: str) -> ValueError:
+        path: KeyPath = tuple(key.split(".")) if isinstance(key, str) else key
+        setting = [item for p, item in self.overrides if path[: len(p)] == p]
+        if setting:  # an override set this key, or a whole table holding it
+            return ValueError(f"command-line override {setting[-1]!r}: key '{_dotted(path)}' {message}")
+        line = self.line(path)
+        where = f"{self.source}, line {line}" if line else self.source
+        inside = [item for p, item in self.overrides if p[: len(path)] == path]
+        if inside:  # the file's table plus overrides of some of its keys
+            where += f" (with command-line override{'s' if len(inside) > 1 else ''} {', '.join(map(repr, inside))})"
+        return ValueError(f"{where}: {self.describe(path)} {message}")
 
 
 # ----------------------------------------------------------------------------- validation
-
-
-def _line_of(text: str | None, key: str) -> int | None:
-    if not text:
-        return None
-    leaf = key.split(".")[-1]
-    pattern = re.compile(rf'^\s*(?:"{re.escape(leaf)}"\s*:|{re.escape(leaf)}\s*=)')
-    for number, line in enumerate(text.splitlines(), start=1):
-        if pattern.search(line):
-            return number
-    return None
-
-
-class _Errors:
-    def __init__(self, source: str, text: str | None) -> None:
-        self.source, self.text = source, text
-
-    def __call__(self, key: str, message: str) -> ValueError:
-        line = _line_of(self.text, key)
-        where = f"{self.source}, line {line}" if line else self.source
-        return ValueError(f"{where}: key '{key}' {message}")
 
 
 _INT_KEYS: tuple[str, ...] = ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints")
@@ -163,7 +268,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_scalars(data: dict[str, Any], err: _Errors) -> None:
+def _check_scalars(data: dict[str, Any], err: _Locator) -> None:
     for key in _INT_KEYS:
         if key in data and not (_is_int(data[key]) and data[key] > 0):
             raise err(key, f"must be a positive integer, got {data[key]!r}")
@@ -192,7 +297,7 @@ def _check_scalars(data: dict[str, Any], err: _Errors) -> None:
         raise err("min_lr_ratio", f"must be between 0 and 1, got {data['min_lr_ratio']!r}")
 
 
-def _check_task(data: dict[str, Any], err: _Errors, base: Path | None) -> None:
+def _check_task(data: dict[str, Any], err: _Locator, base: Path | None) -> None:
     task = data["task"]
     if not isinstance(task, str) or not task:
         raise err("task", f"must be a task name or a data path, got {task!r}")
@@ -205,8 +310,15 @@ def _check_task(data: dict[str, Any], err: _Errors, base: Path | None) -> None:
         raise err("task", f"must be one of {', '.join((*TASK_NAMES, 'text'))} or an existing data path, got {task!r}")
 
 
-def _check_model(data: dict[str, Any], err: _Errors) -> None:
+def _config_path(path: KeyPath) -> KeyPath:
+    """A TransformerConfig key path as a training config key path: attention keys live at the
+    top level, every other model field under ``model``."""
+    return path if path and path[0] in ("attention", "attention_options") else ("model", *path)
+
+
+def _check_model(data: dict[str, Any], err: _Locator) -> None:
     from attnkit.models import TransformerConfig
+    from attnkit.models.config import ConfigFieldError
 
     model = data.get("model", {})
     if not isinstance(model, dict):
@@ -214,30 +326,53 @@ def _check_model(data: dict[str, Any], err: _Errors) -> None:
     fields = {f.name for f in dataclasses.fields(TransformerConfig)}
     for key in model:
         if key in DATA_MODEL_FIELDS:
-            raise err(f"model.{key}", "is set from the data; remove it from the config")
+            raise err(("model", key), "is set from the data; remove it from the config")
         if key in ("attention", "attention_options"):
-            raise err(f"model.{key}", f"belongs at the top level of the config ({key} = ...)")
+            raise err(("model", key), f"belongs at the top level of the config ({key} = ...)")
         if key not in fields:
             hint = difflib.get_close_matches(key, sorted(fields), n=1)
             raise err(
-                f"model.{key}", "is not a TransformerConfig field" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                ("model", key), "is not a TransformerConfig field" + (f" (did you mean '{hint[0]}'?)" if hint else "")
             )
     try:
-        TransformerConfig(
+        config = TransformerConfig(
             vocab_size=2,
             attention=data.get("attention", "full"),
             attention_options=data.get("attention_options", {}),
             **model,
         )
+    except ConfigFieldError as exc:
+        raise err(_config_path(exc.path), f"is invalid: {exc}") from exc
     except (ValueError, TypeError) as exc:
-        # TransformerConfig messages start with the field name: point at that key's line.
-        first = str(exc).split(" ", 1)[0]
-        key = f"model.{first}" if first in model else "attention" if first.startswith("attention") else "model"
-        raise err(key, f"is invalid: {exc}") from exc
+        raise err("model", f"is invalid: {exc}") from exc
+    _check_option_values(config, err)
 
 
-def _build(data: dict[str, Any], source: str, text: str | None) -> TrainConfig:
-    err = _Errors(source, text)
+def _check_option_values(config: Any, err: _Locator) -> None:
+    """Build each configured mechanism once, so a bad option value (``window = 0``) is reported
+    against its key now rather than from deep inside model construction later."""
+    import torch
+
+    from attnkit.core.registry import build_attention
+
+    layers = config.attention_layers() + config.attention_layers(decoder=True)
+    built: set[str] = set()
+    for layer in layers:
+        signature = json.dumps([layer.name, layer.options], sort_keys=True, default=repr)
+        if signature in built:
+            continue
+        built.add(signature)
+        try:
+            with torch.random.fork_rng(devices=[]):  # random features etc. must not move the run's RNG
+                build_attention(layer.name, **layer.options)
+        except (ValueError, TypeError) as exc:
+            option = str(exc).split(" ", 1)[0]
+            path = (*layer.options_path, option) if option in layer.options else layer.options_path
+            raise err(_config_path(path), f"is invalid for attention {layer.name!r}: {exc}") from exc
+
+
+def _build(data: dict[str, Any], source: str, text: str | None, overrides: Sequence[str]) -> TrainConfig:
+    err = _Locator(source, text, overrides)
     if not isinstance(data, dict):
         raise ValueError(f"{source}: the configuration must be a table/object, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -247,7 +382,7 @@ def _build(data: dict[str, Any], source: str, text: str | None) -> TrainConfig:
             raise err(key, "is not a training option" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
     for key in ("task", "out_dir"):
         if key not in data:
-            raise ValueError(f"{source}: missing required key '{key}'")
+            raise ValueError(f"{source}: missing required key '{key}' (add {key} = ... or pass {key}=...)")
     if not isinstance(data["out_dir"], str) or not data["out_dir"]:
         raise err("out_dir", f"must be a directory path, got {data['out_dir']!r}")
     base = Path(source).parent if source and not source.startswith("<") else None
@@ -260,7 +395,11 @@ def _build(data: dict[str, Any], source: str, text: str | None) -> TrainConfig:
     if not (isinstance(attention, str) or (isinstance(attention, list) and all(isinstance(a, str) for a in attention))):
         raise err("attention", f"must be a mechanism name or a list of names, got {attention!r}")
     betas = data.get("betas", [0.9, 0.98])
-    if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(0 <= float(b) < 1 for b in betas)):
+    if not (
+        isinstance(betas, (list, tuple))
+        and len(betas) == 2
+        and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
+    ):
         raise err("betas", f"must be two numbers in [0, 1), got {betas!r}")
     _check_model(data, err)
     values = dict(data)
@@ -274,7 +413,7 @@ def _build(data: dict[str, Any], source: str, text: str | None) -> TrainConfig:
     return config
 
 
-def _check_task_options(config: TrainConfig, err: _Errors) -> None:
+def _check_task_options(config: TrainConfig, err: _Locator) -> None:
     if config.task in TASK_NAMES:
         from attnkit.data.tasks import make_task
 
@@ -352,7 +491,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     """
     data, text = read_config_file(path)
     data = apply_overrides(data, overrides or [])
-    config = TrainConfig.from_dict(data, source=str(path), text=text)
+    config = TrainConfig.from_dict(data, source=str(path), text=text, overrides=overrides or [])
     task = Path(config.task)
     if config.task not in (*TASK_NAMES, "text") and not task.exists():
         config = dataclasses.replace(config, task=str(Path(path).parent / task))

@@ -12,7 +12,12 @@ Files under ``out_dir``::
 
 Resumption is exact: the checkpoint holds the weights, the optimizer, the step, the Python
 and torch RNG states and the data position, so on CPU the continued loss curve is
-bit-identical to an uninterrupted run (with the same ``threads``).
+bit-identical to an uninterrupted run (with the same ``threads``). A checkpoint that does not
+load (a truncated file) is skipped with a warning for the newest one that does.
+
+Ctrl-C or SIGTERM stops the run at the end of the current step with a checkpoint of that
+step (see :mod:`attnkit.train.interrupt`); every evaluation prints one line of validation
+metrics above the progress bar.
 """
 
 from __future__ import annotations
@@ -32,10 +37,18 @@ from attnkit.core.base import after_optimizer_step
 from attnkit.data.batching import BucketBatcher, eval_batches
 from attnkit.data.pipeline import TrainingData, build_data
 from attnkit.data.tasks import Batch
-from attnkit.train.checkpoint import latest_checkpoint, load_state, save_checkpoint, write_atomically
+from attnkit.train.checkpoint import (
+    Checkpoint,
+    CorruptCheckpointError,
+    latest_checkpoint,
+    load_intact_checkpoint,
+    save_checkpoint,
+    write_atomically,
+)
 from attnkit.train.config import TrainConfig
 from attnkit.train.distributed import DistributedContext, all_reduce_sum, barrier, init_distributed
 from attnkit.train.evaluate import evaluate
+from attnkit.train.interrupt import StopRequest, TrainingInterrupted
 from attnkit.train.modeling import forward, model_class, model_config, summed_loss
 from attnkit.train.schedule import learning_rate
 
@@ -72,6 +85,17 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """``loss 0.6931, accuracy 0.5`` (4 significant digits)."""
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
@@ -85,12 +109,19 @@ class Trainer:
     Args:
         config: the validated configuration.
         context: the process's place in a distributed run (default: read from the environment).
-        resume: continue from the newest complete checkpoint in ``out_dir/checkpoints``.
+        resume: continue from the newest checkpoint in ``out_dir/checkpoints`` whose files all
+            load; newer ones that do not are listed in :attr:`skipped_checkpoints` and
+            reported on stderr.
+
+    Attributes:
+        resume_from: the checkpoint the run continued from (None for a fresh run).
+        skipped_checkpoints: newer checkpoints that did not load when resuming.
 
     Raises:
         ValueError: for settings the machine cannot honour (fp16 without a GPU, a batch that
-            does not split over processes and accumulation steps) or an ``out_dir`` that
-            already holds checkpoints when ``resume`` is False.
+            does not split over processes and accumulation steps), an ``out_dir`` that
+            already holds checkpoints when ``resume`` is False, or checkpoints none of which
+            loads when it is True.
     """
 
     def __init__(self, config: TrainConfig, *, context: DistributedContext | None = None, resume: bool = False) -> None:
@@ -108,11 +139,13 @@ class Trainer:
             )
         if config.precision == "fp16" and self.context.device.type != "cuda":
             raise ValueError("precision='fp16' needs a GPU; use precision='bf16' (or 'fp32') on CPU")
-        self.resume_from = latest_checkpoint(self.checkpoint_dir) if resume else None
         if not resume and latest_checkpoint(self.checkpoint_dir) is not None:
             raise ValueError(
                 f"{self.checkpoint_dir} already holds checkpoints; pass --resume to continue, or choose another out_dir"
             )
+        self.skipped_checkpoints: list[CorruptCheckpointError] = []
+        loaded = self._find_resume_point() if resume else None
+        self.resume_from = loaded.path if loaded is not None else None
 
         random.seed(config.seed)
         torch.manual_seed(config.seed)
@@ -148,8 +181,8 @@ class Trainer:
 
             ids = [self.context.device.index] if self.context.device.type == "cuda" else None
             self.wrapped = DistributedDataParallel(self.model, device_ids=ids)
-        if self.resume_from is not None:
-            self._load(self.resume_from)
+        if loaded is not None:
+            self._restore(loaded)
 
     # ------------------------------------------------------------------ state
 
@@ -170,18 +203,31 @@ class Trainer:
             "config": json.dumps(self.config.to_dict()),
         }
 
-    def _load(self, checkpoint: Path) -> None:
-        state = load_state(checkpoint)
+    def _find_resume_point(self) -> Checkpoint | None:
+        """The newest checkpoint that loads, saying on stderr which newer ones did not and why."""
+        loaded = load_intact_checkpoint(
+            self.checkpoint_dir, map_location=self.context.device, on_skip=self.skipped_checkpoints.append
+        )
+        if loaded is not None and self.context.is_main:
+            for skipped in self.skipped_checkpoints:
+                print(
+                    f"attnkit train: warning: skipping checkpoint {skipped.checkpoint} ({skipped.reason}); "
+                    f"resuming from {loaded.path} instead",
+                    file=sys.stderr,
+                )
+        return loaded
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        state = checkpoint.state
         saved = json.loads(state["config"])
         changed = [k for k in _FIXED_ON_RESUME if saved.get(k) != self.config.to_dict().get(k)]
         if changed:
             detail = "; ".join(f"{k}: {saved.get(k)!r} -> {self.config.to_dict().get(k)!r}" for k in changed)
             raise ValueError(
-                f"cannot resume {checkpoint}: the config changed keys that define the run ({detail}); "
+                f"cannot resume {checkpoint.path}: the config changed keys that define the run ({detail}); "
                 "only schedule and logging keys (max_steps, eval_every, checkpoint_every, ...) may change"
             )
-        loaded = type(self.model).from_pretrained(checkpoint, map_location=self.context.device)  # type: ignore[attr-defined]
-        self.model.load_state_dict(loaded.state_dict())
+        self.model.load_state_dict(checkpoint.model.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -247,6 +293,7 @@ class Trainer:
             if split != "validation":
                 return evaluate(self.model, batches, self.data, device=self.context.device, generate=generate)
             self._eval_batches = batches
+            self.eval_size = len(examples)
         return evaluate(self.model, self._eval_batches, self.data, device=self.context.device, generate=generate)
 
     # ------------------------------------------------------------------ files
@@ -256,18 +303,25 @@ class Trainer:
         if not self.context.is_main:
             return log
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        _write_text_atomically(self.out_dir / "train_config.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
         if log.exists():
             # Records written after the checkpoint we resume from belong to the lost future.
-            kept = [
-                line
-                for line in log.read_text().splitlines()
-                if line.strip() and self.resume_from is not None and json.loads(line)["step"] <= self.step
-            ]
-            tmp = log.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(log)
+            kept = [text for step, text in self._log_records(log) if self.resume_from is not None and step <= self.step]
+            _write_text_atomically(log, "".join(text + "\n" for text in kept))
         return log
+
+    @staticmethod
+    def _log_records(log: Path) -> list[tuple[int, str]]:
+        """``(step, line)`` of each record; a last line cut short by a crash is dropped, any other bad line is an error."""
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                records.append((int(json.loads(line)["step"]), line))
+            except (ValueError, KeyError, TypeError) as err:
+                if number < len(lines):
+                    raise ValueError(f"{log}, line {number}: not a training log record ({err})") from err
+        return records
 
     def _keep_best(self, metrics: dict[str, Any]) -> None:
         key, higher = ("accuracy", True) if self.data.kind == "classification" else ("loss", False)
@@ -296,7 +350,12 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def fit(self) -> dict[str, Any]:
-        """Train until ``max_steps``; returns the final validation metrics."""
+        """Train until ``max_steps``; returns the final validation metrics.
+
+        Raises:
+            TrainingInterrupted: after Ctrl-C or SIGTERM, once the current step is finished
+                and checkpointed (or at once, with no new checkpoint, after a second Ctrl-C).
+        """
         from tqdm import tqdm
 
         cfg, ctx = self.config, self.context
@@ -311,40 +370,83 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
+        stop = StopRequest(on_request=lambda name: self._announce_stop(bar, name))
         metrics: dict[str, Any] = {}
         start = time.perf_counter()
-        with open(log_path, "a") if ctx.is_main else contextlib.nullcontext() as log:
-            while self.step < cfg.max_steps:
-                tick = time.perf_counter()
-                batch = next(self.batcher)
-                record: dict[str, Any] = {"step": self.step + 1, **self.train_step(batch)}
-                record["tokens_per_s"] = batch.num_tokens / max(time.perf_counter() - tick, 1e-9)
-                record["elapsed_s"] = time.perf_counter() - start
-                last = self.step == cfg.max_steps
-                if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
-                    if ctx.is_main:
-                        metrics = self.evaluate()
-                        record.update({f"eval_{k}": v for k, v in metrics.items()})
-                        self._keep_best(metrics)
-                    barrier(ctx)
-                if log is not None and (self.step % cfg.log_every == 0 or "eval_loss" in record or last):
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    if writer is not None:
-                        for key, value in record.items():
-                            if key != "step":
-                                writer.add_scalar(key, value, self.step)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                bar.update(1)
-                if self.step % cfg.checkpoint_every == 0 or last:
-                    self.save_checkpoint()
-        bar.close()
-        if writer is not None:
-            writer.close()
+        try:
+            with stop, open(log_path, "a") if ctx.is_main else contextlib.nullcontext() as log:
+                while self.step < cfg.max_steps:
+                    metrics = self._fit_step(bar, log, writer, start) or metrics
+                    if self.step < cfg.max_steps and self._stop_agreed(stop):
+                        raise self._stop(stop.signal_name or "SIGTERM", saved=self.step % cfg.checkpoint_every == 0)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            # A second Ctrl-C: the step or the save in progress was abandoned; nothing new was saved.
+            raise TrainingInterrupted("SIGINT", self.step, None, latest_checkpoint(self.checkpoint_dir)) from None
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        if not metrics and ctx.is_main:  # resumed a finished run: nothing trained, still report
+            metrics = self.evaluate()
         if ctx.is_main:
             write_atomically(self.out_dir / "model", self._write_model)
         barrier(ctx)
         return metrics
+
+    def _fit_step(self, bar: Any, log: Any, writer: Any, start: float) -> dict[str, Any] | None:
+        """One step with its evaluation, log record and checkpoint; returns the metrics if it evaluated."""
+        cfg, ctx = self.config, self.context
+        tick = time.perf_counter()
+        batch = next(self.batcher)
+        record: dict[str, Any] = {"step": self.step + 1, **self.train_step(batch)}
+        record["tokens_per_s"] = batch.num_tokens / max(time.perf_counter() - tick, 1e-9)
+        record["elapsed_s"] = time.perf_counter() - start
+        last = self.step == cfg.max_steps
+        metrics = None
+        if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+            if ctx.is_main:
+                metrics = self.evaluate()
+                record.update({f"eval_{k}": v for k, v in metrics.items()})
+                self._keep_best(metrics)
+                bar.write(f"step {self.step}/{cfg.max_steps}: validation {format_metrics(metrics)}")
+            barrier(ctx)
+        if log is not None and (self.step % cfg.log_every == 0 or "eval_loss" in record or last):
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if writer is not None:
+                for key, value in record.items():
+                    if key != "step":
+                        writer.add_scalar(key, value, self.step)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        if self.step % cfg.checkpoint_every == 0 or last:
+            self.save_checkpoint()
+        return metrics
+
+    def _announce_stop(self, bar: Any, signal_name: str) -> None:
+        if not self.context.is_main:
+            return
+        what = "Ctrl-C" if signal_name == "SIGINT" else signal_name
+        again = " (press Ctrl-C again to stop at once without saving)" if signal_name == "SIGINT" else ""
+        bar.write(
+            f"attnkit train: {what}: stopping after the current step to save a checkpoint{again}", file=sys.stderr
+        )
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether any process was asked to stop: every process must stop after the same step."""
+        if not self.context.enabled:
+            return stop.requested
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.context.device)
+        return bool(all_reduce_sum(flag, self.context).item() > 0)
+
+    def _stop(self, signal_name: str, *, saved: bool) -> TrainingInterrupted:
+        """Checkpoint the finished step (unless the loop just did) and describe the stop."""
+        checkpoint = self.checkpoint_dir / f"step_{self.step:08d}"
+        if not saved:
+            self.save_checkpoint()
+        return TrainingInterrupted(signal_name, self.step, checkpoint, checkpoint)
 
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint of the current step (on the main process); returns its directory."""
