@@ -145,3 +145,19 @@ def test_bad_override_is_named_on_the_command_line(tmp_path: Path, capsys: pytes
         "attnkit train: error: command-line override 'max_steps=abc': key 'max_steps' must be a positive integer, "
         "got 'abc'"
     )
+
+
+def test_overrides_may_follow_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse stopped collecting key=value words at --resume: `train c.json --resume max_steps=3` was refused.
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(tiny_config(tmp_path / "run", max_steps=2, eval_every=0)))
+    assert main(["train", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["train", str(path), "--resume", "max_steps=3"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(path), "--resume", "--no-such-flag"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
