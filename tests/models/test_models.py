@@ -265,3 +265,53 @@ def test_empty_inputs_are_refused_where_nothing_can_be_computed() -> None:
         SequenceClassifier(config())(ids(2, 0))  # nothing to pool
     with pytest.raises(ValueError, match="input_ids must not be empty"):
         lm.generate(ids(2, 0), max_new_tokens=2)  # nothing to continue
+
+
+def test_token_shift_by_hand() -> None:
+    # e_t + W e_{t-1}, with zero before the first token and after a padded position, then the usual stack.
+    torch.manual_seed(3)
+    model = Encoder(config(token_shift=True, position="learned", depth=1)).double().eval()
+    x = ids(2, 6, seed=4)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    embed = model.embed
+    tokens = embed.tokens.weight[x]  # (B, T, dim)
+    previous = torch.zeros_like(tokens)
+    for b in range(2):
+        for t in range(1, 6):
+            if mask[b, t - 1]:
+                previous[b, t] = tokens[b, t - 1]
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    expected = tokens + previous @ embed.shift.weight.T + embed.positions.embedding(positions)
+    torch.testing.assert_close(embed(x, positions, attention_mask=mask), expected, atol=1e-12, rtol=0)
+
+
+def test_token_shift_padding_causality_and_cache() -> None:
+    torch.manual_seed(4)
+    lm = LanguageModel(config(token_shift=True)).eval()
+    seq = ids(1, 7, seed=5)
+    batch = torch.cat([torch.zeros(1, 3, dtype=torch.long), seq], dim=1)
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    mask[0, :3] = False
+    full = lm(batch, attention_mask=mask)
+    torch.testing.assert_close(full[:, 3:], lm(seq), atol=1e-5, rtol=1e-5)  # left padding changes nothing
+    changed = batch.clone()
+    changed[0, 6:] = (changed[0, 6:] % 36) + 1
+    assert torch.equal(lm(changed, attention_mask=mask)[:, :6], full[:, :6])  # still causal
+    cache = lm.new_cache()  # a left-padded prompt in one step, then one token at a time
+    steps = [lm(batch[:, :5], attention_mask=mask[:, :5], cache=cache)]
+    steps += [lm(batch[:, t : t + 1], cache=cache) for t in range(5, 10)]
+    torch.testing.assert_close(torch.cat(steps, dim=1)[:, 3:], full[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_token_shift_state_follows_beam_reordering() -> None:
+    torch.manual_seed(5)
+    lm = LanguageModel(config(token_shift=True)).eval()
+    x = ids(3, 6, seed=6)
+    cache = lm.new_cache()
+    lm(x[:, :4], cache=cache)
+    cache.reorder_batch(torch.tensor([2, 0, 0]))
+    out = lm(x[[2, 0, 0], 4:], cache=cache)
+    torch.testing.assert_close(out, lm(x[[2, 0, 0]])[:, 4:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="token_shift must be a bool"):
+        config(token_shift="yes")

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from attnkit.attention.multi_head import AttentionCache
+from attnkit.models.cache import ModelCache
 from attnkit.models.config import TransformerConfig
 from attnkit.models.layers import LayerInputs, TransformerLayer, make_norm
 from attnkit.models.reversible import coupled_forward, reversible_forward
@@ -16,9 +17,12 @@ from attnkit.positions import LearnedPositions, SinusoidalPositions
 
 
 class TokenEmbedding(nn.Module):
-    """Token embedding plus absolute positions (``sinusoidal``/``learned``), then dropout.
+    """Token embedding (plus the token shift), absolute positions (``sinusoidal``/``learned``), dropout.
 
-    Rotary, ALiBi and T5 positions live in the attention layers; here they add nothing.
+    Rotary, ALiBi and T5 positions live in the attention layers; here they add nothing. With
+    ``token_shift``, each token's embedding ``e_t`` becomes ``e_t + W e_{t-1}``, where ``e_{t-1}`` is
+    zero before the first position and where position ``t-1`` is padding (so a left-padded row
+    equals the unpadded sequence).
     """
 
     def __init__(self, config: TransformerConfig) -> None:
@@ -30,10 +34,24 @@ class TokenEmbedding(nn.Module):
         elif config.position == "learned":
             self.positions = LearnedPositions(config.dim, config.max_len)
         self.dropout = nn.Dropout(config.dropout)
+        self.shift = nn.Linear(config.dim, config.dim, bias=False) if config.token_shift else None
 
-    def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        """``input_ids (B, T)`` at absolute ``positions (B, T)`` -> ``(B, T, dim)``."""
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        cache: ModelCache | None = None,
+    ) -> Tensor:
+        """``input_ids (B, T)`` at absolute ``positions (B, T)`` -> ``(B, T, dim)``.
+
+        ``attention_mask`` (bool ``(B, T)``, True = real token) and ``cache`` (whose
+        ``previous_token`` it reads and updates) matter only with the token shift.
+        """
         x = self.tokens(input_ids)
+        if self.shift is not None:
+            x = x + self.shift(self._previous_tokens(x, attention_mask, cache))
         top = int(positions.max()) if positions.numel() > 0 else -1  # -1: no token (T = 0)
         if isinstance(self.positions, LearnedPositions):
             if top >= self.positions.max_len:
@@ -46,6 +64,17 @@ class TokenEmbedding(nn.Module):
             table = self.positions(top + 1)  # (P, dim)
             x = x + table[positions].to(x.dtype)
         return self.dropout(x)
+
+    @staticmethod
+    def _previous_tokens(tokens: Tensor, attention_mask: Tensor | None, cache: ModelCache | None) -> Tensor:
+        """``(B, T, dim)``: the embedding of each position's predecessor (zeros: none, or padding)."""
+        real = tokens if attention_mask is None else tokens * attention_mask[..., None].to(tokens.dtype)
+        first = tokens.new_zeros(tokens.shape[0], 1, tokens.shape[2])
+        if cache is not None and cache.previous_token is not None:
+            first = cache.previous_token[:, None].to(tokens.dtype)
+        if cache is not None and tokens.shape[1] > 0:
+            cache.previous_token = real[:, -1]
+        return torch.cat([first, real[:, :-1]], dim=1)
 
 
 class TransformerStack(nn.Module):

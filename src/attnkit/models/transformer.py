@@ -117,7 +117,7 @@ class _TokenModel(PreTrainedModel):
             cache.next_position = cache.next_position + real.sum(dim=1)
             cache.length += t
             caches = cache.layers
-        x = embed(ids, positions)
+        x = embed(ids, positions, attention_mask=mask, cache=cache)
         inputs = LayerInputs(
             attention_mask=mask, positions=positions, context=context, context_mask=context_mask, caches=caches
         )
