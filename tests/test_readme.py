@@ -22,9 +22,7 @@ _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 def _blocks(language: str) -> list[tuple[int, str]]:
     """``(line number, code)`` of every fenced block of ``language`` in the README."""
     text = README.read_text()
-    return [
-        (text.count("\n", 0, m.start()) + 1, m.group(2)) for m in _FENCE.finditer(text) if m.group(1) == language
-    ]
+    return [(text.count("\n", 0, m.start()) + 1, m.group(2)) for m in _FENCE.finditer(text) if m.group(1) == language]
 
 
 def _commands() -> list[tuple[int, str]]:

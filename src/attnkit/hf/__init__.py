@@ -32,6 +32,12 @@ How it hooks in. Transformers 5 routes every attention layer through two registr
   cross-attention are called directly, KV-cache mechanisms continue through their own ``decode``
   from the cached prefix. Mechanisms with neither make ``generate`` recompute the whole prefix
   (``generation_config.use_cache = False``, warned once) and refuse a cache forced on them.
+- Decoding state (:mod:`attnkit.hf.cache`): ``generate`` builds an :class:`AttnkitCache` in which
+  the layers of recurrent mechanisms (``linear``, ``performer``: O(1) per token in the context)
+  and of ``sliding_window`` (its rolling O(window) key/value cache) keep the mechanism's own
+  decoding state instead of every key and value; a manual loop passes
+  :func:`new_cache` as its first cache. Beam search reorders the states; rolling them back
+  (assisted decoding) is refused.
 
 The mechanism of each layer is the submodule ``attnkit`` of the Transformers attention module, so
 its parameters and buffers train, move with the model and are saved by ``save_pretrained``;
@@ -66,7 +72,18 @@ if _transformers.__version__.split(".")[0] != "5":
     raise ImportError(f"attnkit.hf needs Transformers 5.x, found {_transformers.__version__}: {_INSTALL_HINT}")
 
 from attnkit.hf.bridge import BridgeSpec, apply, load, register  # noqa: E402
+from attnkit.hf.cache import AttnkitCache, MechanismStateLayer, new_cache  # noqa: E402
 from attnkit.hf.families import FAMILIES  # noqa: E402
 from attnkit.hf.masks import MaskLayout  # noqa: E402
 
-__all__ = ["FAMILIES", "BridgeSpec", "MaskLayout", "apply", "load", "register"]
+__all__ = [
+    "FAMILIES",
+    "AttnkitCache",
+    "BridgeSpec",
+    "MaskLayout",
+    "MechanismStateLayer",
+    "apply",
+    "load",
+    "new_cache",
+    "register",
+]

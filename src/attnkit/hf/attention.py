@@ -10,16 +10,19 @@ cache update, and expects ``(B, T, H, D)`` plus attention weights (always None h
 the mechanism as ``causal=``, ``mask=`` and ``attention_mask=``. Every other option the model
 passes is either harmless bookkeeping (listed in ``_BOOKKEEPING``), checked to agree, or
 refused: attention weights, dropout the mechanism cannot apply, a score scale it cannot use,
-and anything unknown.
+and anything unknown. A cache layer that keeps the mechanism's own decoding state
+(:mod:`attnkit.hf.cache`) arrives under :data:`STATE_KEYWORD`: the keys are then only the new
+tokens, and the mechanism continues from its state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor, nn
 from transformers.integrations.sdpa_attention import repeat_kv
@@ -42,6 +45,10 @@ except ImportError:  # pragma: no cover - another layout: fall back on the keywo
 MECHANISM_ATTRIBUTE = "attnkit"
 #: Prefix of the implementation names registered with Transformers.
 PREFIX = "attnkit_"
+#: The keyword under which a cache layer holding attnkit decoding state (``attnkit.hf.cache``)
+#: hands itself to the attention function, through the keyword dictionary the attention layer
+#: passes to both ``cache.update(..., kwargs=...)`` and its attention function.
+STATE_KEYWORD = "attnkit_decoding_state"
 #: Keyword arguments the layers pass that do not change the attention's result.
 _BOOKKEEPING = frozenset({"position_ids", "use_cache", "encoder_hidden_states", "output_hidden_states", "return_dict"})
 
@@ -162,6 +169,14 @@ def _mechanism_for(module: nn.Module) -> AttentionMechanism | None:
     return mechanism
 
 
+class DecodingState(Protocol):
+    """A cache layer that keeps a mechanism's decoding state (``attnkit.hf.cache.MechanismStateLayer``)."""
+
+    def step(
+        self, mechanism: AttentionMechanism, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None
+    ) -> Tensor: ...
+
+
 def _base_attention(module: nn.Module, base: str) -> Callable[..., Any]:
     if base == "eager":  # each model file defines its own eager function
         found = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
@@ -208,15 +223,24 @@ def bridge_attention(
     Raises:
         ValueError: every reason the call cannot be honoured exactly, in one message.
     """
+    state = kwargs.pop(STATE_KEYWORD, None)
     mechanism = _mechanism_for(module)
     if mechanism is None:
+        if state is not None:
+            raise ValueError(
+                f"attnkit.hf: layer {layer_index(module)} ({type(module).__name__}) keeps Transformers' attention but "
+                "the cache holds an attnkit decoding state for it (the cache was built for another choice of "
+                "layers); start a new cache with attnkit.hf.new_cache(model)"
+            )
         base = attention_mask.base if isinstance(attention_mask, MaskLayout) else _spec_base(module)
         mask = attention_mask.base_mask() if isinstance(attention_mask, MaskLayout) else attention_mask
         return _base_attention(module, base)(
             module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
         )
     layout = _layout(attention_mask, kwargs)
-    window_mask, reasons = _check(module, mechanism, query, key, layout, dropout, scaling, kwargs)
+    if state is not None:
+        layout = _new_tokens(layout, query.shape[2])
+    window_mask, reasons = _check(module, mechanism, query, key, layout, dropout, scaling, kwargs, state is not None)
     if reasons:
         raise ValueError(
             f"attnkit.hf: layer {layer_index(module)} ({type(module).__name__}) cannot run attention "
@@ -224,8 +248,24 @@ def bridge_attention(
         )
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, S, D): one key head per query head
-    out = _attend(mechanism, query, key, value, layout, window_mask)
+    out = _attend(mechanism, query, key, value, layout, window_mask, state)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _new_tokens(layout: MaskLayout, t_len: int) -> MaskLayout:
+    """The layout of a step that sees only its ``t`` new keys (its past lives in a decoding state).
+
+    The mask may have been sized for another cache layer (a hybrid's full-attention layers see
+    every key); a causal mask ends its keys at the last query, so the new tokens are its last
+    ``t`` keys whatever the sizing.
+    """
+    if not layout.causal or layout.q_length != t_len or layout.kv_length < t_len:
+        return layout  # _check refuses it with the shapes in the message
+    padding = layout.padding
+    if padding is not None:
+        padding = padding[:, -t_len:]
+        padding = None if bool(padding.all()) else padding
+    return dataclasses.replace(layout, padding=padding, kv_length=t_len, kv_offset=layout.q_offset)
 
 
 def _spec_base(module: nn.Module) -> str:
@@ -254,9 +294,16 @@ def _check(
     dropout: float,
     scaling: float | None,
     kwargs: dict[str, Any],
+    stateful: bool = False,
 ) -> tuple[Mask | None, list[str]]:
-    """The causal-window mask to pass (or None) and every reason the call cannot be honoured."""
+    """The causal-window mask to pass (or None) and every reason the call cannot be honoured.
+
+    ``stateful``: the keys are only the new tokens and the mechanism's decoding state holds
+    every earlier position (from position 0), which the model's window must also account for.
+    """
     reasons = _check_options(module, mechanism, query, layout, dropout, scaling, kwargs)
+    if stateful and not layout.causal:
+        reasons.append(f"a decoding state needs a causal mask, got {layout.describe()}")
     b, heads, t_len, _ = query.shape
     s_len = key.shape[2]
     if (t_len, s_len) != (layout.q_length, layout.kv_length) or (
@@ -267,9 +314,13 @@ def _check(
         reasons.append(f"{key.shape[1]} key/value heads do not divide {heads} query heads")
     window_mask = None
     if layout.window is not None:
-        window_mask, reason = _window(mechanism, layout, t_len, s_len)
+        # A decoding state remembers every position from the first, whatever the mask's offset.
+        seen = dataclasses.replace(layout, kv_offset=0) if stateful else layout
+        window_mask, reason = _window(mechanism, seen, t_len, s_len)
         if reason:
             reasons.append(reason)
+        elif stateful and window_mask is not None:  # pragma: no cover - state mechanisms take no custom mask
+            reasons.append("a windowed mask cannot be passed to a decoding state")
     if t_len < s_len:
         reasons += _decode_reasons(mechanism, layout, window_mask)
     return window_mask, reasons
@@ -363,6 +414,7 @@ def _attend(
     value: Tensor,
     layout: MaskLayout,
     window_mask: Mask | None,
+    state: DecodingState | None = None,
 ) -> Tensor:
     t_len, s_len = query.shape[2], key.shape[2]
     padding = layout.padding
@@ -371,6 +423,8 @@ def _attend(
         # that mix queries (Nyström's query landmarks) would let its content reach real tokens. Its own
         # output is never used, so its query is zeroed (queries are end-aligned with the keys).
         query = query.masked_fill(~padding[:, None, s_len - t_len :, None], 0.0)
+    if state is not None:  # only the new tokens: the mechanism continues from its own state
+        return state.step(mechanism, query, key, value, padding)
     if t_len == s_len or mechanism.capabilities.cross_attention:
         return mechanism(query, key, value, causal=layout.causal, attention_mask=padding, mask=window_mask)
     # Queries end-aligned after a cached prefix: the mechanism's own decoding path, its state

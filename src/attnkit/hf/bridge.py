@@ -27,6 +27,7 @@ from attnkit.hf.attention import (
     layer_is_causal,
     mechanism_name,
 )
+from attnkit.hf.cache import install
 from attnkit.hf.families import family_of, layer_index
 from attnkit.hf.masks import bridge_mask
 
@@ -161,6 +162,7 @@ def apply(
     # instead of silently running Transformers' own attention.
     model.config.attn_implementation = PREFIX + name
     _recompute_for_generation(model, name, modules)
+    install(model)  # generate() keeps recurrent and rolling-window state in an AttnkitCache
     return model
 
 
