@@ -15,6 +15,10 @@ Example::
     model = load_compressed("runs/lm-small")                     # exactly the same model
 
     student, result = distill(student, teacher, batches, steps=500, temperature=2.0)
+    model, tuned = finetune(model, batches, steps=200, lr=1e-4)    # cross-entropy; pruned zeros stay zero
+
+The command line (``attnkit compress``, ``attnkit distill``) adds a before/after report
+(:mod:`attnkit.compress.report`).
 
 The losses (:mod:`attnkit.compress.losses`) are plain tensor functions, shared with other
 front ends. Quantization needs torchao (``pip install 'attnkit[compress]'``), imported only
@@ -23,6 +27,7 @@ when used.
 
 from attnkit.compress.distill import capture_features, distill
 from attnkit.compress.ffn import feed_forward_layers, prune_ffn, remove_channels
+from attnkit.compress.finetune import finetune, train_loop
 from attnkit.compress.heads import attention_layers, head_importance, prune_heads, register_head_state, remove_heads
 from attnkit.compress.losses import feature_loss, kd_loss, layer_map
 from attnkit.compress.magnitude import prune_magnitude
@@ -52,6 +57,7 @@ __all__ = [
     "fbgemm_available",
     "feature_loss",
     "feed_forward_layers",
+    "finetune",
     "head_importance",
     "kd_loss",
     "layer_map",
@@ -66,4 +72,5 @@ __all__ = [
     "remove_channels",
     "remove_heads",
     "save_compressed",
+    "train_loop",
 ]

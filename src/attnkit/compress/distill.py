@@ -12,14 +12,12 @@ residual stream it hands on (the input of the next layer's attention branch, the
 input for the last layer), its *attention output* is its self-attention branch's output; student
 layer ``i`` is matched with teacher layer ``layer_map[i]``.
 
-The loop uses the trainer's pieces (the batch-to-model seam, the learning-rate schedule, its
-decay/no-decay parameter groups, the post-step hook for mechanism state such as Routing's
-centroids); :class:`attnkit.train.Trainer` itself takes neither a given model nor a custom loss.
+The loop is :func:`attnkit.compress.finetune.train_loop` (the trainer's schedule, parameter
+groups and post-step hook on a given model with a given loss), shared with :func:`finetune`.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -27,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit.compress.finetune import check_loop_settings, train_loop
 from attnkit.compress.losses import feature_loss, kd_loss, layer_map
 from attnkit.compress.records import DistillResult
-from attnkit.core.base import after_optimizer_step
-from attnkit.core.errors import check_non_negative_int, check_positive_float, check_positive_int
+from attnkit.core.errors import check_positive_float
 from attnkit.data.tasks import IGNORE_INDEX, Batch
 
 #: Feature kinds :func:`capture_features` can record.
@@ -194,24 +192,11 @@ def distill(
     Raises:
         ValueError: different vocabularies (naming ``teacher``), bad settings, data that runs out.
     """
-    from tqdm import tqdm
-
     from attnkit.train.modeling import forward
-    from attnkit.train.schedule import learning_rate
-    from attnkit.train.trainer import _param_groups
 
-    check_positive_int("steps", steps, example=1000)
-    check_positive_float("lr", lr)
+    check_loop_settings(steps=steps, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip)
     check_positive_float("temperature", temperature)
-    check_non_negative_int("warmup_steps", warmup_steps)
-    check_positive_int("log_every", log_every, example=10)
-    for name, value in (
-        ("alpha", alpha),
-        ("hidden_weight", hidden_weight),
-        ("attention_weight", attention_weight),
-        ("weight_decay", weight_decay),
-        ("grad_clip", grad_clip),
-    ):
+    for name, value in (("alpha", alpha), ("hidden_weight", hidden_weight), ("attention_weight", attention_weight)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"{name} must be a number >= 0, got {value!r}")
     if alpha > 1:
@@ -221,61 +206,38 @@ def distill(
     device = next(student.parameters()).device
     if next(teacher.parameters()).device != device:
         raise ValueError(f"teacher is on {next(teacher.parameters()).device} but the student on {device}; move one")
-    if not isinstance(data, Iterable):
-        raise ValueError(f"data must be an iterable of attnkit Batch objects, got {type(data).__name__}")
-
     teacher.eval()
-    student.train()
-    optimizer = torch.optim.AdamW(_param_groups(student, float(weight_decay)), lr=lr)
-    batches = iter(data)
-    history: list[dict[str, float]] = []
-    tokens = 0
-    start = time.perf_counter()
-    bar = tqdm(total=steps, disable=not progress, desc="distill", unit="step", dynamic_ncols=True)
-    for step in range(1, steps + 1):
-        try:
-            batch = next(batches)
-        except StopIteration:
-            raise ValueError(
-                f"data ran out after {step - 1} batches but steps={steps}; pass an endless stream "
-                "(e.g. a BucketBatcher over data.stream('train'))"
-            ) from None
-        if not isinstance(batch, Batch):
-            raise ValueError(f"data must yield attnkit Batch objects, got {type(batch).__name__}")
-        batch = batch.to(device)
+
+    def step_loss(batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.no_grad(), _capture(teacher, kinds) as t_feats:
             t_logits = forward(teacher, batch)
         with _capture(student, kinds) as s_feats:
             s_logits = forward(student, batch)
         parts = {"kd": kd_loss(s_logits, t_logits, temperature=temperature, labels=batch.labels)}
+        loss = alpha * parts["kd"]
         if alpha < 1:
             parts["ce"] = _hard_loss(s_logits, batch.labels)
-        loss = alpha * parts["kd"] + (1 - alpha) * parts.get("ce", 0.0)
+            loss = loss + (1 - alpha) * parts["ce"]
         for kind, weight in (("hidden", hidden_weight), ("attention", attention_weight)):
             if weight > 0:
                 parts[kind] = _feature_term(s_feats[kind], t_feats[kind], layer_map, batch)
                 loss = loss + weight * parts[kind]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        rate = learning_rate(step, lr=lr, warmup_steps=warmup_steps, max_steps=steps)
-        for group in optimizer.param_groups:
-            group["lr"] = rate
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
-        optimizer.step()
-        after_optimizer_step(student)  # online mechanism state, e.g. Routing's k-means centroids
-        tokens += batch.num_tokens
-        values = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
-        if step % log_every == 0 or step == steps:
-            history.append({"step": float(step), "lr": rate, **values})
-        bar.set_postfix(loss=f"{values['loss']:.4f}")
-        bar.update(1)
-    bar.close()
-    student.eval()
-    final = {k: v for k, v in history[-1].items() if k not in ("step", "lr")}
-    return student, DistillResult(
-        steps=steps, history=history, final=final, elapsed_s=time.perf_counter() - start, tokens=tokens
+        return loss, parts
+
+    result = train_loop(
+        student,
+        data,
+        step_loss,
+        steps=steps,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        log_every=log_every,
+        progress=progress,
+        description="distill",
     )
+    return student, result
 
 
 @contextmanager

@@ -23,9 +23,14 @@ from attnkit.compress.ffn import remove_channels
 from attnkit.compress.heads import remove_heads
 from attnkit.compress.quantize import Int8Linear
 from attnkit.compress.records import RECORD_ATTRIBUTE, CompressionRecord, record_of, replace_submodule, submodule
-from attnkit.models.pretrained import ARCHITECTURES, CONFIG_NAME, WEIGHTS_NAME, PreTrainedModel, read_config
-
-COMPRESSION_NAME = "compression.json"
+from attnkit.models.pretrained import (
+    ARCHITECTURES,
+    COMPRESSION_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    PreTrainedModel,
+    read_config,
+)
 
 
 def apply_record(model: nn.Module, record: CompressionRecord) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,8 @@ from attnkit.models.stack import TransformerStack
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: Written next to the weights by :func:`attnkit.compress.save_compressed` (pruned or quantized layers).
+COMPRESSION_NAME = "compression.json"
 
 #: Model classes by architecture name, filled in by :func:`register_architecture`.
 ARCHITECTURES: dict[str, type[PreTrainedModel]] = {}
@@ -192,6 +194,11 @@ class PreTrainedModel(nn.Module):
                 f"{directory!s} holds a {architecture}, not a {cls.__name__}; "
                 f"load it with attnkit.{architecture}.from_pretrained"
             )
+        if (Path(directory) / COMPRESSION_NAME).is_file():
+            # A pruned or quantized model: its layers no longer have the shapes its config describes.
+            from attnkit.compress.saving import load_compressed  # lazy: attnkit.compress imports the models
+
+            return cast(P, load_compressed(directory, map_location=str(map_location)))
         state = _read_weights(Path(directory) / WEIGHTS_NAME, map_location)
         model = cls(config)
         dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
