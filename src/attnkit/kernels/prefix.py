@@ -890,7 +890,10 @@ def recurrent_step(
         ``(B, H, 1, E)``, equal to the last row of :func:`causal_linear_attention` over the prefix.
         O(F·E) per head, whatever the context length.
     """
-    outer = k.transpose(-1, -2) @ v  # (B, H, F, E)
+    # One token: the (F, 1) @ (1, E) product as a broadcast multiply gives the same numbers and skips a
+    # matmul that can stall in the thread pool on a busy machine (seen: 16.7 ms on 2 threads against 0.02 ms
+    # on 1). Quiet machine, linear decode at 1K, 8 heads, 3 alternating rounds: 0.25-0.45 -> 0.25-0.26 ms.
+    outer = k.transpose(-1, -2) * v  # (B, H, F, E)
     if key_log_scale is not None:
         a = key_log_scale[..., 0]
         ref = a if state.ref is None else torch.maximum(state.ref, a)
