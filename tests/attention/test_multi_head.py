@@ -73,6 +73,8 @@ def mha_reference(
     if layer.rotary is not None:
         pos = positions if positions is not None else torch.arange(x.shape[1])
         q, k = rotate64(q, pos), rotate64(k, pos)
+    if context is None and attention_mask is not None:
+        q = q.masked_fill(~attention_mask[:, None, :, None], 0)  # padded tokens' queries are zeroed
     out = reference_attention(q, k, v, causal=causal, attention_mask=attention_mask, score_bias=bias)
     out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
     return linear64(out, layer.to_out)

@@ -177,7 +177,10 @@ class MultiHeadAttention(nn.Module):
             context: ``(B, S, context_dim)`` for cross-attention, else None.
             causal: causal self-attention.
             attention_mask: bool ``(B, S)`` over the keys (``x``'s tokens, or ``context``'s),
-                True = real token; with a self-attention cache, over the new tokens only.
+                True = real token; with a self-attention cache, over the new tokens only. In
+                self-attention, padded tokens' queries are zeroed, so their content cannot reach real
+                tokens through query-built structure (landmarks, buckets, clusters); their own output
+                rows are not meaningful.
                 PyTorch's ``key_padding_mask`` (True = padding) is refused with a ``TypeError``:
                 pass ``attention_mask=~key_padding_mask``.
             cache: an :class:`AttentionCache` for incremental decoding: ``x`` holds only the
