@@ -161,3 +161,21 @@ def test_overrides_may_follow_options(tmp_path: Path, capsys: pytest.CaptureFixt
         main(["train", str(path), "--resume", "--no-such-flag"])
     assert exit_.value.code == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_eval_last_skips_a_damaged_newest_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # As --resume does: a truncated newest checkpoint used to stop `attnkit eval --model last` with an error.
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(tiny_config(tmp_path / "run", max_steps=6, checkpoint_every=3, eval_every=0)))
+    assert main(["train", str(path)]) == 0
+    newest, older = sorted((tmp_path / "run" / "checkpoints").iterdir(), reverse=True)[:2]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--model", "last", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["model"] == str(older)
+    assert f"skipping checkpoint {newest}" in captured.err
+    (older / "model.safetensors").write_bytes(b"")
+    assert main(["eval", str(tmp_path / "run"), "--model", "last"]) == 2
+    assert "none of the 2 checkpoint(s)" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +51,28 @@ def _run_dir(path: Path) -> Path:
     return path
 
 
-def _model_dir(run_dir: Path, which: str) -> Path:
-    from attnkit.train import latest_checkpoint
+def _newest_loadable_checkpoint(run_dir: Path, device: Any) -> tuple[Path, Any]:
+    """The newest checkpoint whose model loads, warning about each newer one that does not (as --resume)."""
+    from attnkit.models import load_pretrained
+    from attnkit.train.checkpoint import checkpoint_dirs
 
+    found = checkpoint_dirs(run_dir / "checkpoints")
+    if not found:
+        raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
+    failures = []
+    for candidate in reversed(found):
+        try:
+            return candidate, load_pretrained(candidate, map_location=device)
+        except (ValueError, FileNotFoundError) as err:
+            failures.append(f"{candidate.name}: {err}")
+            print(f"attnkit eval: warning: skipping checkpoint {candidate} ({err})", file=sys.stderr)
+    raise ValueError(
+        f"none of the {len(found)} checkpoint(s) under {run_dir / 'checkpoints'} loads: " + "; ".join(failures)
+    )
+
+
+def _model_dir(run_dir: Path, which: str) -> Path:
     choices = {"best": run_dir / "best", "final": run_dir / "model"}
-    if which == "last":
-        found = latest_checkpoint(run_dir / "checkpoints")
-        if found is None:
-            raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
-        return found
     directory = choices.get(which, Path(which))
     if which == "best" and not directory.is_dir():
         directory = run_dir / "model"
@@ -78,7 +92,12 @@ def run(args: argparse.Namespace) -> int:
     run_dir = _run_dir(Path(args.run))
     config_path = run_dir / "train_config.json"
     config = TrainConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
-    model_dir = _model_dir(run_dir, args.model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model == "last":
+        model_dir, model = _newest_loadable_checkpoint(run_dir, device)
+    else:
+        model_dir = _model_dir(run_dir, args.model)
+        model = load_pretrained(model_dir, map_location=device)
     data = build_data(
         config.task,
         task_options=config.task_options,
@@ -96,8 +115,6 @@ def run(args: argparse.Namespace) -> int:
     if not examples:
         raise ValueError(f"split {args.split!r} of {config.task!r} has no examples")
     size = args.batch_size or config.eval_batch_size or config.batch_size
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_pretrained(model_dir, map_location=device)
     batches = eval_batches(examples, batch_size=size, pad_id=data.pad_id)
     metrics = evaluate(model, batches, data, device=device, generate=not args.no_generate)
     result = {"run": str(run_dir), "model": str(model_dir), "split": args.split, "examples": len(examples), **metrics}
