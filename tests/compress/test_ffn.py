@@ -77,5 +77,5 @@ def test_gradient_amount_runs_and_records() -> None:
 def test_bad_amounts_are_refused(amount, message: str) -> None:
     model = tiny_lm(ff_dim=16)
     with pytest.raises(ValueError, match=message) as info:
-        prune_ffn(model, amount, score="magnitude")
+        prune_ffn(model, amount, **({} if isinstance(amount, dict) else {"score": "magnitude"}))
     assert "amount" in str(info.value)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import attnkit
-from attnkit.compress import attention_layers, head_importance, prune_heads, quantize, register_head_state
+from attnkit.compress import attention_layers, head_importance, prune_ffn, prune_heads, quantize, register_head_state
 from attnkit.compress import heads as heads_module
 from attnkit.data.tasks import IGNORE_INDEX
 from tests.compress.helpers import lm_batch, tiny_encoder, tiny_lm, zero_out_columns
@@ -192,7 +192,7 @@ def test_bad_amounts_are_refused(amount, message: str) -> None:
     model = tiny_lm()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=message) as info:
-        prune_heads(model, amount, score="magnitude")
+        prune_heads(model, amount, **({} if isinstance(amount, dict) else {"score": "magnitude"}))
     assert "amount" in str(info.value)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing changed
 
@@ -263,3 +263,13 @@ def test_encoder_decoder_prunes_self_and_cross_attention() -> None:
     reference = zero_out_columns(model, result.removed, linear="to_out", width=None)
     with torch.no_grad():
         torch.testing.assert_close(pruned(src, tgt), reference(src, tgt), atol=ATOL, rtol=0)
+
+
+def test_score_and_data_are_refused_with_explicit_heads() -> None:
+    # They rank heads for a fractional amount only; with {layer: [heads]} they used to be ignored silently.
+    model = tiny_lm()
+    for kwargs in ({"score": "magnitude"}, {"data": [object()]}):
+        with pytest.raises(ValueError, match="drop score= and data="):
+            prune_heads(model, {0: [1]}, **kwargs)
+        with pytest.raises(ValueError, match="drop score= and data="):
+            prune_ffn(model, {0: [1]}, **kwargs)

@@ -135,7 +135,7 @@ def test_the_models_own_loaders_read_a_compressed_folder(tmp_path: Path) -> None
 
     torch.manual_seed(0)
     model = LanguageModel(TransformerConfig(vocab_size=30, dim=32, depth=2, heads=4)).eval()
-    prune_heads(model, {0: [1], 1: [0, 2]}, score="magnitude")
+    prune_heads(model, {0: [1], 1: [0, 2]})
     save_compressed(model, tmp_path)
     x = torch.randint(0, 30, (2, 7))
     for loaded in (LanguageModel.from_pretrained(tmp_path), load_pretrained(tmp_path)):

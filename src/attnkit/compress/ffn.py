@@ -20,17 +20,17 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.compress.importance import (
-    SCORES,
     check_amount_fraction,
     choose_global,
     gate_gradients,
     normalise_per_layer,
     parse_explicit,
+    ranking_score,
     require_float_linears,
     slice_linear,
 )
 from attnkit.compress.records import PruneResult, count_parameters, record_of
-from attnkit.core.errors import check_choice, check_positive_int
+from attnkit.core.errors import check_positive_int
 from attnkit.models.layers import FeedForward
 
 
@@ -71,7 +71,7 @@ def prune_ffn(
     model: nn.Module,
     amount: float | Mapping[Any, Sequence[int]] = 0.3,
     *,
-    score: str = "gradient",
+    score: str | None = None,
     data: Any = None,
     max_batches: int = 8,
 ) -> tuple[nn.Module, PruneResult]:
@@ -82,7 +82,8 @@ def prune_ffn(
         amount: a fraction in ``[0, 1)`` of all channels, chosen globally by importance
             (``round(amount · total)``, never a layer's last); or ``{layer: [channels]}`` with
             ``layer`` an index into :func:`feed_forward_layers` or a module path.
-        score: ``"gradient"`` (needs ``data``) or ``"magnitude"``; ignored for a dict ``amount``.
+        score: ``"gradient"`` (the default; needs ``data``) or ``"magnitude"``; refused with a dict
+            ``amount``, which names the channels itself (so is ``data``).
         data: an iterable of :class:`~attnkit.data.tasks.Batch` to score on.
         max_batches: batches of ``data`` to use.
 
@@ -93,7 +94,7 @@ def prune_ffn(
         ValueError: a bad ``amount`` (too many channels, all of a layer, unknown layers), a bad
             ``score``, missing ``data``, or a model already quantized.
     """
-    check_choice("score", score, SCORES)
+    used_score = ranking_score(amount, score, data, unit="channels")
     check_positive_int("max_batches", max_batches, example=8)
     names = feed_forward_layers(model)
     if not names:
@@ -106,10 +107,9 @@ def prune_ffn(
     importance: dict[str, list[float]] = {}
     if isinstance(amount, Mapping):
         removed = parse_explicit(amount, sizes, unit="channels", layers_hint=f"layers: {names}")
-        used_score = "given"
     else:
         fraction = check_amount_fraction(amount)
-        if score == "magnitude":
+        if used_score == "magnitude":
             raw = {name: _magnitude(ff) for name, ff in layers.items()}
         else:
             targets = {name: (ff.w_out, sizes[name]) for name, ff in layers.items()}
@@ -117,7 +117,6 @@ def prune_ffn(
         scores = normalise_per_layer(raw)
         removed = choose_global(scores, fraction, unit="feed-forward channels")
         importance = {name: s.tolist() for name, s in scores.items()}
-        used_score = score
     record = record_of(model)
     for name, channels in removed.items():
         if not channels:

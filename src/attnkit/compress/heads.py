@@ -34,6 +34,7 @@ from attnkit.compress.importance import (
     gate_gradients,
     normalise_per_layer,
     parse_explicit,
+    ranking_score,
     require_float_linears,
     slice_linear,
 )
@@ -215,7 +216,7 @@ def prune_heads(
     model: nn.Module,
     amount: float | Mapping[Any, Sequence[int]] = 0.3,
     *,
-    score: str = "gradient",
+    score: str | None = None,
     data: Any = None,
     max_batches: int = 8,
 ) -> tuple[nn.Module, PruneResult]:
@@ -227,7 +228,8 @@ def prune_heads(
             attention), chosen globally by importance, ``round(amount · total)`` of them, never
             a layer's last; or ``{layer: [query heads]}`` with ``layer`` an index into
             :func:`attention_layers` or a module path.
-        score: ``"gradient"`` (needs ``data``) or ``"magnitude"`` (see the module docstring).
+        score: ``"gradient"`` (the default; needs ``data``) or ``"magnitude"`` (see the module
+            docstring); refused with a dict ``amount``, which names the heads itself (so is ``data``).
             Ignored when ``amount`` is a dict (the heads are given).
         data: an iterable of :class:`~attnkit.data.tasks.Batch` to score on.
         max_batches: batches of ``data`` to use.
@@ -241,7 +243,7 @@ def prune_heads(
         ValueError: a bad ``amount`` (too many heads, all heads of a layer, a split key/value
             group, unknown layers), a bad ``score``, missing ``data``, an undeclared mechanism.
     """
-    check_choice("score", score, SCORES)
+    used_score = ranking_score(amount, score, data, unit="heads")
     check_positive_int("max_batches", max_batches, example=8)
     names = attention_layers(model)
     if not names:
@@ -255,17 +257,15 @@ def prune_heads(
     importance: dict[str, list[float]] = {}
     if isinstance(amount, Mapping):
         removed = parse_explicit(amount, sizes, unit="heads", layers_hint=f"layers: {names}")
-        used_score = "given"
     else:
         fraction = check_amount_fraction(amount)
-        scores = normalise_per_layer(_group_scores(model, layers, score, data, max_batches))
+        scores = normalise_per_layer(_group_scores(model, layers, used_score, data, max_batches))
         groups = choose_global(scores, fraction, unit="heads (key/value groups)" if _any_grouped(layers) else "heads")
         removed = {
             name: [h for g in gs for h in range(g * _group_size(layers[name]), (g + 1) * _group_size(layers[name]))]
             for name, gs in groups.items()
         }
         importance = {name: s.tolist() for name, s in scores.items()}
-        used_score = score
     keeps = {
         name: [h for h in range(layers[name].heads) if h not in set(heads)] for name, heads in removed.items() if heads
     }

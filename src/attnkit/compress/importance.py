@@ -22,9 +22,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit.core.errors import check_choice
 from attnkit.data.tasks import IGNORE_INDEX, Batch
 
 SCORES: tuple[str, ...] = ("gradient", "magnitude")
+
+
+def ranking_score(amount: Any, score: str | None, data: Any, *, unit: str) -> str:
+    """The score that ranks ``unit`` for ``amount``: ``"given"`` when ``amount`` names them itself.
+
+    ``score`` and ``data`` only rank units for a fractional ``amount``; passed with an explicit
+    ``{layer: [...]}`` they would change nothing, so they are refused rather than ignored.
+    """
+    if isinstance(amount, Mapping):
+        if score is not None or data is not None:
+            raise ValueError(
+                f"score and data rank {unit} for a fractional amount, but amount={{layer: [...]}} names the "
+                f"{unit} to remove itself: drop score= and data="
+            )
+        return "given"
+    chosen = "gradient" if score is None else score
+    check_choice("score", chosen, SCORES)
+    return chosen
 
 
 def check_amount_fraction(amount: Any) -> float:
