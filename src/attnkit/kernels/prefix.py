@@ -25,6 +25,9 @@ denominator. The log-scales are stabilisers: they must carry no gradient (pass t
 The normaliser ``Σ φ(q_t)·φ(k_s)`` is carried next to the numerator as an (F,) running sum (in
 the recurrent state, as a last column). Queries with no visible key (or an all-zero
 normaliser) output zeros.
+
+Why one file of over 600 lines: it is still one module of the causal prefix core, the bidirectional grouped core, recurrent decode and the CPU buffer pool; issue 21 splits it by purpose
+(the split moves code without changing it, so it is done in one step with the benchmark re-run it asks for).
 """
 
 from __future__ import annotations
