@@ -60,7 +60,7 @@ def test_seq2seq_evaluation_reports_generation_metrics(tmp_path: Path) -> None:
         tmp_path, task="sort", task_options={"min_length": 2, "max_length": 5, "num_symbols": 6}, max_steps=2
     )
     metrics = trainer.evaluate(generate=True)
-    assert {"exact_match", "bleu", "rouge1", "rouge2", "rougeL", "loss", "perplexity"} <= set(metrics)
+    assert {"exact_match", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "loss", "perplexity"} <= set(metrics)
     assert 0.0 <= metrics["exact_match"] <= 1.0 and 0.0 <= metrics["bleu"] <= 100.0
 
 

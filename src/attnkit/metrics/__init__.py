@@ -1,8 +1,9 @@
 """Evaluation metrics: accuracy, loss, perplexity, bits per character, BLEU, ROUGE.
 
 :class:`MetricAccumulator` sums token-level statistics over batches (so the result is the
-exact corpus value, not a mean of batch means); :func:`bleu` and :func:`rouge` score
-generated text with ``sacrebleu`` and ``rouge-score``.
+exact corpus value, not a mean of batch means); :func:`bleu`, :func:`chrf` and :func:`rouge`
+score generated text with ``sacrebleu`` and ``rouge-score``, tokenized for the target language
+(:mod:`attnkit.metrics.text`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnkit.metrics.text import bleu, chrf, rouge, text_language
+
 IGNORE_INDEX = -100
 
-__all__ = ["MetricAccumulator", "bleu", "exact_match", "rouge", "token_statistics"]
+__all__ = ["MetricAccumulator", "bleu", "chrf", "exact_match", "rouge", "text_language", "token_statistics"]
 
 
 def token_statistics(logits: Tensor, labels: Tensor) -> tuple[float, int, int]:
@@ -84,28 +87,3 @@ def exact_match(hypotheses: Sequence[Sequence[int]], references: Sequence[Sequen
     if len(hypotheses) != len(references) or not references:
         raise ValueError(f"need as many hypotheses as references (> 0), got {len(hypotheses)} and {len(references)}")
     return sum(list(h) == list(r) for h, r in zip(hypotheses, references)) / len(references)
-
-
-def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus BLEU (sacrebleu defaults, 0-100) of detokenized hypotheses against one reference each."""
-    import sacrebleu
-
-    if len(hypotheses) != len(references) or not references:
-        raise ValueError(f"need as many hypotheses as references (> 0), got {len(hypotheses)} and {len(references)}")
-    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
-
-
-def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F-measures (0-1) from ``rouge-score``."""
-    from rouge_score import rouge_scorer
-
-    if len(hypotheses) != len(references) or not references:
-        raise ValueError(f"need as many hypotheses as references (> 0), got {len(hypotheses)} and {len(references)}")
-    names = ("rouge1", "rouge2", "rougeL")
-    scorer = rouge_scorer.RougeScorer(list(names), use_stemmer=False)
-    totals = dict.fromkeys(names, 0.0)
-    for hyp, ref in zip(hypotheses, references):
-        scores = scorer.score(ref, hyp)
-        for name in names:
-            totals[name] += scores[name].fmeasure
-    return {name: totals[name] / len(references) for name in names}

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from attnkit.data.pipeline import TrainingData
 from attnkit.data.tasks import IGNORE_INDEX, Batch
-from attnkit.metrics import MetricAccumulator, bleu, exact_match, rouge
+from attnkit.metrics import MetricAccumulator, bleu, chrf, exact_match, rouge
 from attnkit.train.modeling import forward
 
 
@@ -108,6 +108,8 @@ def evaluate(
         result["exact_match"] = exact_match(hypotheses, references)
         hyp_text = [data.decode(h) for h in hypotheses]
         ref_text = [data.decode(r) for r in references]
+        # BLEU's and ROUGE's tokenizer follow the references' script (characters for Chinese/Japanese).
         result["bleu"] = bleu(hyp_text, ref_text)
+        result["chrf"] = chrf(hyp_text, ref_text)
         result.update(rouge(hyp_text, ref_text))
     return result
