@@ -203,3 +203,35 @@ def test_find_catalogs_explains_what_exists(tmp_path: Path) -> None:
         find_catalogs("de", [tmp_path])
     with pytest.raises(ValueError, match="locale must be a locale directory name"):
         find_catalogs("../etc", [tmp_path])
+
+
+def test_gettext_task_trains_on_a_locale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from attnkit.data import catalogs
+    from attnkit.data.pipeline import build_data
+
+    root = tmp_path / "locale"
+    names = [f"prog{i}" for i in range(200)]
+    split_name = {split: next(n for n in names if hash_split(n) == split) for split in ("train", "test")}
+    for split, name in split_name.items():
+        (root / "xx" / "LC_MESSAGES").mkdir(parents=True, exist_ok=True)
+        write_mo(root / "xx" / "LC_MESSAGES" / f"{name}.mo", [(f"{split} message", f"{split} Nachricht")])
+    monkeypatch.setattr(catalogs, "LOCALE_DIRS", (str(root),))
+    monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(tmp_path / "cache"))
+    data = build_data("gettext:xx", tokenizer="byte", seq_len=64)
+    assert data.kind == "seq2seq" and data.name == "gettext:xx"
+    (example,) = data.eval_examples("test", 5)
+    assert data.decode(list(example.input_ids)) == "test message"
+    assert data.decode([t for t in example.labels if t != data.eos_id]) == "test Nachricht"
+    cached = list((tmp_path / "cache" / "gettext").glob("en-xx-*.jsonl"))
+    assert len(cached) == 1 and catalogs.corpus_file("xx") == cached[0]  # built once, then reused
+    with pytest.raises(ValueError, match="names no locale"):
+        catalogs.gettext_locale("gettext:")
+
+
+def test_training_config_checks_the_gettext_locale(tmp_path: Path) -> None:
+    from attnkit.train.config import load_config
+
+    path = tmp_path / "bad.toml"
+    path.write_text('task = "gettext:qq"\nout_dir = "runs/x"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"task.*no gettext catalogs for locale 'qq'"):
+        load_config(path)

@@ -17,12 +17,14 @@ needs no download.
   so a test set is not made of near-copies of training messages), removes exact duplicates,
   and drops from validation/test every pair whose English source also occurs in train.
 * :func:`write_jsonl` writes them as the ``source``/``target``/``split`` JSONL records that
-  ``attnkit train`` reads.
+  ``attnkit train`` reads; :func:`corpus_file` does all of it once per locale and caches the
+  file, which is what ``task = "gettext:de"`` in a training config uses.
 """
 
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import os
 import re
@@ -38,7 +40,9 @@ __all__ = [
     "CatalogError",
     "Message",
     "Pair",
+    "corpus_file",
     "find_catalogs",
+    "gettext_locale",
     "parallel_corpus",
     "read_catalog",
     "read_mo",
@@ -48,6 +52,11 @@ __all__ = [
 
 #: Where gettext catalogs are installed on Linux distributions (searched in this order).
 LOCALE_DIRS: tuple[str, ...] = ("/usr/share/locale", "/usr/share/locale-langpack", "/usr/local/share/locale")
+
+#: The ``task`` prefix of a training config that trains on a locale's catalogs (``"gettext:de"``).
+TASK_PREFIX = "gettext:"
+#: Where :func:`corpus_file` caches corpora (override with ``ATTNKIT_CACHE_DIR``).
+CACHE_ENV = "ATTNKIT_CACHE_DIR"
 
 _MO_MAGIC = 0x950412DE
 _CONTEXT_SEPARATOR = "\x04"
@@ -262,8 +271,9 @@ def read_catalog(path: str | os.PathLike[str]) -> list[Message]:
     raise CatalogError(f"{path}: expected a .mo or .po catalog, got a {suffix or 'extension-less'} file")
 
 
-def find_catalogs(locale: str, roots: Sequence[str | os.PathLike[str]] = LOCALE_DIRS) -> list[Path]:
-    """The ``.mo`` catalogs of ``locale`` (a locale directory name: ``"de"``, ``"zh_CN"``, ``"pt_BR"``).
+def find_catalogs(locale: str, roots: Sequence[str | os.PathLike[str]] | None = None) -> list[Path]:
+    """The ``.mo`` catalogs of ``locale`` (a locale directory name: ``"de"``, ``"zh_CN"``, ``"pt_BR"``)
+    under ``roots`` (default :data:`LOCALE_DIRS`).
 
     Raises:
         FileNotFoundError: when no catalog of ``locale`` exists under ``roots``, listing the
@@ -271,6 +281,7 @@ def find_catalogs(locale: str, roots: Sequence[str | os.PathLike[str]] = LOCALE_
     """
     if not re.fullmatch(r"[A-Za-z]{2,3}(_[A-Za-z]{2,4})?(@\w+)?", locale or ""):
         raise ValueError(f"locale must be a locale directory name such as 'de' or 'zh_CN', got {locale!r}")
+    roots = LOCALE_DIRS if roots is None else roots
     found: dict[str, Path] = {}
     for root in roots:
         for path in sorted(Path(root, locale, "LC_MESSAGES").glob("*.mo")):
@@ -351,3 +362,38 @@ def write_jsonl(pairs: Iterable[Pair], path: str | os.PathLike[str]) -> int:
             count += 1
     os.replace(temporary, path)
     return count
+
+
+def gettext_locale(task: str) -> str | None:
+    """The locale of a ``"gettext:LOCALE"`` task name, or ``None`` for any other task."""
+    if not task.startswith(TASK_PREFIX):
+        return None
+    locale = task[len(TASK_PREFIX) :]
+    if not locale:
+        raise ValueError(f"task {task!r} names no locale: write gettext:de, gettext:zh_CN, ...")
+    return locale
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attnkit"
+
+
+def corpus_file(locale: str, roots: Sequence[str | os.PathLike[str]] | None = None) -> Path:
+    """The English→``locale`` corpus of this machine's catalogs as a JSONL file, built once.
+
+    The file lives in the cache directory (``$ATTNKIT_CACHE_DIR``, else
+    ``~/.cache/attnkit``) under a name that hashes the catalogs' paths, sizes and modification
+    times, so an updated system builds a new one and a run always reads the corpus it names.
+    """
+    catalogs = find_catalogs(locale, roots)
+    fingerprint = hashlib.blake2b(digest_size=8)
+    for path in catalogs:
+        stat = path.stat()
+        fingerprint.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    target = _cache_dir() / "gettext" / f"en-{locale}-{fingerprint.hexdigest()}.jsonl"
+    if not target.is_file():
+        write_jsonl(parallel_corpus(catalogs), target)
+    return target

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from attnkit.data.batching import ExampleStream, ShuffledStream, TaskStream
+from attnkit.data.catalogs import corpus_file, gettext_locale
 from attnkit.data.sources import JsonlDataset, TextChunkStream, stdlib_files, text_files
 from attnkit.data.tasks import TASK_NAMES, Example, Task, TaskKind, make_task
 from attnkit.data.tasks.base import check_split
@@ -142,8 +143,10 @@ def build_data(
     """Build the data for ``task``.
 
     Args:
-        task: a synthetic task name, ``"text"`` (the standard-library corpus), or a path to a
-            ``.jsonl`` file, a text file or a directory of text files.
+        task: a synthetic task name, ``"text"`` (the standard-library corpus),
+            ``"gettext:LOCALE"`` (English→LOCALE pairs from the machine's message catalogs,
+            :mod:`attnkit.data.catalogs`), or a path to a ``.jsonl`` file, a text file or a
+            directory of text files.
         task_options: the synthetic task's options.
         seq_len: text window length / JSONL truncation length.
         tokenizer: ``"byte"`` or ``"bpe"`` for real data.
@@ -176,12 +179,13 @@ def build_data(
     if task == "text":
         files = {split: stdlib_files(split) for split in ("train", "validation", "test")}
     else:
-        path = Path(task)
+        locale = gettext_locale(task)
+        path = corpus_file(locale) if locale is not None else Path(task)
         if path.suffix == ".jsonl":
             tok = _tokenizer(tokenizer, tokenizer_vocab_size, tokenizer_dir, None, jsonl=path)
             probe = JsonlDataset(path, tok, split="train", max_length=seq_len)
             return TrainingData(
-                name=str(path),
+                name=task if locale is not None else str(path),
                 kind=probe.kind,
                 vocab_size=tok.vocab_size,
                 num_classes=probe.num_classes,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attnkit.data.catalogs import TASK_PREFIX
 from attnkit.data.tasks import TASK_NAMES
 
 if sys.version_info >= (3, 11):
@@ -42,8 +43,9 @@ class TrainConfig:
 
     Attributes:
         task: a synthetic task (``"listops"``, ``"copy"``, ``"mqar"``, ``"reverse"``, ``"sort"``),
-            ``"text"`` (the Python standard library as a language-modelling corpus), or a path
-            to your own data: a ``.jsonl`` file, a text file or a directory of ``.txt``/``.md``/``.py``
+            ``"text"`` (the Python standard library as a language-modelling corpus),
+            ``"gettext:LOCALE"`` (translation: English→LOCALE message pairs from this machine's
+            gettext catalogs, e.g. ``"gettext:de"``, ``"gettext:zh_CN"``), or a path to your own data: a ``.jsonl`` file, a text file or a directory of ``.txt``/``.md``/``.py``
             files (see docs/own-data.md). A relative path is tried against the working
             directory, then the config file's directory.
         out_dir: where checkpoints, the model and ``log.jsonl`` go.
@@ -303,6 +305,14 @@ def _check_task(data: dict[str, Any], err: _Locator, base: Path | None) -> None:
         raise err("task", f"must be a task name or a data path, got {task!r}")
     if task in (*TASK_NAMES, "text"):
         return
+    if task.startswith(TASK_PREFIX):
+        from attnkit.data.catalogs import find_catalogs
+
+        try:
+            find_catalogs(task[len(TASK_PREFIX) :])
+        except (FileNotFoundError, ValueError) as error:
+            raise err("task", str(error)) from None
+        return
     path = Path(task)
     if not path.is_absolute() and base is not None and not path.exists():
         path = base / path
@@ -493,6 +503,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     data = apply_overrides(data, overrides or [])
     config = TrainConfig.from_dict(data, source=str(path), text=text, overrides=overrides or [])
     task = Path(config.task)
-    if config.task not in (*TASK_NAMES, "text") and not task.exists():
+    if config.task not in (*TASK_NAMES, "text") and not config.task.startswith(TASK_PREFIX) and not task.exists():
         config = dataclasses.replace(config, task=str(Path(path).parent / task))
     return config
