@@ -40,6 +40,7 @@ __all__ = [
     "CatalogError",
     "Message",
     "Pair",
+    "cache_dir",
     "corpus_file",
     "find_catalogs",
     "gettext_locale",
@@ -374,7 +375,8 @@ def gettext_locale(task: str) -> str | None:
     return locale
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where built corpora are cached: ``$ATTNKIT_CACHE_DIR``, else ``~/.cache/attnkit``."""
     configured = os.environ.get(CACHE_ENV)
     if configured:
         return Path(configured)
@@ -393,7 +395,7 @@ def corpus_file(locale: str, roots: Sequence[str | os.PathLike[str]] | None = No
     for path in catalogs:
         stat = path.stat()
         fingerprint.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    target = _cache_dir() / "gettext" / f"en-{locale}-{fingerprint.hexdigest()}.jsonl"
+    target = cache_dir() / "gettext" / f"en-{locale}-{fingerprint.hexdigest()}.jsonl"
     if not target.is_file():
         write_jsonl(parallel_corpus(catalogs), target)
     return target

@@ -16,6 +16,8 @@ from typing import Any
 
 from attnkit.data.batching import ExampleStream, ShuffledStream, TaskStream
 from attnkit.data.catalogs import corpus_file, gettext_locale
+from attnkit.data.docstrings import TASK_NAME as DOCSTRINGS
+from attnkit.data.docstrings import corpus_file as docstring_corpus
 from attnkit.data.sources import JsonlDataset, TextChunkStream, stdlib_files, text_files
 from attnkit.data.tasks import TASK_NAMES, Example, Task, TaskKind, make_task
 from attnkit.data.tasks.base import check_split
@@ -145,7 +147,8 @@ def build_data(
     Args:
         task: a synthetic task name, ``"text"`` (the standard-library corpus),
             ``"gettext:LOCALE"`` (English→LOCALE pairs from the machine's message catalogs,
-            :mod:`attnkit.data.catalogs`), or a path to a ``.jsonl`` file, a text file or a
+            :mod:`attnkit.data.catalogs`), ``"docstrings"`` (summarization: standard-library code →
+            its docstring's summary, :mod:`attnkit.data.docstrings`), or a path to a ``.jsonl`` file, a text file or a
             directory of text files.
         task_options: the synthetic task's options.
         seq_len: text window length / JSONL truncation length.
@@ -180,12 +183,17 @@ def build_data(
         files = {split: stdlib_files(split) for split in ("train", "validation", "test")}
     else:
         locale = gettext_locale(task)
-        path = corpus_file(locale) if locale is not None else Path(task)
+        if locale is not None:
+            path = corpus_file(locale)
+        elif task == DOCSTRINGS:
+            path = docstring_corpus()
+        else:
+            path = Path(task)
         if path.suffix == ".jsonl":
             tok = _tokenizer(tokenizer, tokenizer_vocab_size, tokenizer_dir, None, jsonl=path)
             probe = JsonlDataset(path, tok, split="train", max_length=seq_len)
             return TrainingData(
-                name=task if locale is not None else str(path),
+                name=task if locale is not None or task == DOCSTRINGS else str(path),
                 kind=probe.kind,
                 vocab_size=tok.vocab_size,
                 num_classes=probe.num_classes,

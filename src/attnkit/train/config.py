@@ -23,6 +23,9 @@ from typing import Any
 from attnkit.data.catalogs import TASK_PREFIX
 from attnkit.data.tasks import TASK_NAMES
 
+#: ``task`` values that name data rather than a path: synthetic tasks and the built-in corpora.
+NAMED_DATA: tuple[str, ...] = (*TASK_NAMES, "text", "docstrings")
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -45,7 +48,9 @@ class TrainConfig:
         task: a synthetic task (``"listops"``, ``"copy"``, ``"mqar"``, ``"reverse"``, ``"sort"``),
             ``"text"`` (the Python standard library as a language-modelling corpus),
             ``"gettext:LOCALE"`` (translation: English→LOCALE message pairs from this machine's
-            gettext catalogs, e.g. ``"gettext:de"``, ``"gettext:zh_CN"``), or a path to your own data: a ``.jsonl`` file, a text file or a directory of ``.txt``/``.md``/``.py``
+            gettext catalogs, e.g. ``"gettext:de"``, ``"gettext:zh_CN"``), ``"docstrings"``
+            (summarization: standard-library functions and classes → their docstring's first
+            sentence; long inputs), or a path to your own data: a ``.jsonl`` file, a text file or a directory of ``.txt``/``.md``/``.py``
             files (see docs/own-data.md). A relative path is tried against the working
             directory, then the config file's directory.
         out_dir: where checkpoints, the model and ``log.jsonl`` go.
@@ -303,7 +308,7 @@ def _check_task(data: dict[str, Any], err: _Locator, base: Path | None) -> None:
     task = data["task"]
     if not isinstance(task, str) or not task:
         raise err("task", f"must be a task name or a data path, got {task!r}")
-    if task in (*TASK_NAMES, "text"):
+    if task in NAMED_DATA:
         return
     if task.startswith(TASK_PREFIX):
         from attnkit.data.catalogs import find_catalogs
@@ -317,7 +322,10 @@ def _check_task(data: dict[str, Any], err: _Locator, base: Path | None) -> None:
     if not path.is_absolute() and base is not None and not path.exists():
         path = base / path
     if not path.exists():
-        raise err("task", f"must be one of {', '.join((*TASK_NAMES, 'text'))} or an existing data path, got {task!r}")
+        raise err(
+            "task",
+            f"must be one of {', '.join(NAMED_DATA)}, gettext:LOCALE or an existing data path, got {task!r}",
+        )
 
 
 def _config_path(path: KeyPath) -> KeyPath:
@@ -503,6 +511,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     data = apply_overrides(data, overrides or [])
     config = TrainConfig.from_dict(data, source=str(path), text=text, overrides=overrides or [])
     task = Path(config.task)
-    if config.task not in (*TASK_NAMES, "text") and not config.task.startswith(TASK_PREFIX) and not task.exists():
+    if config.task not in NAMED_DATA and not config.task.startswith(TASK_PREFIX) and not task.exists():
         config = dataclasses.replace(config, task=str(Path(path).parent / task))
     return config
