@@ -8,7 +8,9 @@
 * :class:`JsonlDataset` indexes a JSONL file by byte offsets in one streaming pass (which
   also validates every record, so a bad line fails before training with its file and line)
   and reads records on demand. Fields: ``text`` (language modelling), ``text`` + ``label``
-  (+ optional ``text_pair``) (classification), or ``source`` + ``target`` (seq2seq).
+  (+ optional ``text_pair``) (classification), ``source`` + ``target`` (seq2seq), or
+  ``context`` (a list of turns, oldest first) + ``response`` (dialogue: a seq2seq task whose
+  input is the most recent turns that fit, joined by ``<sep>``; :func:`truncate_history`).
   An optional ``split`` field places a record; otherwise a hash of the line does (80/10/10).
 
 Every stream is an iterator of :class:`~attnkit.data.tasks.Example` with ``state_dict()`` /
@@ -161,17 +163,49 @@ def _record_error(path: Path, line: int, message: str) -> ValueError:
     return ValueError(f"{path}, line {line}: {message}")
 
 
-def _record_kind(record: dict[str, Any]) -> TaskKind:
+def _record_format(record: dict[str, Any]) -> str:
+    if "context" in record or "response" in record:
+        return "dialogue"
     if "source" in record or "target" in record:
         return "seq2seq"
     return "classification" if "label" in record else "lm"
 
 
+#: The fields each record format needs; a dialogue is a sequence-to-sequence task.
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "lm": ("text",),
     "classification": ("text", "label"),
     "seq2seq": ("source", "target"),
+    "dialogue": ("context", "response"),
 }
+_KIND_OF_FORMAT: dict[str, TaskKind] = {"lm": "lm", "classification": "classification", "seq2seq": "seq2seq"}
+
+
+def truncate_history(turns: Sequence[Sequence[int]], limit: int, *, separator: int = SEP_ID) -> list[int]:
+    """The most recent dialogue turns that fit in ``limit`` tokens, joined by ``separator``.
+
+    Whole turns are dropped from the oldest end until the rest (with one separator between
+    turns) fits; when even the last turn is longer than ``limit``, its last ``limit`` tokens are
+    kept (the end of a turn is what the response answers).
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    kept: list[Sequence[int]] = []
+    used = 0
+    for turn in reversed(turns):
+        cost = len(turn) + (1 if kept else 0)
+        if used + cost > limit:
+            break
+        kept.append(turn)
+        used += cost
+    if not kept:
+        return list(turns[-1][-limit:]) if turns else []
+    out: list[int] = []
+    for i, turn in enumerate(reversed(kept)):
+        if i:
+            out.append(separator)
+        out.extend(turn)
+    return out
 
 
 class JsonlDataset:
@@ -197,12 +231,13 @@ class JsonlDataset:
         self.split = check_split(split)
         self.max_length = max_length
         self.kind: TaskKind = "lm"
+        self.format = "lm"
         self.num_classes: int | None = None
         self.offsets: list[int] = []
         self._index()
 
     def _index(self) -> None:
-        kind: TaskKind | None = None
+        kind: str | None = None
         top_label = -1
         with self.path.open("rb") as f:
             line_no, offset = 0, 0
@@ -212,7 +247,7 @@ class JsonlDataset:
                 if not raw.strip():
                     continue
                 record = self._parse(raw, line_no)
-                this = _record_kind(record)
+                this = _record_format(record)
                 kind = kind or this
                 if this != kind:
                     raise _record_error(
@@ -228,7 +263,8 @@ class JsonlDataset:
                     self.offsets.append(start)
         if kind is None:
             raise ValueError(f"{self.path}: no records (expected one JSON object per line)")
-        self.kind = kind
+        self.format = kind
+        self.kind = _KIND_OF_FORMAT.get(kind, "seq2seq")
         self.num_classes = top_label + 1 if kind == "classification" else None
 
     def _parse(self, raw: bytes, line_no: int) -> dict[str, Any]:
@@ -240,13 +276,21 @@ class JsonlDataset:
             raise _record_error(self.path, line_no, f"expected a JSON object, got {type(record).__name__}")
         return record
 
-    def _check_fields(self, record: dict[str, Any], kind: TaskKind, line_no: int) -> None:
+    def _check_fields(self, record: dict[str, Any], kind: str, line_no: int) -> None:
         for name in (*_REQUIRED[kind], *(("text_pair",) if "text_pair" in record else ())):
             if name not in record:
                 raise _record_error(
                     self.path, line_no, f"missing field {name!r} (a {kind} record needs {_REQUIRED[kind]})"
                 )
-            if name != "label" and not isinstance(record[name], str):
+            if name == "context":
+                turns = record[name]
+                if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+                    raise _record_error(
+                        self.path,
+                        line_no,
+                        f"field 'context' must be a non-empty list of strings (the turns), got {turns!r}",
+                    )
+            elif name != "label" and not isinstance(record[name], str):
                 raise _record_error(self.path, line_no, f"field {name!r} must be a string, got {record[name]!r}")
         if kind == "classification":
             label = record["label"]
@@ -267,9 +311,15 @@ class JsonlDataset:
                 ids = [*ids, SEP_ID, *encode(record["text_pair"])]
             return Example(input_ids=tuple(ids[:limit] or [SEP_ID]), label=int(record["label"]))
         if self.kind == "seq2seq":
-            target = encode(record["target"])[: limit - 1]
+            dialogue = self.format == "dialogue"
+            target = encode(record["response" if dialogue else "target"])[: limit - 1]
+            source = (
+                truncate_history([encode(turn) for turn in record["context"]], limit)
+                if dialogue
+                else encode(record["source"])[:limit]
+            )
             return Example(
-                input_ids=tuple(encode(record["source"])[:limit] or [SEP_ID]),
+                input_ids=tuple(source or [SEP_ID]),
                 decoder_input_ids=(BOS_ID, *target),
                 labels=(*target, EOS_ID),
             )
