@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -53,7 +54,7 @@ def _reconstruct(span: SpanCorruption, inputs: tuple[int, ...], target: tuple[in
     pieces: dict[int, list[int]] = {}
     current = None
     for token in target[:-1]:
-        if token >= VOCAB:
+        if token >= span.base_vocab_size:
             current = token
             pieces[current] = []
         else:
@@ -61,7 +62,7 @@ def _reconstruct(span: SpanCorruption, inputs: tuple[int, ...], target: tuple[in
             pieces[current].append(token)
     out: list[int] = []
     for token in inputs:
-        out += pieces.pop(token) if token >= VOCAB else [token]
+        out += pieces.pop(token) if token >= span.base_vocab_size else [token]
     assert not pieces  # every sentinel of the target appears in the input
     return out
 
@@ -112,3 +113,30 @@ def test_same_seed_same_example_and_bad_settings_are_named() -> None:
     with pytest.raises(ValueError, match="base_vocab_size must be an integer above"):
         SpanCorruption(3)
     assert SpanCorruption(VOCAB)([7], random.Random(0)).labels == (EOS_ID,)  # too short to corrupt
+
+
+def test_objective_stream_resumes_at_the_exact_example(tmp_path: Path) -> None:
+    from attnkit.data.objectives import ObjectiveStream
+    from attnkit.data.sources import TextChunkStream
+    from attnkit.data.tokenizers import ByteTokenizer
+
+    text = tmp_path / "a.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+
+    def stream() -> ObjectiveStream:
+        inner = TextChunkStream([text], ByteTokenizer(), seq_len=32, seed=0, loop=True)
+        return ObjectiveStream(inner, SpanCorruption(260), seed=1)
+
+    first = stream()
+    uninterrupted = [next(first) for _ in range(12)]
+    resumed = stream()
+    for _ in range(5):
+        next(resumed)
+    state = resumed.state_dict()
+    again = stream()
+    again.load_state_dict(state)
+    assert [next(again) for _ in range(7)] == uninterrupted[5:]
+    windows = TextChunkStream([text], ByteTokenizer(), seq_len=32, seed=0, loop=True)
+    window = next(windows)
+    restored = _reconstruct(SpanCorruption(260), uninterrupted[0].input_ids, uninterrupted[0].labels)
+    assert restored == [*window.input_ids, window.labels[-1]]

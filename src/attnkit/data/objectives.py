@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from attnkit.data.batching import ExampleStream
 from attnkit.data.tasks.base import IGNORE_INDEX, Example
 from attnkit.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, SEP_ID
 
-__all__ = ["OBJECTIVES", "MaskedLM", "SpanCorruption", "random_segmentation"]
+__all__ = ["OBJECTIVES", "MaskedLM", "ObjectiveStream", "SpanCorruption", "random_segmentation"]
 
 #: Token ids an objective never masks or corrupts (the tokenizers' special tokens).
 SPECIAL_IDS = frozenset({PAD_ID, BOS_ID, EOS_ID, SEP_ID})
@@ -185,3 +187,35 @@ class SpanCorruption:
             decoder_input_ids=(BOS_ID, *target[:-1]),
             labels=tuple(target),
         )
+
+
+class ObjectiveStream:
+    """A language-modelling stream turned into an objective's examples, resumable.
+
+    Each window of the inner stream (``input_ids`` and its shifted ``labels``: ``T + 1``
+    tokens) becomes one example of ``objective``, drawn with a generator seeded by
+    ``(seed, split, index)``, so the ``index``-th example is the same in every run.
+    """
+
+    def __init__(
+        self, inner: ExampleStream, objective: MaskedLM | SpanCorruption, *, seed: int = 0, split: str = "train"
+    ) -> None:
+        self.inner, self.objective, self.seed, self.split = inner, objective, seed, split
+        self.index = 0
+
+    def __iter__(self) -> Iterator[Example]:
+        return self
+
+    def __next__(self) -> Example:
+        window = next(self.inner)
+        tokens = [*window.input_ids, *window.labels[-1:]]
+        rng = random.Random(f"attnkit:{type(self.objective).__name__}:{self.seed}:{self.split}:{self.index}")
+        self.index += 1
+        return self.objective(tokens, rng)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict(), "index": self.index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.index = int(state["index"])
