@@ -95,6 +95,13 @@ class TrainConfig:
         threads: torch intra-op threads (unset: torch's default).
         progress: show a progress bar.
         tensorboard: also write TensorBoard events when the package is installed.
+        init_from: start from saved weights (fine-tuning): a training run's ``out_dir`` (its
+            ``best`` model) or a folder written by ``save_pretrained``. Tensors whose names and
+            shapes match are copied (a classifier or encoder-decoder on a pretrained encoder
+            takes its ``embed.*`` and ``encoder.*``); its tokenizer is used. Applies when a run
+            starts, not when it resumes.
+        freeze: glob patterns of parameter names not to train (``["embed.*",
+            "encoder.layers.[0-3].*"]``); each must match at least one parameter.
     """
 
     task: str
@@ -129,11 +136,14 @@ class TrainConfig:
     threads: int | None = None
     progress: bool = True
     tensorboard: bool = False
+    init_from: str | None = None
+    freeze: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (round-trips through :meth:`from_dict`)."""
         out = dataclasses.asdict(self)
         out["betas"] = list(self.betas)
+        out["freeze"] = list(self.freeze)
         if isinstance(self.attention, tuple):
             out["attention"] = list(self.attention)
         return out
@@ -302,6 +312,11 @@ def _check_scalars(data: dict[str, Any], err: _Locator) -> None:
             raise err(key, f"must be one of {', '.join(map(repr, choices))}, got {data[key]!r}")
     if "min_lr_ratio" in data and data["min_lr_ratio"] > 1:
         raise err("min_lr_ratio", f"must be between 0 and 1, got {data['min_lr_ratio']!r}")
+    if data.get("init_from") is not None and not (isinstance(data["init_from"], str) and data["init_from"]):
+        raise err("init_from", f"must be the path of a run or a saved model, got {data['init_from']!r}")
+    freeze = data.get("freeze", [])
+    if not (isinstance(freeze, (list, tuple)) and all(isinstance(p, str) and p for p in freeze)):
+        raise err("freeze", f"must be a list of parameter-name patterns such as ['embed.*'], got {freeze!r}")
 
 
 def _check_task(data: dict[str, Any], err: _Locator, base: Path | None) -> None:
@@ -422,6 +437,7 @@ def _build(data: dict[str, Any], source: str, text: str | None, overrides: Seque
     _check_model(data, err)
     values = dict(data)
     values["betas"] = (float(betas[0]), float(betas[1]))
+    values["freeze"] = tuple(data.get("freeze", ()))
     if isinstance(attention, list):
         values["attention"] = tuple(attention)
     config = TrainConfig(**values)

@@ -48,6 +48,7 @@ from attnkit.train.checkpoint import (
 from attnkit.train.config import TrainConfig
 from attnkit.train.distributed import DistributedContext, all_reduce_sum, barrier, init_distributed
 from attnkit.train.evaluate import evaluate
+from attnkit.train.init import InitResult, find_weights_dir, freeze, init_from
 from attnkit.train.interrupt import StopRequest, TrainingInterrupted
 from attnkit.train.modeling import forward, model_class, model_config, summed_loss
 from attnkit.train.schedule import learning_rate
@@ -65,6 +66,8 @@ _FIXED_ON_RESUME: tuple[str, ...] = (
     "bucket_batches",
     "seq_len",
     "tokenizer",
+    "init_from",
+    "freeze",
 )
 
 
@@ -156,10 +159,14 @@ class Trainer:
             tokenizer=config.tokenizer,
             tokenizer_vocab_size=config.tokenizer_vocab_size,
             seed=config.seed,
-            tokenizer_dir=self.resume_from,
+            tokenizer_dir=self.resume_from or self._init_dir(),
         )
         self.model_config = model_config(self.data, config.attention, config.attention_options, config.model)
         self.model: nn.Module = model_class(self.data.kind)(self.model_config).to(self.context.device)
+        self.initialised: InitResult | None = None
+        if config.init_from is not None and loaded is None:
+            self.initialised = init_from(self.model, config.init_from)
+        self.frozen = freeze(self.model, config.freeze)
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.model, config.weight_decay), lr=config.lr, betas=config.betas
         )
@@ -185,6 +192,10 @@ class Trainer:
             self._restore(loaded)
 
     # ------------------------------------------------------------------ state
+
+    def _init_dir(self) -> Path | None:
+        """The saved model ``init_from`` names (its tokenizer is the run's), or None."""
+        return None if self.config.init_from is None else find_weights_dir(self.config.init_from)
 
     def _write_model(self, directory: Path) -> None:
         self.model.save_pretrained(directory)  # type: ignore[operator]
@@ -362,6 +373,11 @@ class Trainer:
         log_path = self._prepare_out_dir()
         barrier(ctx)
         writer = self._tensorboard()
+        if ctx.is_main and self.step == 0:
+            if self.initialised is not None:
+                print(f"attnkit train: init_from: {self.initialised.summary()}", file=sys.stderr)
+            if self.frozen:
+                print(f"attnkit train: frozen: {len(self.frozen)} parameters ({cfg.freeze})", file=sys.stderr)
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,
