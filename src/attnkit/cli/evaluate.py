@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer_vocab_size=config.tokenizer_vocab_size,
         seed=config.seed,
         tokenizer_dir=model_dir,
+        objective=config.objective,
+        objective_options=config.objective_options,
     )
     for name, value in (("--examples", args.examples), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:

@@ -38,7 +38,7 @@ __all__ = ["OBJECTIVES", "MaskedLM", "ObjectiveStream", "SpanCorruption", "rando
 #: Token ids an objective never masks or corrupts (the tokenizers' special tokens).
 SPECIAL_IDS = frozenset({PAD_ID, BOS_ID, EOS_ID, SEP_ID})
 #: Values of the training config's ``objective``.
-OBJECTIVES: tuple[str, ...] = ("causal", "mlm", "span")
+OBJECTIVES: tuple[str, ...] = ("causal", "span")
 
 
 def _check_fraction(name: str, value: float, *, upper_open: bool = False) -> None:

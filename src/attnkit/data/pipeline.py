@@ -6,6 +6,7 @@ counts the model must be built with, a resumable training stream and fixed evalu
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -18,6 +19,7 @@ from attnkit.data.batching import ExampleStream, ShuffledStream, TaskStream
 from attnkit.data.catalogs import corpus_file, gettext_locale
 from attnkit.data.docstrings import TASK_NAME as DOCSTRINGS
 from attnkit.data.docstrings import corpus_file as docstring_corpus
+from attnkit.data.objectives import OBJECTIVES, MaskedLM, ObjectiveStream, SpanCorruption
 from attnkit.data.sources import JsonlDataset, TextChunkStream, stdlib_files, text_files
 from attnkit.data.tasks import TASK_NAMES, Example, Task, TaskKind, make_task
 from attnkit.data.tasks.base import check_split
@@ -55,9 +57,16 @@ class TrainingData:
     pad_id: int = PAD_ID
     bos_id: int | None = None
     eos_id: int | None = None
+    objective: MaskedLM | SpanCorruption | None = None
 
     def stream(self, split: str = "train", *, loop: bool = True) -> ExampleStream:
         """A resumable stream over ``split`` (infinite for synthetic tasks and for ``loop=True``)."""
+        inner = self._text_stream(split, loop=loop)
+        if self.objective is None:
+            return inner
+        return ObjectiveStream(inner, self.objective, seed=self.seed, split=split)
+
+    def _text_stream(self, split: str, *, loop: bool) -> ExampleStream:
         check_split(split)
         if self.task is not None:
             return TaskStream(self.task, seed=self.seed, split=split)
@@ -84,9 +93,9 @@ class TrainingData:
         return list(itertools.islice(self.stream(split, loop=False), count))
 
     def decode(self, ids: list[int]) -> str:
-        """Token ids as text (for BLEU/ROUGE and samples)."""
+        """Token ids as text (for BLEU/ROUGE and samples; an objective's extra tokens are dropped)."""
         if self.tokenizer is not None:
-            return self.tokenizer.decode(ids)
+            return self.tokenizer.decode([i for i in ids if i < self.tokenizer.vocab_size])
         assert self.task is not None
         return self.task.decode(ids)
 
@@ -99,6 +108,8 @@ class TrainingData:
             out["options"] = self.task.options()
         else:
             out["tokenizer"] = "byte" if isinstance(self.tokenizer, ByteTokenizer) else "bpe"
+        if self.objective is not None:
+            out["objective"] = type(self.objective).__name__
         return out
 
 
@@ -133,6 +144,55 @@ def _tokenizer(
 
 
 def build_data(
+    task: str,
+    *,
+    objective: str = "causal",
+    objective_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> TrainingData:
+    """Build the data for ``task`` (see :func:`build_task_data`), turned into ``objective``'s examples.
+
+    Args:
+        task: see :func:`build_task_data`.
+        objective: ``"causal"`` (the task as it is), or ``"span"`` (T5 span corruption of a
+            language-modelling corpus: an encoder-decoder task; :mod:`attnkit.data.objectives`).
+        objective_options: the objective's settings (``noise_density``, ``mean_span_length``, ...).
+        **options: :func:`build_task_data`'s keyword arguments.
+
+    Raises:
+        ValueError: for an unknown objective, options it does not take, or a task that is not a
+            language-modelling corpus.
+    """
+    data = build_task_data(task, **options)
+    if objective == "causal":
+        if objective_options:
+            raise ValueError(f"objective_options apply to the span objective, not to objective={objective!r}")
+        return data
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if data.kind != "lm" or data.tokenizer is None:
+        raise ValueError(
+            f"objective={objective!r} turns a language-modelling corpus into training examples; task {task!r} is a "
+            f"{data.kind} task (use task = 'text', a folder of text files or a JSONL file of 'text' records)"
+        )
+    try:
+        transform = SpanCorruption(data.tokenizer.vocab_size, **(objective_options or {}))
+    except TypeError as error:
+        raise ValueError(
+            f"objective_options: {error} (span takes noise_density, mean_span_length, num_sentinels)"
+        ) from None
+    return dataclasses.replace(
+        data,
+        kind="seq2seq",
+        vocab_size=transform.vocab_size,
+        max_length=data.max_length + 1,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        objective=transform,
+    )
+
+
+def build_task_data(
     task: str,
     *,
     task_options: dict[str, Any] | None = None,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from attnkit.data.catalogs import TASK_PREFIX
+from attnkit.data.objectives import OBJECTIVES
 from attnkit.data.tasks import TASK_NAMES
 
 #: ``task`` values that name data rather than a path: synthetic tasks and the built-in corpora.
@@ -102,6 +103,11 @@ class TrainConfig:
             starts, not when it resumes.
         freeze: glob patterns of parameter names not to train (``["embed.*",
             "encoder.layers.[0-3].*"]``); each must match at least one parameter.
+        objective: ``"causal"`` (train on the task as it is) or ``"span"`` (T5 span corruption:
+            a language-modelling corpus such as ``"text"`` becomes encoder-decoder examples whose
+            encoder input has spans replaced by sentinels and whose decoder reconstructs them).
+        objective_options: the objective's settings: ``noise_density`` (0.15),
+            ``mean_span_length`` (3), ``num_sentinels`` (100).
     """
 
     task: str
@@ -138,6 +144,8 @@ class TrainConfig:
     tensorboard: bool = False
     init_from: str | None = None
     freeze: tuple[str, ...] = ()
+    objective: str = "causal"
+    objective_options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (round-trips through :meth:`from_dict`)."""
@@ -312,6 +320,8 @@ def _check_scalars(data: dict[str, Any], err: _Locator) -> None:
             raise err(key, f"must be one of {', '.join(map(repr, choices))}, got {data[key]!r}")
     if "min_lr_ratio" in data and data["min_lr_ratio"] > 1:
         raise err("min_lr_ratio", f"must be between 0 and 1, got {data['min_lr_ratio']!r}")
+    if data.get("objective", "causal") not in OBJECTIVES:
+        raise err("objective", f"must be one of {', '.join(map(repr, OBJECTIVES))}, got {data['objective']!r}")
     if data.get("init_from") is not None and not (isinstance(data["init_from"], str) and data["init_from"]):
         raise err("init_from", f"must be the path of a run or a saved model, got {data['init_from']!r}")
     freeze = data.get("freeze", [])
@@ -421,7 +431,7 @@ def _build(data: dict[str, Any], source: str, text: str | None, overrides: Seque
     base = Path(source).parent if source and not source.startswith("<") else None
     _check_task(data, err, base)
     _check_scalars(data, err)
-    for key in ("task_options", "attention_options"):
+    for key in ("task_options", "attention_options", "objective_options"):
         if not isinstance(data.get(key, {}), dict):
             raise err(key, f"must be a table of options, got {data[key]!r}")
     attention = data.get("attention", "full")
@@ -444,7 +454,23 @@ def _build(data: dict[str, Any], source: str, text: str | None, overrides: Seque
     if config.batch_size % config.grad_accum:
         raise err("grad_accum", f"must divide batch_size={config.batch_size}, got {config.grad_accum}")
     _check_task_options(config, err)
+    _check_objective_options(config, err)
     return config
+
+
+def _check_objective_options(config: TrainConfig, err: _Locator) -> None:
+    if config.objective == "causal":
+        if config.objective_options:
+            raise err("objective_options", "only applies to objective = 'span'")
+        return
+    from attnkit.data.objectives import SpanCorruption
+
+    try:
+        SpanCorruption(1 << 16, **config.objective_options)
+    except TypeError as exc:
+        raise err("objective_options", f"{exc} (span takes noise_density, mean_span_length, num_sentinels)") from None
+    except ValueError as exc:
+        raise err("objective_options", str(exc)) from None
 
 
 def _check_task_options(config: TrainConfig, err: _Locator) -> None:

@@ -68,6 +68,8 @@ _FIXED_ON_RESUME: tuple[str, ...] = (
     "tokenizer",
     "init_from",
     "freeze",
+    "objective",
+    "objective_options",
 )
 
 
@@ -160,6 +162,8 @@ class Trainer:
             tokenizer_vocab_size=config.tokenizer_vocab_size,
             seed=config.seed,
             tokenizer_dir=self.resume_from or self._init_dir(),
+            objective=config.objective,
+            objective_options=config.objective_options,
         )
         self.model_config = model_config(self.data, config.attention, config.attention_options, config.model)
         self.model: nn.Module = model_class(self.data.kind)(self.model_config).to(self.context.device)
