@@ -19,8 +19,8 @@ import attnkit.kernels.prefix as prefix
 from attnkit.arena import ArenaConfig
 from attnkit.arena.cells import CellCache
 from attnkit.arena.efficiency import warm_up_libraries
-from attnkit.arena.memory import PeakMemoryMeter
 from attnkit.arena.runner import CellRunner, build_seeded, efficiency_sweep
+from attnkit.metrics.memory import PeakMemoryMeter
 
 LENGTHS = (1024, 2048)  # the smallest lengths whose linear-attention buffers (>= 2 MB) are pooled
 SWEEPS = [(mode, causal) for mode in ("fwd", "fwd+bwd") for causal in (False, True)]  # the arena's order

@@ -14,12 +14,12 @@ from attnkit.arena import ArenaConfig
 from attnkit.arena.cells import CellCache, cell_key
 from attnkit.arena.efficiency import budget_stop, project
 from attnkit.arena.fidelity import fidelity_inputs, measure_fidelity
-from attnkit.arena.memory import PeakMemoryMeter
 from attnkit.arena.patterns import attention_picture
 from attnkit.arena.plots import pareto_front
 from attnkit.arena.quality import quality_options
 from attnkit.arena.tasks import get_task
 from attnkit.attention.reference import reference_attention
+from attnkit.metrics.memory import PeakMemoryMeter
 
 # -- config ---------------------------------------------------------------------------------
 

@@ -198,6 +198,67 @@ def test_self_attention_cache_equals_recompute(setting: str, padded: bool) -> No
     assert cache.position == 13
 
 
+def cached_tensors(state: object) -> list[Tensor]:
+    """Every tensor a decoding state holds (the cache's memory), found through its attributes."""
+    return [t for t in vars(state).values() if isinstance(t, Tensor)]
+
+
+def decode_in_steps(layer: attnkit.MultiHeadAttention, x: Tensor, kpm: Tensor | None) -> tuple[Tensor, object]:
+    """``layer``'s output over ``x`` fed a few tokens at a time through one cache, and the cache's state."""
+    cache = layer.new_cache()
+    pieces = []
+    for start, stop in [(0, 4), (4, 5), *((i, i + 1) for i in range(5, x.shape[1]))]:
+        pieces.append(layer(x[:, start:stop], attention_mask=None if kpm is None else kpm[:, start:stop], cache=cache))
+    return torch.cat(pieces, dim=1), cache.state
+
+
+@pytest.mark.parametrize("name", ["full", "sliding_window", "topk", "bigbird"])
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_cache_keeps_kv_heads_and_equals_recompute(name: str, kv_heads: int) -> None:
+    """Grouped-query attention stores kv_heads heads in the cache: heads / kv_heads times fewer bytes."""
+    torch.manual_seed(12)
+    options = attnkit.get_spec(name).small_options
+    length, head_dim = 13, DIM // HEADS
+    grouped = attnkit.MultiHeadAttention(DIM, HEADS, name, kv_heads=kv_heads, rotary=True, **options)
+    x = inputs(13, length=length)
+    kpm = torch.ones(B, length, dtype=torch.bool)
+    kpm[1, :3] = False  # left padding, as in batched generation
+    out, state = decode_in_steps(grouped, x, kpm)
+    torch.testing.assert_close(out, grouped(x, causal=True, attention_mask=kpm), atol=1e-5, rtol=1e-5)
+    if name == "full":  # and against the float64 computation from the layer's weights
+        close(out, mha_reference(grouped, x, causal=True, attention_mask=kpm))
+
+    kept = state.keys.shape[2]  # every position, or the rolling window's last ones
+    assert state.keys.shape == state.values.shape == (B, kv_heads, kept, head_dim)
+    assert all(t.shape[1] == kv_heads for t in cached_tensors(state) if t.dim() == 4)  # preallocated stores too
+    cached_bytes = state.keys.nbytes + state.values.nbytes
+    assert cached_bytes == 2 * B * kv_heads * kept * head_dim * x.element_size()
+
+    ungrouped = attnkit.MultiHeadAttention(DIM, HEADS, name, rotary=True, **options)
+    _, full_state = decode_in_steps(ungrouped, x, kpm)
+    assert full_state.keys.nbytes + full_state.values.nbytes == cached_bytes * (HEADS // kv_heads)
+
+
+def test_grouped_cross_attention_cache_keeps_kv_heads() -> None:
+    torch.manual_seed(13)
+    layer = attnkit.MultiHeadAttention(DIM, HEADS, kv_heads=2)
+    x, context = inputs(14), torch.randn(B, 6, DIM)
+    cache = layer.new_cache()
+    pieces = [layer(x[:, i : i + 1], context, cache=cache) for i in range(T)]
+    close(torch.cat(pieces, dim=1), mha_reference(layer, x, context))
+    assert cache.context is not None and cache.context[0].shape == (B, 2, 6, DIM // HEADS)
+
+
+@pytest.mark.parametrize("name", ["linear", "performer"])
+def test_grouped_recurrent_state_decodes_as_recompute(name: str) -> None:
+    """Mechanisms whose state is not a key/value cache get the keys/values expanded to every head."""
+    torch.manual_seed(14)
+    layer = attnkit.MultiHeadAttention(DIM, HEADS, name, kv_heads=2, **attnkit.get_spec(name).small_options)
+    x = inputs(15, length=9)
+    out, _ = decode_in_steps(layer, x, None)
+    torch.testing.assert_close(out, layer(x, causal=True), atol=1e-5, rtol=1e-5)
+
+
 def test_cross_attention_cache_projects_context_once() -> None:
     torch.manual_seed(8)
     layer = attnkit.MultiHeadAttention(DIM, HEADS)

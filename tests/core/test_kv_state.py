@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from attnkit import KVState
+from attnkit import KVState, build_attention, reference_attention
 from attnkit.models.cache import reorder_batch
 
 
@@ -58,3 +59,32 @@ def test_cache_under_autograd_concatenates_so_gradients_flow() -> None:
     assert state.key_store is None  # no in-place store while autograd records
     (saved + state.values.sum()).backward()
     assert torch.equal(k1.grad, 2 * k1.detach() + 2) and torch.equal(k2.grad, torch.full_like(k2, 2.0))
+
+
+def test_decode_with_grouped_keys_caches_kv_heads_and_equals_the_float64_oracle() -> None:
+    """decode() takes keys/values with H_kv heads (H_kv dividing H): the cache keeps H_kv heads."""
+    g = torch.Generator().manual_seed(3)
+    heads, kv_heads, length = 6, 2, 9
+    q = torch.randn(2, heads, length, 4, generator=g)
+    k = torch.randn(2, kv_heads, length, 4, generator=g)
+    v = torch.randn(2, kv_heads, length, 5, generator=g)
+    # the oracle sees every query head with its group's key/value head, written out
+    group = [j // (heads // kv_heads) for j in range(heads)]
+    expected = reference_attention(q, k[:, group], v[:, group], causal=True)
+    attention = build_attention("full")
+    state = attention.new_state()
+    out = torch.cat(
+        [attention.decode(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], state) for i in range(length)],
+        dim=2,
+    )
+    assert (out.double() - expected).abs().max() <= 1e-5
+    assert state.keys.shape == (2, kv_heads, length, 4) and state.values.shape == (2, kv_heads, length, 5)
+
+
+def test_decode_refuses_key_heads_that_do_not_divide_the_query_heads() -> None:
+    attention = build_attention("full")
+    q, k = torch.randn(1, 6, 1, 4), torch.randn(1, 4, 1, 4)
+    with pytest.raises(ValueError, match=r"k must have shape \(1, 6 or a divisor of 6, S, 4\)"):
+        attention.decode(q, k, k, attention.new_state())
+    with pytest.raises(ValueError, match=r"k must have shape \(1, 6, S, 4\)"):
+        attention(q, k, k)  # a forward call takes H key/value heads: MultiHeadAttention expands them

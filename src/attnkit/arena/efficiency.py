@@ -3,7 +3,7 @@
 Protocol: ``B x H x L x D`` fp32 locally correlated inputs, the mechanism's registered
 ``benchmark_options``, one warm-up step, then timed repeats until ``repeats`` are done
 or ``cell_seconds`` are spent (at least one); the median is reported. Peak memory is
-that of the warm-up step (see :mod:`attnkit.arena.memory`: idle pooled buffers are
+that of the warm-up step (see :mod:`attnkit.metrics.memory`: idle pooled buffers are
 released first, so the step counts every byte it needs, buffer pool on or off). One-time
 costs are paid before a tracked step: the libraries' set-up before the first cell
 (:func:`warm_up_libraries`), and each sweep's first measured cell runs one extra untracked
@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from attnkit.arena.config import ArenaConfig
-from attnkit.arena.memory import PeakMemoryMeter
 from attnkit.core.base import AttentionMechanism
 from attnkit.inputs import structured_qkv
+from attnkit.metrics.memory import PeakMemoryMeter
 
 #: Version of the measurement protocol (2: memory from the warm-up step, timed steps at full allocator speed;
 #: 3: pooled buffers released before the tracked step, one untracked step before a sweep's first cell).
@@ -115,7 +115,7 @@ def measure_efficiency(
 
 def _time_steps(step: Callable[[], None], cfg: ArenaConfig, meter: PeakMemoryMeter) -> dict[str, Any]:
     # The warm-up step (lazy initialisation, kernel selection) is the one whose memory is
-    # tracked: tracking changes the allocator's behaviour (see attnkit.arena.memory), which
+    # tracked: tracking changes the allocator's behaviour (see attnkit.metrics.memory), which
     # would skew a timed step, and a separate memory step would cost a third long step.
     with meter.track() as peak:
         step()

@@ -31,7 +31,6 @@ from attnkit.arena.efficiency import (
     warm_up_libraries,
 )
 from attnkit.arena.fidelity import fidelity_params, measure_fidelity
-from attnkit.arena.memory import PeakMemoryMeter
 from attnkit.arena.quality import (
     fidelity_options,
     quality_options,
@@ -40,6 +39,7 @@ from attnkit.arena.quality import (
     train_quality_cell,
 )
 from attnkit.core.base import AttentionMechanism
+from attnkit.metrics.memory import PeakMemoryMeter
 
 BASELINE = "full"
 

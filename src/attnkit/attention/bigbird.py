@@ -28,12 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.core.capabilities import Capabilities
+from attnkit.attention.pattern import PatternAttention, PatternCall, pattern_capabilities
 from attnkit.core.errors import check_non_negative_int, check_positive_int
 from attnkit.core.registry import register
-from attnkit.core.types import ScoreBias
 from attnkit.kernels.blocked import GatherPattern, dense_rows_pattern, gathered_attention_with_lse
-from attnkit.kernels.pattern_attention import PatternAttention
 from attnkit.masks.functions import Mask, causal_mask
 from attnkit.masks.patterns import block_table_mask
 
@@ -69,15 +67,8 @@ def bigbird_block_table(
 
 @register(
     "bigbird",
-    Capabilities(
-        exact=True,
-        causal=True,
-        key_padding=True,
-        cross_attention=False,
-        decoding="kv_cache",
+    pattern_capabilities(
         complexity="O(N·b·(3+g+r))",
-        family="sparse",
-        score_bias=True,
         summary="BigBird: window, global and seeded random blocks (same pattern in train and eval)",
     ),
     small_options={"block_size": 4, "num_random_blocks": 2, "num_global_blocks": 1},
@@ -131,22 +122,12 @@ class BigBirdAttention(PatternAttention):
         table = self.block_table(kv_len, causal=causal)
         return block_table_mask(q_len, kv_len, self.block_size, table[None], causal=causal)
 
-    def _blocked(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        causal: bool,
-        attention_mask: Tensor | None,
-        score_bias: ScoreBias | None,
-        **call_kwargs: Any,
-    ) -> Tensor:
+    def _blocked(self, q: Tensor, k: Tensor, v: Tensor, call: PatternCall) -> Tensor:
         t_len, s_len = q.shape[2], k.shape[2]
         size = self.block_size
-        table = self.block_table(s_len, causal=causal).to(q.device)
+        table = self.block_table(s_len, causal=call.causal).to(q.device)
         g = min(self.num_global_blocks, table.shape[0])
-        opts: dict[str, Any] = {"attention_mask": attention_mask, "score_bias": score_bias, "scale": self.scale}
+        opts = call.softmax_options()
         # Queries are end-aligned (query i at absolute position i + S - T): the leading m queries
         # of this call, those in global blocks, are cut off and attended densely, and the rest
         # stays end-aligned on its own.
@@ -154,15 +135,17 @@ class BigBirdAttention(PatternAttention):
         parts = []
         if m > 0:
             rows_out = None
-            if score_bias is None:
-                rows_out = _global_rows_sdpa(q, k, v, m, causal=causal, attention_mask=attention_mask, scale=self.scale)
+            if call.score_bias is None:
+                rows_out = _global_rows_sdpa(
+                    q, k, v, m, causal=call.causal, attention_mask=call.attention_mask, scale=call.scale
+                )
             if rows_out is None:
-                element = causal_mask(t_len, s_len) if causal else None
+                element = causal_mask(t_len, s_len) if call.causal else None
                 dense = dense_rows_pattern(torch.arange(m, device=q.device).view(1, -1), s_len, element, key_block=size)
                 rows_out = gathered_attention_with_lse(q, k, v, dense, **opts)[0][:, :, :m]
             parts.append(rows_out)
         if m < t_len:
-            pattern = self._gather_pattern(table, t_len - m, s_len, causal)
+            pattern = self._gather_pattern(table, t_len - m, s_len, call.causal)
             parts.append(gathered_attention_with_lse(q[:, :, m:], k, v, pattern, **opts)[0])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 

@@ -19,13 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnkit.attention.sliding_window import default_group_size
-from attnkit.core.capabilities import Capabilities
+from attnkit.attention.pattern import PatternAttention, PatternCall, default_group_size, pattern_capabilities
 from attnkit.core.errors import check_positive_int
 from attnkit.core.registry import register
-from attnkit.core.types import ScoreBias
 from attnkit.kernels.blocked import GatherPattern, consecutive_groups, gathered_attention_with_lse, merge_attention
-from attnkit.kernels.pattern_attention import PatternAttention
 from attnkit.masks.functions import Mask, causal_mask
 from attnkit.masks.patterns import fixed_mask
 
@@ -67,15 +64,8 @@ def summary_pattern(
 
 @register(
     "fixed",
-    Capabilities(
-        exact=True,
-        causal=True,
-        key_padding=True,
-        cross_attention=False,
-        decoding="kv_cache",
+    pattern_capabilities(
         complexity="O(N·(l + c·N/l))",
-        family="sparse",
-        score_bias=True,
         summary="Sparse Transformer fixed pattern: own block of l plus c summary columns per block",
     ),
     small_options={"block_size": 8, "summary_size": 2},
@@ -105,22 +95,14 @@ class FixedAttention(PatternAttention):
     def pattern(self, q_len: int, kv_len: int, *, causal: bool, **call_kwargs: Any) -> Mask:
         return fixed_mask(q_len, kv_len, self.block_size, self.summary_size, causal=causal)
 
-    def _blocked(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        causal: bool,
-        attention_mask: Tensor | None,
-        score_bias: ScoreBias | None,
-        **call_kwargs: Any,
-    ) -> Tensor:
+    def _blocked(self, q: Tensor, k: Tensor, v: Tensor, call: PatternCall) -> Tensor:
         t_len, s_len = q.shape[2], k.shape[2]
-        opts: dict[str, Any] = {"attention_mask": attention_mask, "score_bias": score_bias, "scale": self.scale}
-        own = own_block_pattern(t_len, s_len, self.block_size, causal=causal, device=q.device)
+        opts = call.softmax_options()
+        own = own_block_pattern(t_len, s_len, self.block_size, causal=call.causal, device=q.device)
         parts = [gathered_attention_with_lse(q, k, v, own, **opts)]
         if s_len > self.block_size:
-            summary = summary_pattern(t_len, s_len, self.block_size, self.summary_size, causal=causal, device=q.device)
+            summary = summary_pattern(
+                t_len, s_len, self.block_size, self.summary_size, causal=call.causal, device=q.device
+            )
             parts.append(gathered_attention_with_lse(q, k, v, summary, **opts))
         return merge_attention(parts)

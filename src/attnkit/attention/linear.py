@@ -34,9 +34,8 @@ from attnkit.core.base import AttentionMechanism
 from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_choice, check_positive_int
 from attnkit.core.registry import register
-from attnkit.core.types import ScoreBias
+from attnkit.core.types import MaskFunction, ScoreBias
 from attnkit.kernels.prefix import FeatureMap, PrefixState, apply_features, kernel_attention, kernel_decode, upcast
-from attnkit.masks.functions import Mask
 
 FEATURE_MAPS = ("elu+1", "relu", "identity")
 _LOG2_E = 1.0 / math.log(2.0)
@@ -126,7 +125,7 @@ class LinearAttention(AttentionMechanism):
         *,
         causal: bool,
         attention_mask: Tensor | None,
-        mask: Mask | None,
+        mask: MaskFunction | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:

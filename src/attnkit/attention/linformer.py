@@ -27,8 +27,7 @@ from attnkit.core.base import AttentionMechanism
 from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_choice, check_positive_int
 from attnkit.core.registry import register
-from attnkit.core.types import ScoreBias
-from attnkit.masks.functions import Mask
+from attnkit.core.types import MaskFunction, ScoreBias
 
 NO_CAUSAL_REASON = (
     "causal=True is not supported: Linformer projects keys and values along the whole sequence, "
@@ -103,7 +102,7 @@ class LinformerAttention(AttentionMechanism):
         *,
         causal: bool,
         attention_mask: Tensor | None,
-        mask: Mask | None,
+        mask: MaskFunction | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:

@@ -21,11 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnkit.attention.sliding_window import default_group_size, sliding_window_attention
-from attnkit.core.capabilities import Capabilities
+from attnkit.attention.pattern import (
+    PatternAttention,
+    PatternCall,
+    default_group_size,
+    pattern_capabilities,
+    sliding_window_attention,
+)
 from attnkit.core.errors import check_non_negative_int, check_positive_int
 from attnkit.core.registry import register
-from attnkit.core.types import ScoreBias
 from attnkit.kernels.blocked import (
     GatherPattern,
     consecutive_groups,
@@ -33,7 +37,6 @@ from attnkit.kernels.blocked import (
     gathered_attention_with_lse,
     merge_attention,
 )
-from attnkit.kernels.pattern_attention import PatternAttention
 from attnkit.masks.functions import Mask, causal_mask, sliding_window_mask
 from attnkit.masks.patterns import longformer_mask
 
@@ -48,15 +51,8 @@ def _global_positions(flags: Tensor) -> Tensor:
 
 @register(
     "longformer",
-    Capabilities(
-        exact=True,
-        causal=True,
-        key_padding=True,
-        cross_attention=False,
-        decoding="kv_cache",
+    pattern_capabilities(
         complexity="O(N·(w+g))",
-        family="sparse",
-        score_bias=True,
         summary="sliding window + dilation + global tokens (per call: bool mask or leading count)",
     ),
     small_options={"window": 6, "num_global_tokens": 2},
@@ -120,40 +116,30 @@ class LongformerAttention(PatternAttention):
         flags = self.global_flags(batch, kv_len, global_tokens)
         return longformer_mask(q_len, kv_len, self.window, causal=causal, dilation=self.dilation, global_tokens=flags)
 
-    def _blocked(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        causal: bool,
-        attention_mask: Tensor | None,
-        score_bias: ScoreBias | None,
-        **call_kwargs: Any,
-    ) -> Tensor:
+    def _blocked(self, q: Tensor, k: Tensor, v: Tensor, call: PatternCall) -> Tensor:
         b, _, t_len, _ = q.shape
         s_len = k.shape[2]
         offset = s_len - t_len
-        opts: dict[str, Any] = {"attention_mask": attention_mask, "score_bias": score_bias, "scale": self.scale}
-        window = sliding_window_attention(q, k, v, self.window, causal=causal, dilation=self.dilation, **opts)
-        flags = self.global_flags(b, s_len, call_kwargs.get("global_tokens"), q.device)
+        opts = call.softmax_options()
+        window = sliding_window_attention(q, k, v, self.window, causal=call.causal, dilation=self.dilation, **opts)
+        flags = self.global_flags(b, s_len, call.options.get("global_tokens"), q.device)
         if flags is None:
             return window[0]
         positions = _global_positions(flags)  # (B, G)
-        local = sliding_window_mask(t_len, s_len, self.window, causal=causal, dilation=self.dilation)
+        local = sliding_window_mask(t_len, s_len, self.window, causal=call.causal, dilation=self.dilation)
         order = causal_mask(t_len, s_len)
 
         # every query against the global keys outside its window
         size = default_group_size(self.window)
         groups = consecutive_groups(t_len, size)
-        outside = ~local & order if causal else ~local
+        outside = ~local & order if call.causal else ~local
         keys = GatherPattern(size, positions[:, None, None, :].expand(-1, 1, groups, -1), outside)
         global_keys = gathered_attention_with_lse(q, k, v, keys, **opts)
         out = merge_attention([window, global_keys])
 
         # global queries against every key (they replace those rows)
         rows = torch.where(positions >= offset, positions - offset, -1)
-        dense = dense_rows_pattern(rows, s_len, order if causal else None)
+        dense = dense_rows_pattern(rows, s_len, order if call.causal else None)
         global_rows, _ = gathered_attention_with_lse(q, k, v, dense, **opts)
         is_global = flags[:, offset:][:, None, :, None]
         return torch.where(is_global, global_rows, out)

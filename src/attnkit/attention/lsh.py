@@ -41,9 +41,8 @@ from attnkit.core.base import AttentionMechanism
 from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_non_negative_int, check_positive_int
 from attnkit.core.registry import register
-from attnkit.core.types import ScoreBias
+from attnkit.core.types import MaskFunction, ScoreBias
 from attnkit.kernels.bucketed import bucket_layout, bucketed_attention
-from attnkit.masks.functions import Mask
 
 
 def lsh_buckets(x: Tensor, num_buckets: int, n_hashes: int, seed: int) -> Tensor:
@@ -137,7 +136,7 @@ class LSHAttention(AttentionMechanism):
         *,
         causal: bool,
         attention_mask: Tensor | None,
-        mask: Mask | None,
+        mask: MaskFunction | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnkit.core.base import AttentionMechanism
+from attnkit.core.base import AttentionMechanism, repeat_kv_heads
 from attnkit.core.errors import check_positive_int
 from attnkit.core.registry import build_attention
 from attnkit.core.types import ScoreBias
@@ -122,12 +122,6 @@ class MultiHeadAttention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, heads, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
 
-    def _expand_kv(self, x: Tensor) -> Tensor:
-        # Grouped KV heads: each KV head serves heads // kv_heads query heads.
-        if self.kv_heads == self.heads:
-            return x
-        return x.repeat_interleave(self.heads // self.kv_heads, dim=1)
-
     def _score_bias(self) -> ScoreBias | None:
         return None if self.position_bias is None else self.position_bias.score_bias()
 
@@ -143,16 +137,6 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"positions must be an integer tensor of shape ({t},) or ({b}, {t}), got {got}")
         if tuple(positions.shape) not in ((t,), (b, t)):
             raise ValueError(f"positions must have shape ({t},) or ({b}, {t}), got {tuple(positions.shape)}")
-
-    def _rotate(self, x: Tensor, positions: Tensor) -> Tensor:
-        # x: (B, H, T, D); positions (T,) shared by the batch, or (B, T) per row.
-        assert self.rotary is not None
-        if positions.dim() == 1:
-            return self.rotary(x, positions)
-        angles = positions.to(torch.float32)[:, None, :, None] * self.rotary.inv_freq  # (B, 1, T, D/2)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
     def new_cache(self) -> AttentionCache:
         """A fresh decoding cache for this layer (pass it to :meth:`forward` as ``cache``)."""
@@ -212,7 +196,7 @@ class MultiHeadAttention(nn.Module):
             v = self._split(self.to_v(source), self.kv_heads)
             if self.rotary is not None:
                 pos = positions if positions is not None else torch.arange(x.shape[1], device=x.device)
-                q, k = self._rotate(q, pos), self._rotate(k, pos)
+                q, k = self.rotary(q, pos), self.rotary(k, pos)
             if context is None and attention_mask is not None:
                 # Padded tokens' queries are zeroed: their outputs are never used, but Nystrom's landmarks,
                 # LSH buckets, routing clusters and Sinkhorn's block sort are built from all queries, so
@@ -220,8 +204,8 @@ class MultiHeadAttention(nn.Module):
                 q = q.masked_fill(~attention_mask[:, None, :, None], 0)
             out = self.attention(
                 q,
-                self._expand_kv(k),
-                self._expand_kv(v),
+                repeat_kv_heads(k, self.heads),  # grouped key/value heads serve H // kv_heads query heads each
+                repeat_kv_heads(v, self.heads),
                 causal=causal,
                 attention_mask=attention_mask,
                 score_bias=self._score_bias() if context is None else None,
@@ -244,11 +228,12 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"cache must come from MultiHeadAttention.new_cache(), got {type(cache).__name__}")
         if context is not None:
             # Cross-attention: project the context once, then reuse it at every step.
-            if cache.context is None:
-                k = self._expand_kv(self._split(self.to_k(context), self.kv_heads))
-                v = self._expand_kv(self._split(self.to_v(context), self.kv_heads))
+            if cache.context is None:  # kept with kv_heads heads, like the self-attention cache
+                k = self._split(self.to_k(context), self.kv_heads)
+                v = self._split(self.to_v(context), self.kv_heads)
                 cache.context = (k, v, attention_mask)
             k, v, context_mask = cache.context
+            k, v = repeat_kv_heads(k, self.heads), repeat_kv_heads(v, self.heads)
             return self.attention(q, k, v, attention_mask=context_mask, **attention_kwargs)
         if attention_kwargs:
             raise TypeError(
@@ -260,13 +245,15 @@ class MultiHeadAttention(nn.Module):
             pos = positions
             if pos is None:
                 pos = torch.arange(cache.position, cache.position + x.shape[1], device=x.device)
-            q, k = self._rotate(q, pos), self._rotate(k, pos)
+            q, k = self.rotary(q, pos), self.rotary(k, pos)
         if cache.state is None:
             cache.state = self.attention.new_state()
+        # Keys/values go in with kv_heads heads: a key/value cache stores them so (heads / kv_heads
+        # times smaller under grouped-query attention) and expands them only to attend.
         out = self.attention.decode(
             q,
-            self._expand_kv(k),
-            self._expand_kv(v),
+            k,
+            v,
             cache.state,
             attention_mask=attention_mask,
             score_bias=self._score_bias(),

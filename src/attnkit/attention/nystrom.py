@@ -35,8 +35,7 @@ from attnkit.core.base import AttentionMechanism
 from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_positive_int
 from attnkit.core.registry import register
-from attnkit.core.types import ScoreBias
-from attnkit.masks.functions import Mask
+from attnkit.core.types import MaskFunction, ScoreBias
 
 NO_CAUSAL_REASON = (
     "causal=True is not supported: Nyström landmarks are means over whole segments of the sequence, "
@@ -377,7 +376,7 @@ class NystromAttention(AttentionMechanism):
         *,
         causal: bool,
         attention_mask: Tensor | None,
-        mask: Mask | None,
+        mask: MaskFunction | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:

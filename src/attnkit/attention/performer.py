@@ -37,7 +37,7 @@ from attnkit.core.base import AttentionMechanism
 from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_choice, check_non_negative_int, check_positive_float, check_positive_int
 from attnkit.core.registry import register
-from attnkit.core.types import ScoreBias
+from attnkit.core.types import MaskFunction, ScoreBias
 from attnkit.kernels.prefix import (
     NEG,
     PrefixState,
@@ -48,7 +48,6 @@ from attnkit.kernels.prefix import (
     kernel_decode,
     upcast,
 )
-from attnkit.masks.functions import Mask
 
 
 def random_projection(
@@ -285,7 +284,7 @@ class PerformerAttention(AttentionMechanism):
         *,
         causal: bool,
         attention_mask: Tensor | None,
-        mask: Mask | None,
+        mask: MaskFunction | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:

@@ -42,9 +42,8 @@ from attnkit.core.base import AttentionMechanism
 from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_non_negative_int, check_positive_int
 from attnkit.core.registry import register
-from attnkit.core.types import ScoreBias
+from attnkit.core.types import MaskFunction, ScoreBias
 from attnkit.kernels.bucketed import bucket_layout, bucketed_attention
-from attnkit.masks.functions import Mask
 
 #: Tokens per pass of the routing and the centroid statistics: their ``(B, H, tokens, ·)``
 #: temporaries stay well under the allocator's 32 MB mmap threshold (each larger one is
@@ -194,7 +193,7 @@ class RoutingAttention(AttentionMechanism):
         *,
         causal: bool,
         attention_mask: Tensor | None,
-        mask: Mask | None,
+        mask: MaskFunction | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:

@@ -48,9 +48,8 @@ from attnkit.core.base import AttentionMechanism
 from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_non_negative_int, check_positive_float, check_positive_int
 from attnkit.core.registry import register
-from attnkit.core.types import ScoreBias
+from attnkit.core.types import MaskFunction, ScoreBias
 from attnkit.kernels.bucketed import chunk_attention, mixed_chunk_attention
-from attnkit.masks.functions import Mask
 
 
 def sinkhorn_normalize(log_scores: Tensor, iters: int) -> Tensor:
@@ -202,7 +201,7 @@ class SinkhornAttention(AttentionMechanism):
         *,
         causal: bool,
         attention_mask: Tensor | None,
-        mask: Mask | None,
+        mask: MaskFunction | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:

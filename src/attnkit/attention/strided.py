@@ -20,13 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnkit.attention.sliding_window import sliding_window_attention
-from attnkit.core.capabilities import Capabilities
+from attnkit.attention.pattern import PatternAttention, PatternCall, pattern_capabilities, sliding_window_attention
 from attnkit.core.errors import check_positive_int
 from attnkit.core.registry import register
-from attnkit.core.types import ScoreBias
 from attnkit.kernels.blocked import GatherPattern, gathered_attention_with_lse, merge_attention
-from attnkit.kernels.pattern_attention import PatternAttention
 from attnkit.masks.functions import Mask
 from attnkit.masks.patterns import strided_mask
 
@@ -62,15 +59,8 @@ def grid_pattern(
 
 @register(
     "strided",
-    Capabilities(
-        exact=True,
-        causal=True,
-        key_padding=True,
-        cross_attention=False,
-        decoding="kv_cache",
+    pattern_capabilities(
         complexity="O(N·(l + N/l))",
-        family="sparse",
-        score_bias=True,
         summary="Sparse Transformer strided pattern: local band of l plus every l-th key",
     ),
     small_options={"stride": 5},
@@ -92,19 +82,9 @@ class StridedAttention(PatternAttention):
     def pattern(self, q_len: int, kv_len: int, *, causal: bool, **call_kwargs: Any) -> Mask:
         return strided_mask(q_len, kv_len, self.stride, causal=causal)
 
-    def _blocked(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        causal: bool,
-        attention_mask: Tensor | None,
-        score_bias: ScoreBias | None,
-        **call_kwargs: Any,
-    ) -> Tensor:
-        opts: dict[str, Any] = {"attention_mask": attention_mask, "score_bias": score_bias, "scale": self.scale}
-        band = self.stride if causal else 2 * self.stride - 1  # |p - j| < l as a sliding window
-        local = sliding_window_attention(q, k, v, band, causal=causal, **opts)
-        grid = grid_pattern(q.shape[2], k.shape[2], self.stride, causal=causal, device=q.device)
+    def _blocked(self, q: Tensor, k: Tensor, v: Tensor, call: PatternCall) -> Tensor:
+        opts = call.softmax_options()
+        band = self.stride if call.causal else 2 * self.stride - 1  # |p - j| < l as a sliding window
+        local = sliding_window_attention(q, k, v, band, causal=call.causal, **opts)
+        grid = grid_pattern(q.shape[2], k.shape[2], self.stride, causal=call.causal, device=q.device)
         return merge_attention([local, gathered_attention_with_lse(q, k, v, grid, **opts)])

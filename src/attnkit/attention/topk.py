@@ -45,12 +45,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnkit.attention.full import FullAttention
+from attnkit.attention.dense import dense_attention
 from attnkit.core.base import AttentionMechanism
 from attnkit.core.capabilities import Capabilities
-from attnkit.core.errors import check_positive_int
+from attnkit.core.errors import check_positive_int, check_scale
 from attnkit.core.registry import register
-from attnkit.core.types import ScoreBias
+from attnkit.core.types import MaskFunction, ScoreBias
 from attnkit.masks.functions import Mask, causal_mask, real_keys_mask
 
 #: Target number of float scores in one chunk's ``(B, H, chunk, S)`` working set (16 MiB).
@@ -177,9 +177,13 @@ class _SelectedSoftmax(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_bias, None, None, None, None
 
 
-def _allowed(causal: bool, attention_mask: Tensor | None, mask: Mask | None, q_len: int, kv_len: int) -> Mask | None:
+def _allowed(
+    causal: bool, attention_mask: Tensor | None, mask: MaskFunction | None, q_len: int, kv_len: int
+) -> Mask | None:
     """Every constraint on which keys a query may see, as one mask over local indices (None: all)."""
-    parts = [m for m in (causal_mask(q_len, kv_len) if causal else None, mask) if m is not None]
+    parts = [causal_mask(q_len, kv_len)] if causal else []
+    if mask is not None:
+        parts.append(mask if isinstance(mask, Mask) else Mask(mask))  # a plain function joins the algebra
     if attention_mask is not None:
         parts.append(real_keys_mask(attention_mask))
     if not parts:
@@ -225,11 +229,8 @@ class TopKAttention(AttentionMechanism):
     def __init__(self, *, topk: int = 64, scale: float | None = None, chunk_size: int | None = None) -> None:
         super().__init__()
         self.topk = check_positive_int("topk", topk, example=64)
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
-            raise ValueError(f"scale must be a positive number or None, got {scale!r}")
-        self.scale = scale
+        self.scale = check_scale(scale)
         self.chunk_size = None if chunk_size is None else check_positive_int("chunk_size", chunk_size, example=128)
-        self._exact = FullAttention(scale=scale)
 
     def _chunk(self, batch: int, heads: int, kv_len: int) -> int:
         if self.chunk_size is not None:
@@ -244,12 +245,21 @@ class TopKAttention(AttentionMechanism):
         *,
         causal: bool,
         attention_mask: Tensor | None,
-        mask: Mask | None,
+        mask: MaskFunction | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:
         if self.topk >= k.shape[2]:  # nothing would be dropped: exact attention
-            return self._exact(q, k, v, causal=causal, attention_mask=attention_mask, mask=mask, score_bias=score_bias)
+            return dense_attention(
+                q,
+                k,
+                v,
+                causal=causal,
+                attention_mask=attention_mask,
+                mask=mask,
+                score_bias=score_bias,
+                scale=self.scale,
+            )
         if q.dtype in (torch.float16, torch.bfloat16):  # select and normalise in float32
             q, k, v = q.float(), k.float(), v.float()
         # row gathers need (B*H*S, D) views; a transposed projection is copied once here, not per chunk
@@ -298,7 +308,7 @@ def select_topk(
     scale: float,
     causal: bool = False,
     attention_mask: Tensor | None = None,
-    mask: Mask | None = None,
+    mask: MaskFunction | None = None,
     score_bias: ScoreBias | None = None,
     chunk: int = 128,
 ) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,7 @@ For each model (``before``/``after`` of ``attnkit compress``; ``teacher``/``stud
   ``model.safetensors``, ``compression.json``);
 - speed: forward latency at batch 1 and at a training batch, generation latency per new token
   (greedy, KV cache) at the same two batch sizes, and the peak memory of the training-batch
-  forward (:class:`~attnkit.arena.memory.PeakMemoryMeter`: CUDA allocator peak, or resident-set
+  forward (:class:`~attnkit.metrics.memory.PeakMemoryMeter`: CUDA allocator peak, or resident-set
   high-water mark on Linux CPUs);
 - quality: :func:`attnkit.train.evaluate` on a fixed evaluation set (loss and accuracy; perplexity
   and bits per character for language models; BLEU/ROUGE for seq2seq).
@@ -190,8 +190,8 @@ def measure_speed(
     """
     from tqdm import tqdm
 
-    from attnkit.arena.memory import PeakMemoryMeter
     from attnkit.core.errors import check_positive_int
+    from attnkit.metrics.memory import PeakMemoryMeter
 
     check_positive_int("rounds", rounds, example=5)
     device = torch.device(device)

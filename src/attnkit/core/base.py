@@ -26,9 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.core.capabilities import Capabilities
-from attnkit.core.types import ScoreBias
+from attnkit.core.types import MaskFunction, ScoreBias
 from attnkit.core.validation import check_no_key_padding_mask, check_qkv
-from attnkit.masks.functions import Mask
 
 
 @dataclass
@@ -56,6 +55,10 @@ class KVState:
     padding_store: Tensor | None = field(default=None, repr=False)
     #: Subclasses that trim the cache (rolling windows) keep it small and skip the stores.
     preallocate: ClassVar[bool] = True
+
+    def trim(self) -> None:
+        """Drop the positions no future query can see, after each step: none for a growing cache
+        (a rolling window's cache overrides this)."""
 
     @property
     def length(self) -> int:
@@ -140,7 +143,7 @@ class AttentionMechanism(nn.Module, ABC):
         *,
         causal: bool = False,
         attention_mask: Tensor | None = None,
-        mask: Mask | None = None,
+        mask: MaskFunction | None = None,
         score_bias: ScoreBias | None = None,
         **call_kwargs: Any,
     ) -> Tensor:
@@ -187,13 +190,13 @@ class AttentionMechanism(nn.Module, ABC):
         *,
         causal: bool,
         attention_mask: Tensor | None,
-        mask: Mask | None,
+        mask: MaskFunction | None,
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:
         """The mechanism's maths on validated inputs; same arguments as :meth:`forward`."""
 
-    def pattern(self, q_len: int, kv_len: int, *, causal: bool, **call_kwargs: Any) -> Mask | None:
+    def pattern(self, q_len: int, kv_len: int, *, causal: bool, **call_kwargs: Any) -> MaskFunction | None:
         """The boolean pattern an exact mechanism computes softmax attention over.
 
         Returns None for dense attention (all keys) and for approximate mechanisms,
@@ -239,8 +242,11 @@ class AttentionMechanism(nn.Module, ABC):
 
         Args:
             q: ``(B, H, t, D)`` queries of the new positions.
-            k: ``(B, H, t, D)`` keys of the new positions.
-            v: ``(B, H, t, Dv)`` values of the new positions.
+            k: ``(B, H_kv, t, D)`` keys of the new positions; ``H_kv`` is ``H`` or, for
+                grouped-query attention, a divisor of ``H`` (each key/value head serves
+                ``H // H_kv`` consecutive query heads). A key/value cache stores ``H_kv``
+                heads, so grouping shrinks it by ``H / H_kv``.
+            v: ``(B, H_kv, t, Dv)`` values of the new positions.
             state: from :meth:`new_state`; updated in place.
             attention_mask: bool ``(B, t)`` for the new positions, True = real token.
             score_bias: as in :meth:`forward`.
@@ -257,7 +263,7 @@ class AttentionMechanism(nn.Module, ABC):
                 f"decode() got unexpected keyword argument(s) {', '.join(sorted(unexpected))}; "
                 "accepted: attention_mask, score_bias"
             )
-        check_qkv(q, k, v, attention_mask)
+        check_qkv(q, k, v, attention_mask, grouped=True)
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"decode needs as many new keys as queries, got q {q.shape[2]} and k {k.shape[2]}")
         reasons = self._unsupported(causal=True, attention_mask=attention_mask, mask=None, score_bias=score_bias)
@@ -265,8 +271,12 @@ class AttentionMechanism(nn.Module, ABC):
             reasons.append("it has no incremental decoding state")
         if reasons:
             raise ValueError(f"attention {self.name!r} cannot do this: " + "; ".join(reasons))
+        heads = q.shape[1]
         if _nothing_to_attend(q, v):  # no new position: nothing to append either
-            return _empty_attention(q, k, v)
+            return _empty_attention(q, repeat_kv_heads(k, heads), repeat_kv_heads(v, heads))
+        if not isinstance(state, KVState):
+            # Only a key/value cache keeps grouped heads; other states (recurrent sums) are per query head.
+            k, v = repeat_kv_heads(k, heads), repeat_kv_heads(v, heads)
         return self._decode(q, k, v, state, attention_mask=attention_mask, score_bias=score_bias).to(q.dtype)
 
     def _decode(
@@ -284,15 +294,18 @@ class AttentionMechanism(nn.Module, ABC):
             raise ValueError(f"state must come from {type(self).__name__}.new_state(), got {type(state).__name__}")
         state.append(k, v, attention_mask)
         assert state.keys is not None and state.values is not None
-        return self._attend(
+        heads = q.shape[1]  # the cache keeps the key/value heads it was given; the mechanism sees H
+        out = self._attend(
             q,
-            state.keys,
-            state.values,
+            repeat_kv_heads(state.keys, heads),
+            repeat_kv_heads(state.values, heads),
             causal=True,
             attention_mask=state.key_padding,
             mask=None,
             score_bias=score_bias,
         )
+        state.trim()
+        return out
 
     # -- checks ---------------------------------------------------------------------
     def _unsupported(
@@ -300,7 +313,7 @@ class AttentionMechanism(nn.Module, ABC):
         *,
         causal: bool,
         attention_mask: Tensor | None,
-        mask: Mask | None,
+        mask: MaskFunction | None,
         score_bias: ScoreBias | None,
     ) -> list[str]:
         caps = self.capabilities
@@ -322,7 +335,7 @@ class AttentionMechanism(nn.Module, ABC):
         *,
         causal: bool,
         attention_mask: Tensor | None,
-        mask: Mask | None,
+        mask: MaskFunction | None,
         score_bias: ScoreBias | None,
     ) -> None:
         if not isinstance(causal, bool):
@@ -348,6 +361,17 @@ class AttentionMechanism(nn.Module, ABC):
 
     def extra_repr(self) -> str:
         return getattr(self, "_options_repr", "")
+
+
+def repeat_kv_heads(x: Tensor, heads: int) -> Tensor:
+    """Grouped-query keys or values ``(B, H_kv, L, E)`` as ``(B, heads, L, E)``.
+
+    Key/value head ``j`` serves query heads ``j·g, ..., j·g + g - 1`` with ``g = heads // H_kv``
+    (consecutive, as in the grouped projections). Returns ``x`` itself when ``H_kv == heads``.
+    """
+    if x.shape[1] == heads:
+        return x
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 def _nothing_to_attend(q: Tensor, v: Tensor) -> bool:

@@ -32,3 +32,12 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return str(value)
+
+
+def check_scale(value: Any) -> float | None:
+    """Return an attention score scale (a positive number, as float) or None (the default ``1/sqrt(D)``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"scale must be a positive number or None (for 1/sqrt(D)), got {value!r}")
+    return float(value)

@@ -56,6 +56,9 @@ def register(
     """
 
     def wrap(cls: M) -> M:
+        # Built-ins first, so the listing order is the same whether a plugin is imported before
+        # or after attnkit.attention (inside that package's own import this returns at once).
+        _ensure_loaded()
         existing = _REGISTRY.get(name)
         if existing is not None and existing.cls.__qualname__ != cls.__qualname__:
             raise ValueError(f"attention name {name!r} is already registered by {existing.cls.__qualname__}")

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from attnkit.attention.sliding_window import SlidingWindowAttention, window_extent
+from attnkit.attention.pattern import window_extent
+from attnkit.attention.sliding_window import SlidingWindowAttention
 from attnkit.core.base import AttentionMechanism, KVState
 from attnkit.core.registry import accepted_options, build_attention, get_spec
 from attnkit.hf.families import Family, family_of, layer_index

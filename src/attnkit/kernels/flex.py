@@ -6,7 +6,7 @@ and a ``score_mod``; the ``BlockMask`` lets it skip key blocks the pattern never
 Every attnkit :class:`~attnkit.masks.Mask` already has the ``mask_mod`` signature, so a
 pattern runs here unchanged. On CPU in torch 2.13 FlexAttention has no backward, so this
 backend serves inference on CPU and training/inference on GPU; see
-:class:`~attnkit.kernels.pattern_attention.PatternAttention` for the automatic choice.
+:class:`~attnkit.attention.pattern.PatternAttention` for the automatic choice.
 """
 
 from __future__ import annotations

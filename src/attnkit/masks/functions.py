@@ -13,12 +13,13 @@ which is what the tests' float64 oracle consumes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-MaskCallable = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+from attnkit.core.types import MaskFunction
+
+#: The plain-function form a :class:`Mask` wraps (the same signature as the core's mask type).
+MaskCallable = MaskFunction
 
 
 class Mask:

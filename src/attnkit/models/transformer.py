@@ -20,53 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnkit.core.registry import attention_capabilities
-from attnkit.generate.api import LanguageModelGeneration, Seq2SeqGeneration
+from attnkit.core.validation import check_ids, check_mask
 from attnkit.models.cache import ModelCache
 from attnkit.models.config import TransformerConfig
+from attnkit.models.generation import LanguageModelGeneration, Seq2SeqGeneration
 from attnkit.models.layers import LayerInputs
 from attnkit.models.pretrained import PreTrainedModel, register_architecture
 from attnkit.models.stack import TokenEmbedding, TransformerStack
-
-
-def check_ids(name: str, ids: Any, vocab_size: int, *, allow_empty: bool = False) -> Tensor:
-    """Validate token ids: an integer tensor ``(B, T)`` with values in ``[0, vocab_size)``.
-
-    ``allow_empty`` accepts ``B = 0`` or ``T = 0`` (a forward pass then returns an empty
-    output, as attention does); generation and pooling need at least one token.
-    """
-    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
-        raise ValueError(f"{name} must be an integer tensor of shape (B, T), got {got}")
-    if ids.numel() == 0:
-        if allow_empty:
-            return ids.long()
-        raise ValueError(f"{name} must not be empty, got shape {tuple(ids.shape)}")
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
-    return ids.long()
-
-
-def check_mask(name: str, mask: Any, ids: Tensor) -> Tensor | None:
-    """Validate a padding mask for ``ids``; returns it as bool, or None when nothing is padded."""
-    if mask is None:
-        return None
-    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(ids.shape):
-        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"{name} must be a bool tensor of shape {tuple(ids.shape)} (True = real token), got {got}")
-    if mask.dtype != torch.bool:
-        # Float masks are refused, not guessed: PyTorch's are additive (0 = keep, -inf = drop).
-        if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(
-                f"{name} must be bool (True = real token) or 0/1 integers (1 = real token), got dtype "
-                f"{mask.dtype}; convert a 0/1 float mask with mask.bool(), an additive one (0 = keep, "
-                "-inf = drop) with mask == 0"
-            )
-        mask = mask.bool()
-    if mask.device != ids.device:
-        raise ValueError(f"{name} must be on {ids.device} like the ids, got {mask.device}")
-    return None if bool(mask.all()) else mask
 
 
 def positions_from_mask(mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:

@@ -34,11 +34,32 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """Rotate ``x (B, H, T, D)`` at integer ``positions (T,)``. Returns ``(B, H, T, D)``."""
-        if positions.dim() != 1 or positions.shape[0] != x.shape[-2]:
-            raise ValueError(f"positions must have shape ({x.shape[-2]},), got {tuple(positions.shape)}")
-        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (T, D/2)
-        cos = angles.cos().to(x.dtype)
-        sin = angles.sin().to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        """Rotate ``x (B, H, T, D)`` at integer ``positions``: ``(T,)`` shared by the batch, or ``(B, T)``
+        per row (left-padded batches). Returns ``(B, H, T, D)``."""
+        return apply_rotary(x, positions, self.inv_freq)
+
+
+def apply_rotary(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Rotate channel pairs ``(x[i], x[i + D/2])`` of ``x (B, H, T, D)`` by ``position · inv_freq[i]``.
+
+    Args:
+        x: ``(B, H, T, D)`` queries or keys.
+        positions: integer ``(T,)`` (one position per token, shared by the batch) or ``(B, T)``.
+        inv_freq: ``(D/2,)`` frequencies (:attr:`RotaryEmbedding.inv_freq`).
+
+    Returns:
+        ``(B, H, T, D)`` in ``x``'s dtype.
+
+    Raises:
+        ValueError: ``positions`` is not ``(T,)`` or ``(B, T)``.
+    """
+    t = x.shape[-2]
+    if positions.dim() == 1 and positions.shape[0] == t:
+        angles = positions.to(torch.float32)[:, None] * inv_freq  # (T, D/2)
+    elif positions.dim() == 2 and tuple(positions.shape) == (x.shape[0], t):
+        angles = positions.to(torch.float32)[:, None, :, None] * inv_freq  # (B, 1, T, D/2)
+    else:
+        raise ValueError(f"positions must have shape ({t},) or ({x.shape[0]}, {t}), got {tuple(positions.shape)}")
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
