@@ -33,12 +33,12 @@ from attnkit.data.batching import ExampleStream
 from attnkit.data.tasks.base import IGNORE_INDEX, Example
 from attnkit.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, SEP_ID
 
-__all__ = ["OBJECTIVES", "MaskedLM", "ObjectiveStream", "SpanCorruption", "random_segmentation"]
+__all__ = ["OBJECTIVES", "MaskedLM", "ObjectiveStream", "SpanCorruption", "make_objective", "random_segmentation"]
 
 #: Token ids an objective never masks or corrupts (the tokenizers' special tokens).
 SPECIAL_IDS = frozenset({PAD_ID, BOS_ID, EOS_ID, SEP_ID})
 #: Values of the training config's ``objective``.
-OBJECTIVES: tuple[str, ...] = ("causal", "span")
+OBJECTIVES: tuple[str, ...] = ("causal", "mlm", "span")
 
 
 def _check_fraction(name: str, value: float, *, upper_open: bool = False) -> None:
@@ -219,3 +219,24 @@ class ObjectiveStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner.load_state_dict(state["inner"])
         self.index = int(state["index"])
+
+
+_OPTION_NAMES = {
+    "mlm": "mask_prob, mask_token_fraction, random_token_fraction",
+    "span": "noise_density, mean_span_length, num_sentinels",
+}
+
+
+def make_objective(name: str, base_vocab_size: int, options: dict[str, Any]) -> MaskedLM | SpanCorruption:
+    """The transform of objective ``name`` (``"mlm"`` or ``"span"``) for a tokenizer of ``base_vocab_size``.
+
+    Raises:
+        ValueError: for another name, or options the objective does not take or accept.
+    """
+    classes: dict[str, type[MaskedLM] | type[SpanCorruption]] = {"mlm": MaskedLM, "span": SpanCorruption}
+    if name not in classes:
+        raise ValueError(f"objective must be 'mlm' or 'span' to build a transform, got {name!r}")
+    try:
+        return classes[name](base_vocab_size, **options)
+    except TypeError as error:
+        raise ValueError(f"objective_options: {error} ({name} takes {_OPTION_NAMES[name]})") from None

@@ -19,7 +19,7 @@ from attnkit.data.batching import ExampleStream, ShuffledStream, TaskStream
 from attnkit.data.catalogs import corpus_file, gettext_locale
 from attnkit.data.docstrings import TASK_NAME as DOCSTRINGS
 from attnkit.data.docstrings import corpus_file as docstring_corpus
-from attnkit.data.objectives import OBJECTIVES, MaskedLM, ObjectiveStream, SpanCorruption
+from attnkit.data.objectives import OBJECTIVES, MaskedLM, ObjectiveStream, SpanCorruption, make_objective
 from attnkit.data.sources import JsonlDataset, TextChunkStream, stdlib_files, text_files
 from attnkit.data.tasks import TASK_NAMES, Example, Task, TaskKind, make_task
 from attnkit.data.tasks.base import check_split
@@ -154,9 +154,11 @@ def build_data(
 
     Args:
         task: see :func:`build_task_data`.
-        objective: ``"causal"`` (the task as it is), or ``"span"`` (T5 span corruption of a
-            language-modelling corpus: an encoder-decoder task; :mod:`attnkit.data.objectives`).
-        objective_options: the objective's settings (``noise_density``, ``mean_span_length``, ...).
+        objective: ``"causal"`` (the task as it is), ``"mlm"`` (BERT masked LM of a
+            language-modelling corpus: a bidirectional encoder task) or ``"span"`` (T5 span
+            corruption: an encoder-decoder task); see :mod:`attnkit.data.objectives`.
+        objective_options: the objective's settings (``mask_prob``, ... for mlm;
+            ``noise_density``, ``mean_span_length``, ... for span).
         **options: :func:`build_task_data`'s keyword arguments.
 
     Raises:
@@ -166,7 +168,7 @@ def build_data(
     data = build_task_data(task, **options)
     if objective == "causal":
         if objective_options:
-            raise ValueError(f"objective_options apply to the span objective, not to objective={objective!r}")
+            raise ValueError(f"objective_options apply to the mlm and span objectives, not to objective={objective!r}")
         return data
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -175,12 +177,11 @@ def build_data(
             f"objective={objective!r} turns a language-modelling corpus into training examples; task {task!r} is a "
             f"{data.kind} task (use task = 'text', a folder of text files or a JSONL file of 'text' records)"
         )
-    try:
-        transform = SpanCorruption(data.tokenizer.vocab_size, **(objective_options or {}))
-    except TypeError as error:
-        raise ValueError(
-            f"objective_options: {error} (span takes noise_density, mean_span_length, num_sentinels)"
-        ) from None
+    transform = make_objective(objective, data.tokenizer.vocab_size, objective_options or {})
+    if isinstance(transform, MaskedLM):
+        return dataclasses.replace(
+            data, kind="mlm", vocab_size=transform.vocab_size, max_length=data.max_length + 1, objective=transform
+        )
     return dataclasses.replace(
         data,
         kind="seq2seq",

@@ -22,12 +22,13 @@ Example::
 from attnkit.models.cache import ModelCache, reorder_batch
 from attnkit.models.config import TransformerConfig
 from attnkit.models.pretrained import PreTrainedModel, load_pretrained
-from attnkit.models.transformer import Encoder, EncoderDecoder, LanguageModel, SequenceClassifier
+from attnkit.models.transformer import Encoder, EncoderDecoder, LanguageModel, MaskedLanguageModel, SequenceClassifier
 
 __all__ = [
     "Encoder",
     "EncoderDecoder",
     "LanguageModel",
+    "MaskedLanguageModel",
     "ModelCache",
     "PreTrainedModel",
     "SequenceClassifier",

@@ -158,6 +158,32 @@ class _LMHead(nn.Module):
 
 
 @register_architecture
+class MaskedLanguageModel(_TokenModel):
+    """Bidirectional encoder with a vocabulary head (BERT-style masked-LM pretraining):
+    ``(input_ids, attention_mask) -> logits (B, T, V)`` at every position.
+
+    Its ``embed.*`` and ``encoder.*`` weights are an :class:`Encoder`'s, so a
+    :class:`SequenceClassifier` or :class:`EncoderDecoder` fine-tunes from them (``init_from``).
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__(config)
+        self.embed = TokenEmbedding(config)
+        self.encoder = TransformerStack(config, config.layer_attention(), causal=False)
+        self.lm_head = _LMHead(config, self.embed.tokens)
+        self.init_weights()
+
+    def named_stacks(self) -> list[tuple[str, TransformerStack]]:
+        return [("encoder", self.encoder)]
+
+    def forward(self, input_ids: Tensor, *, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits ``(B, T, vocab_size)`` for every position of ``input_ids (B, T)``."""
+        ids = check_ids("input_ids", input_ids, self.config.vocab_size, allow_empty=True)
+        mask = check_mask("attention_mask", attention_mask, ids)
+        return self.lm_head(self._run(self.embed, self.encoder, ids, mask))
+
+
+@register_architecture
 class LanguageModel(LanguageModelGeneration, _TokenModel):
     """Decoder-only causal language model: ``(input_ids, attention_mask) -> logits (B, T, V)``."""
 

@@ -103,11 +103,14 @@ class TrainConfig:
             starts, not when it resumes.
         freeze: glob patterns of parameter names not to train (``["embed.*",
             "encoder.layers.[0-3].*"]``); each must match at least one parameter.
-        objective: ``"causal"`` (train on the task as it is) or ``"span"`` (T5 span corruption:
-            a language-modelling corpus such as ``"text"`` becomes encoder-decoder examples whose
-            encoder input has spans replaced by sentinels and whose decoder reconstructs them).
-        objective_options: the objective's settings: ``noise_density`` (0.15),
-            ``mean_span_length`` (3), ``num_sentinels`` (100).
+        objective: ``"causal"`` (train on the task as it is), ``"mlm"`` (BERT masked LM: a
+            language-modelling corpus such as ``"text"`` trains a bidirectional
+            ``MaskedLanguageModel`` to predict 15% of the tokens, masked) or ``"span"`` (T5 span
+            corruption: it becomes encoder-decoder examples whose encoder input has spans
+            replaced by sentinels and whose decoder reconstructs them).
+        objective_options: the objective's settings: for mlm ``mask_prob`` (0.15),
+            ``mask_token_fraction`` (0.8), ``random_token_fraction`` (0.1); for span
+            ``noise_density`` (0.15), ``mean_span_length`` (3), ``num_sentinels`` (100).
     """
 
     task: str
@@ -461,16 +464,14 @@ def _build(data: dict[str, Any], source: str, text: str | None, overrides: Seque
 def _check_objective_options(config: TrainConfig, err: _Locator) -> None:
     if config.objective == "causal":
         if config.objective_options:
-            raise err("objective_options", "only applies to objective = 'span'")
+            raise err("objective_options", "only applies to objective = 'mlm' or 'span'")
         return
-    from attnkit.data.objectives import SpanCorruption
+    from attnkit.data.objectives import make_objective
 
     try:
-        SpanCorruption(1 << 16, **config.objective_options)
-    except TypeError as exc:
-        raise err("objective_options", f"{exc} (span takes noise_density, mean_span_length, num_sentinels)") from None
+        make_objective(config.objective, 1 << 16, config.objective_options)
     except ValueError as exc:
-        raise err("objective_options", str(exc)) from None
+        raise err("objective_options", str(exc).removeprefix("objective_options: ")) from None
 
 
 def _check_task_options(config: TrainConfig, err: _Locator) -> None:

@@ -41,11 +41,12 @@ def model_config(data: TrainingData, attention: Any, attention_options: dict[str
 
 def model_class(kind: str) -> type[nn.Module]:
     """The model class for a task kind."""
-    from attnkit.models import EncoderDecoder, LanguageModel, SequenceClassifier
+    from attnkit.models import EncoderDecoder, LanguageModel, MaskedLanguageModel, SequenceClassifier
 
     classes: dict[str, type[nn.Module]] = {
         "classification": SequenceClassifier,
         "lm": LanguageModel,
+        "mlm": MaskedLanguageModel,
         "seq2seq": EncoderDecoder,
     }
     if kind not in classes:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 PAD_ID = 0
-TaskKind = Literal["classification", "lm", "seq2seq"]
+TaskKind = Literal["classification", "lm", "mlm", "seq2seq"]
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 # Percent of the hash space owned by each split, cumulative.
 _SPLIT_EDGES = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
