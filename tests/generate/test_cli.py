@@ -330,3 +330,41 @@ def test_other_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert code == 2 and "--ids must be space-separated integers" in err
     code, out, err = cli(capsys, str(small), "--ids", "3 25")
     assert code == 2 and out == "" and "--ids: token id 25 is outside the model's vocabulary [0, 20)" in err
+
+
+def test_generation_controls_reach_the_model(lm_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = attnkit.LanguageModel.from_pretrained(lm_dir)
+    tok = ByteTokenizer()
+    prompt = tok.encode("ab")
+    options = {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "min_new_tokens": 3}
+    expected = until_eos(model.generate(torch.tensor([prompt]), 12, **options)[0, 2:].tolist())  # type: ignore[arg-type]
+    code, out, _ = cli(
+        capsys,
+        str(lm_dir),
+        "--prompt",
+        "ab",
+        "--max-new-tokens",
+        "12",
+        "--json",
+        "--repetition-penalty",
+        "1.5",
+        "--no-repeat-ngram-size",
+        "2",
+        "--min-new-tokens",
+        "3",
+    )
+    assert code == 0 and json.loads(out)["ids"] == expected
+    # A stop string ends the continuation at the token that completes it (brute force on the text).
+    free = until_eos(model.generate(torch.tensor([prompt]), 12)[0, 2:].tolist())
+    text = tok.decode(free)
+    stop = text[2:4] if len(text) >= 4 else text[-1:]
+    cut = next(i for i in range(1, len(free) + 1) if stop in tok.decode(free[:i]))
+    code, out, _ = cli(capsys, str(lm_dir), "--prompt", "ab", "--max-new-tokens", "12", "--json", "--stop", stop)
+    assert code == 0 and json.loads(out)["ids"] == free[:cut]
+
+
+def test_control_flag_errors(lm_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", str(lm_dir), "--ids", "5", "--stop", "x"]) == 2
+    assert "--stop need a tokenizer" in capsys.readouterr().err
+    assert main(["generate", str(lm_dir), "--ids", "5", "--min-new-tokens", "99", "--max-new-tokens", "4"]) == 2
+    assert "--min-new-tokens=99 exceeds --max-new-tokens=4" in capsys.readouterr().err

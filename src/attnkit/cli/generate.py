@@ -33,6 +33,11 @@ FLAGS = {
     "num_beams": "--num-beams",
     "num_return_sequences": "--num-return-sequences",
     "length_penalty": "--length-penalty",
+    "repetition_penalty": "--repetition-penalty",
+    "no_repeat_ngram_size": "--no-repeat-ngram-size",
+    "min_new_tokens": "--min-new-tokens",
+    "stop_strings": "--stop",
+    "decode": "a tokenizer (prompts given with --ids have none)",
 }
 
 EXAMPLES = """\
@@ -41,6 +46,7 @@ examples:
   attnkit generate runs/text_stdlib --prompt 'def ' --max-new-tokens 100 --temperature 0.8
   attnkit generate runs/text_stdlib --weights final --prompt 'import ' --prompt 'class ' --json
   attnkit generate runs/text_stdlib/model --prompt 'def ' --num-beams 4 --num-return-sequences 2
+  attnkit generate runs/text_stdlib --prompt 'def ' --repetition-penalty 1.3 --no-repeat-ngram-size 4 --stop '\n\n'
 """
 
 
@@ -94,6 +100,26 @@ def register(subparsers: Any) -> None:
         default=None,
         help="beam search only: score = sum of log-probabilities / length ** penalty (default 1.0)",
     )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="multiply the log-probability of tokens already in the text by this (> 1 discourages repeats; default 1)",
+    )
+    parser.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=0,
+        help="never repeat an n-gram of this many tokens (default 0: off)",
+    )
+    parser.add_argument("--min-new-tokens", type=int, default=0, help="no end-of-sequence before this many tokens")
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop a continuation once its text contains TEXT (repeat for several; backslash escapes such as \\n work)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="sampling only: seed of the generator (default 0)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the prefix at every step (slower)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
@@ -111,6 +137,7 @@ def _sampling(args: argparse.Namespace) -> bool:
 def check_arguments(args: argparse.Namespace) -> None:
     """Every check that needs no model; errors name the flag and say what to do."""
     from attnkit.generate.api import check_search
+    from attnkit.generate.controls import check_controls
 
     length_penalty = 1.0 if args.length_penalty is None else args.length_penalty
     check_search(
@@ -121,6 +148,15 @@ def check_arguments(args: argparse.Namespace) -> None:
         args.num_beams,
         length_penalty,
         args.num_return_sequences,
+        names=FLAGS,
+    )
+    check_controls(
+        args.repetition_penalty,
+        args.no_repeat_ngram_size,
+        args.min_new_tokens,
+        stop_strings(args),
+        None if args.ids else str,  # text prompts come with a tokenizer, id prompts without
+        args.max_new_tokens,
         names=FLAGS,
     )
     # Options that would change nothing are refused rather than silently ignored.
@@ -134,6 +170,13 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.ids:
         for text in args.ids:
             _parse_ids(text)
+
+
+def stop_strings(args: argparse.Namespace) -> list[str]:
+    """The ``--stop`` texts with backslash escapes (``\\n``, ``\\t``) turned into characters."""
+    import codecs
+
+    return [codecs.decode(text, "unicode_escape") for text in args.stop]
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -425,7 +468,15 @@ def run(args: argparse.Namespace) -> int:
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=device)
     inputs = {"attention_mask": mask} if language_model else {"src_mask": mask}
-    common: dict[str, Any] = {"use_cache": not args.no_cache, **inputs}
+    common: dict[str, Any] = {
+        "use_cache": not args.no_cache,
+        "repetition_penalty": args.repetition_penalty,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "min_new_tokens": args.min_new_tokens,
+        "stop_strings": stop_strings(args),
+        "decode": tokenizer.decode if tokenizer is not None else None,
+        **inputs,
+    }
     new_from = width if language_model else 0  # a language model returns the prompts too
 
     if args.num_beams > 1:

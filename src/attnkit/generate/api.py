@@ -14,7 +14,7 @@ over to :func:`continue_prompts` (decoder-only) and :func:`transform_sources`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Unpack
 
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from attnkit.core.errors import check_positive_int
 from attnkit.core.validation import check_ids, check_mask
+from attnkit.generate.controls import Controls, Decode, check_controls
 from attnkit.generate.sampling import argument_name, check_sampling
 from attnkit.generate.search import Streamer, beam_search, sample_loop
 from attnkit.generate.sessions import LanguageModelSession, Seq2SeqSession, left_align, resolve_use_cache
@@ -111,6 +112,11 @@ class _Search:
     use_cache: bool = True
     generator: torch.Generator | None = None
     streamer: Streamer | None = None
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
+    stop_strings: Sequence[str] = ()
+    decode: Decode | None = None
     #: a ``beam_search`` call: scored even at width 1 (greedy decoding, scored)
     scored: bool = False
 
@@ -135,7 +141,26 @@ class _Search:
             search.num_return_sequences,
             search.streamer,
         )
+        check_controls(
+            search.repetition_penalty,
+            search.no_repeat_ngram_size,
+            search.min_new_tokens,
+            search.stop_strings,
+            search.decode,
+            search.max_new_tokens,
+        )
         return search
+
+    def controls(self, eos: int | None) -> Controls:
+        """The generation controls of this call."""
+        return Controls(
+            repetition_penalty=float(self.repetition_penalty),
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            min_new_tokens=self.min_new_tokens,
+            stop_strings=tuple(self.stop_strings),
+            decode=self.decode,
+            eos_token_id=eos,
+        )
 
     @property
     def beam(self) -> bool:
@@ -151,9 +176,20 @@ class _Search:
             pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos or 0)
         return eos, pad
 
-    def run(self, model: Any, make_session: Callable[[], Any], batch: int, cfg: Any) -> tuple[Tensor, Tensor | None]:
-        """``(new tokens, beam scores or None)``, with ``model`` in eval mode (its mode restored after)."""
+    def run(
+        self,
+        model: Any,
+        make_session: Callable[[], Any],
+        batch: int,
+        cfg: Any,
+        contexts: list[list[int]] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(new tokens, beam scores or None)``, with ``model`` in eval mode (its mode restored after).
+
+        ``contexts`` are the ``batch`` rows' prompt tokens (for the repetition controls).
+        """
         eos, pad = self.eos_and_pad(cfg)
+        controls = self.controls(eos)
         was_training = getattr(model, "training", False)
         model.eval()
         try:
@@ -169,6 +205,8 @@ class _Search:
                     top_p=self.top_p,
                     generator=self.generator,
                     streamer=self.streamer,
+                    controls=controls,
+                    contexts=contexts,
                 )
                 return tokens, None
             return beam_search(
@@ -180,6 +218,8 @@ class _Search:
                 pad_token_id=pad,
                 length_penalty=float(self.length_penalty),
                 num_return_sequences=self.num_return_sequences,
+                controls=controls,
+                contexts=contexts,
             )
         finally:
             model.train(was_training)
@@ -235,8 +275,11 @@ def continue_prompts(
     if mask is not None:
         ids = ids.masked_fill(~mask, pad)
     prompt = ids
+    contexts = [row[keep].tolist() for row, keep in zip(ids, mask)] if mask is not None else ids.tolist()
     ids, mask = _widen(search, ids, mask)
-    new, scores = search.run(model, lambda: LanguageModelSession(model, ids, mask, use_cache=cached), len(prompt), cfg)
+    new, scores = search.run(
+        model, lambda: LanguageModelSession(model, ids, mask, use_cache=cached), len(prompt), cfg, contexts
+    )
     prompt = prompt.repeat_interleave(new.shape[0] // prompt.shape[0], dim=0)
     return torch.cat([prompt, new], dim=1), scores
 

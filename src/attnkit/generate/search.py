@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnkit.generate.controls import Controls
 from attnkit.generate.sampling import next_tokens
 
 Streamer = Callable[[Tensor], None]
@@ -36,27 +37,60 @@ def sample_loop(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     streamer: Streamer | None = None,
+    controls: Controls | None = None,
+    contexts: list[list[int]] | None = None,
 ) -> Tensor:
     """Greedy or sampled decoding. Returns the new tokens, long ``(N, n)`` with ``n <= max_new_tokens``.
 
-    Rows that emitted ``eos_token_id`` continue with ``pad_token_id``; the loop stops when
-    every row has finished. ``streamer`` receives each step's tokens ``(N,)``.
+    Rows that emitted ``eos_token_id`` (or a stop string, or have no allowed token left:
+    :mod:`attnkit.generate.controls`) continue with ``pad_token_id``; the loop stops when
+    every row has finished. ``streamer`` receives each step's tokens ``(N,)``. ``contexts``
+    are the rows' prompt tokens, for the controls.
     """
     logits = session.first()
-    finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    rows = logits.shape[0]
+    finished = torch.zeros(rows, dtype=torch.bool, device=logits.device)
+    history = [list(c) for c in contexts] if contexts is not None else [[] for _ in range(rows)]
+    generated: list[list[int]] = [[] for _ in range(rows)]
     out: list[Tensor] = []
     for step in range(max_new_tokens):
-        tokens = next_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        scores, dead = logits, None
+        if controls is not None and controls.shapes_scores:
+            scores = controls.adjust(torch.log_softmax(logits.float(), dim=-1), history, step)
+            dead = torch.isinf(scores).all(dim=-1)
+            scores = scores.masked_fill(dead[:, None], 0.0)  # a row with no allowed token: any draw, then ended
+        tokens = next_tokens(scores, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        if dead is not None:
+            ended = eos_token_id if eos_token_id is not None else pad_token_id
+            tokens = torch.where(dead, torch.full_like(tokens, ended), tokens)
         tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
         out.append(tokens)
         if streamer is not None:
             streamer(tokens)
+        live = ~finished
+        if dead is not None:
+            finished |= dead
         if eos_token_id is not None:
             finished |= tokens == eos_token_id
+        if controls is not None:
+            finished |= _record(tokens, live, history, generated, controls)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         logits = session.step(tokens)
     return torch.stack(out, dim=1)
+
+
+def _record(
+    tokens: Tensor, live: Tensor, history: list[list[int]], generated: list[list[int]], controls: Controls
+) -> Tensor:
+    """Append the token of each row that was live this step to its context; True where a stop string ends a row."""
+    stopped = torch.zeros_like(live)
+    for row in live.nonzero().flatten().tolist():
+        token = int(tokens[row])
+        history[row].append(token)
+        generated[row].append(token)
+        stopped[row] = controls.stops(generated[row])
+    return stopped
 
 
 @dataclass(order=True)
@@ -81,8 +115,14 @@ def beam_search(
     pad_token_id: int,
     length_penalty: float = 1.0,
     num_return_sequences: int = 1,
+    controls: Controls | None = None,
+    contexts: list[list[int]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Beam search over a session holding ``batch * num_beams`` rows (each row repeated ``num_beams`` times).
+
+    ``controls`` (:mod:`attnkit.generate.controls`) shape each beam's log-probabilities from its
+    own context (``contexts[b]``, the row's prompt tokens, then the beam's tokens); a beam whose
+    text reaches a stop string is finished like one that emitted EOS.
 
     Returns:
         ``(tokens, scores)``: long ``(batch * num_return_sequences, n)`` new tokens (best
@@ -101,7 +141,12 @@ def beam_search(
 
     for step in range(max_new_tokens):
         length = step + 1
-        logp = torch.log_softmax(logits.double(), dim=-1).view(batch, k, vocab)
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        if controls is not None and controls.shapes_scores:
+            prompts = contexts if contexts is not None else [[] for _ in range(batch)]
+            beams = [[*prompts[b], *history[b][j]] for b in range(batch) for j in range(k)]
+            logp = controls.adjust(logp, beams, step)
+        logp = logp.view(batch, k, vocab)
         candidates = (beam_scores[..., None] + logp).view(batch, k * vocab)
         top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=-1)
         top_scores_list, top_index_list = top_scores.tolist(), top_index.tolist()
@@ -118,7 +163,7 @@ def beam_search(
                         break
                     beam, token = divmod(flat, vocab)
                     seq = [*history[b][beam], token]
-                    if token == eos_token_id or last:
+                    if token == eos_token_id or last or (controls is not None and controls.stops(seq)):
                         finished[b].append(Hypothesis(_normalised(score, length, length_penalty), seq))
                         continue
                     new_scores[b, len(rows)] = score
@@ -168,10 +213,14 @@ def _row_done(
 
 
 def _collect(finished: list[list[Hypothesis]], count: int, pad: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    chosen = [hyp for row in finished for hyp in row[:count]]
-    width = max(len(h.tokens) for h in chosen)
+    # A row whose controls left fewer than ``count`` hypotheses is filled with empty ones scored -inf,
+    # so the result keeps ``count`` rows per input.
+    empty = Hypothesis(float("-inf"), [])
+    chosen = [hyp for row in finished for hyp in (row[:count] + [empty] * max(count - len(row), 0))]
+    width = max(1, max(len(h.tokens) for h in chosen))
     tokens = torch.full((len(chosen), width), pad, dtype=torch.long)
     for i, hyp in enumerate(chosen):
-        tokens[i, : len(hyp.tokens)] = torch.tensor(hyp.tokens, dtype=torch.long)
+        if hyp.tokens:
+            tokens[i, : len(hyp.tokens)] = torch.tensor(hyp.tokens, dtype=torch.long)
     scores = torch.tensor([h.score for h in chosen], dtype=torch.float64)
     return tokens.to(device), scores.to(device)

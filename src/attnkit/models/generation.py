@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
 
 class BeamOptions(TypedDict, total=False):
@@ -36,6 +36,13 @@ class BeamOptions(TypedDict, total=False):
             ``config.pad_token_id``, else the EOS id, else 0.
         use_cache: decode incrementally through each mechanism's state (default True;
             mechanisms without one recompute, with a one-time warning).
+        repetition_penalty: multiply the log-probability of tokens already in the context by
+            this (> 1 discourages repeats; default 1 = off); see :mod:`attnkit.generate.controls`.
+        no_repeat_ngram_size: forbid repeating any n-gram of this size (default 0 = off).
+        min_new_tokens: forbid EOS before this many new tokens (default 0).
+        stop_strings: finish a row once the text of its new tokens contains one of these
+            (needs ``decode``).
+        decode: token ids -> text, for ``stop_strings`` (e.g. a tokenizer's ``decode``).
     """
 
     num_beams: int
@@ -44,6 +51,11 @@ class BeamOptions(TypedDict, total=False):
     eos_token_id: int | None
     pad_token_id: int | None
     use_cache: bool
+    repetition_penalty: float
+    no_repeat_ngram_size: int
+    min_new_tokens: int
+    stop_strings: Sequence[str]
+    decode: Callable[[Sequence[int]], str] | None
 
 
 class GenerateOptions(BeamOptions, total=False):
