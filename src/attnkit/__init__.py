@@ -41,7 +41,8 @@ if TYPE_CHECKING:
         list_attention,
         register,
     )
-    from attnkit.kernels.prefix import PrefixState, release_buffers
+    from attnkit.kernels.buffers import release_buffers
+    from attnkit.kernels.recurrent import PrefixState
     from attnkit.masks import Mask, causal_mask, full_mask, materialize, real_keys_mask
     from attnkit.models import (
         Encoder,
@@ -80,8 +81,8 @@ _EXPORTS: dict[str, str] = {
     "get_spec": "attnkit.core.registry",
     "list_attention": "attnkit.core.registry",
     "register": "attnkit.core.registry",
-    "PrefixState": "attnkit.kernels.prefix",
-    "release_buffers": "attnkit.kernels.prefix",
+    "PrefixState": "attnkit.kernels.recurrent",
+    "release_buffers": "attnkit.kernels.buffers",
     "Mask": "attnkit.masks",
     "causal_mask": "attnkit.masks",
     "full_mask": "attnkit.masks",

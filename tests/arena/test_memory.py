@@ -1,6 +1,6 @@
 """Peak memory means the same with attnkit's buffer pool on or off, and grows with the length.
 
-The pool (``attnkit.kernels.prefix.empty_buffer``) keeps large freed buffers for reuse. A cell
+The pool (``attnkit.kernels.buffers.empty_buffer``) keeps large freed buffers for reuse. A cell
 that runs in buffers an earlier cell paid for must still count them: the arena once reported
 linear attention's fwd+bwd step at 8K as 19 MB with the pool against 86 MB without, and its
 peak memory fell as the length grew.
@@ -15,7 +15,7 @@ import pytest
 from tqdm import tqdm
 
 import attnkit
-import attnkit.kernels.prefix as prefix
+import attnkit.kernels.buffers as buffers
 from attnkit.arena import ArenaConfig
 from attnkit.arena.cells import CellCache
 from attnkit.arena.efficiency import warm_up_libraries
@@ -32,13 +32,13 @@ def buffer_pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
 
     class Switch:
         def set(self, on: bool) -> None:
-            monkeypatch.setenv(prefix.BUFFER_POOL_ENV, "1" if on else "0")
-            prefix._pool_enabled.cache_clear()  # the switch is read once per process
+            monkeypatch.setenv(buffers.BUFFER_POOL_ENV, "1" if on else "0")
+            buffers.pool_enabled.cache_clear()  # the switch is read once per process
 
     yield Switch()
-    monkeypatch.delenv(prefix.BUFFER_POOL_ENV, raising=False)
-    prefix._pool_enabled.cache_clear()
-    prefix.release_buffers()
+    monkeypatch.delenv(buffers.BUFFER_POOL_ENV, raising=False)
+    buffers.pool_enabled.cache_clear()
+    buffers.release_buffers()
 
 
 def sweep_memory(tmp_path: Path) -> dict[tuple[str, bool], list[float]]:

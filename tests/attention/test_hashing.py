@@ -19,8 +19,9 @@ from attnkit.attention.lsh import LSHAttention, lsh_buckets
 from attnkit.attention.reference import reference_attention
 from attnkit.attention.routing import RoutingAttention, update_routing_centroids
 from attnkit.attention.sinkhorn import SinkhornAttention, sinkhorn_normalize
-from attnkit.kernels import bucketed
-from attnkit.kernels.bucketed import bucket_layout, chunk_attention
+from attnkit.kernels import block_mix, chunk_softmax
+from attnkit.kernels.bucket_layout import bucket_layout
+from attnkit.kernels.chunk_softmax import chunk_attention
 from tests.helpers import build, random_padding, relative_error, structured_qkv
 
 NAMES = ["lsh", "routing", "sinkhorn"]
@@ -274,7 +275,7 @@ def test_sinkhorn_matches_a_brute_force_loop(causal: bool, sort_top1: bool) -> N
 def test_mixed_chunk_attention_rejects_a_soft_mix_as_one_per_row() -> None:
     q = torch.randn(1, 1, 12, 4, requires_grad=True)
     with pytest.raises(ValueError, match="one nonzero entry per row"):
-        bucketed.mixed_chunk_attention(q, q, q, _toy_sort, None, blocks=3, scale=0.5, one_per_row=True)
+        block_mix.mixed_chunk_attention(q, q, q, _toy_sort, None, blocks=3, scale=0.5, one_per_row=True)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -350,7 +351,7 @@ def test_mixed_chunk_attention_and_its_gradients_match_a_dense_reference(
     weight = (torch.rand(n_b, 1, nb, c, generator=gen) < 0.7).double() if weighted else None
     own = torch.rand(n_b * n_h * nb, c, c, generator=gen) < 0.3 if blocked else None
     sort = _toy_top1_sort if one_per_row else _toy_sort
-    out = bucketed.mixed_chunk_attention(
+    out = block_mix.mixed_chunk_attention(
         q, k, v, sort, own, blocks=nb, scale=0.4, key_weight=weight, hide_empty_slots=True, one_per_row=one_per_row
     )
     # The reference: block sums, mix, sorted keys and values, one masked softmax over both.
@@ -374,7 +375,7 @@ def test_mixed_chunk_attention_and_its_gradients_match_a_dense_reference(
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
     assert torch.autograd.gradcheck(  # backward run many times over one graph (retain_graph)
-        lambda *x: bucketed.mixed_chunk_attention(
+        lambda *x: block_mix.mixed_chunk_attention(
             *x, sort, own, blocks=nb, scale=0.4, key_weight=weight, hide_empty_slots=True, one_per_row=one_per_row
         ),
         (q, k, v),
@@ -567,8 +568,8 @@ def test_chunk_attention_with_extra_keys_is_softmax_over_both(blocked: bool) -> 
 def test_core_block_loops_match_the_references(monkeypatch: pytest.MonkeyPatch, causal: bool) -> None:
     """One group per block in the core's loops, one sequence per segment of the mixed backward
     (the benchmark sizes run many): same references."""
-    monkeypatch.setattr(bucketed, "BLOCK_SCORES", 1)
-    monkeypatch.setattr(bucketed, "MIX_SEGMENT_FLOATS", 1)
+    monkeypatch.setattr(chunk_softmax, "BLOCK_SCORES", 1)
+    monkeypatch.setattr(block_mix, "MIX_SEGMENT_FLOATS", 1)
     test_lsh_equals_softmax_over_the_union_of_rounds(causal, padded=True)
     test_routing_attends_within_clusters(causal)
     test_sinkhorn_matches_a_brute_force_loop(causal, sort_top1=False)

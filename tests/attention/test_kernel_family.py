@@ -19,7 +19,7 @@ from attnkit.attention.linformer import LinformerAttention
 from attnkit.attention.nystrom import iterative_pinv, segment_means
 from attnkit.attention.performer import PerformerAttention, random_projection, softmax_kernel_features
 from attnkit.attention.reference import reference_attention
-from attnkit.kernels.prefix import PrefixState, causal_linear_attention, recurrent_step
+from attnkit.kernels.recurrent import PrefixState, causal_linear_attention, recurrent_step
 from tests.helpers import build, oracle, random_padding, relative_error, structured_qkv
 
 F64 = torch.float64
@@ -180,7 +180,7 @@ def test_linear_in_small_blocks_equals_naive_with_gradients(
 ) -> None:
     # tiny blocks: the bidirectional kernel takes one (batch, head) slice at a time, the causal one
     # applies the feature map in blocks of rows (without padding; with it, features come first)
-    monkeypatch.setattr("attnkit.kernels.prefix.BLOCK_BYTES", 4 * 2 * 2 * 8 * 5)
+    monkeypatch.setattr("attnkit.kernels.linear_features.BLOCK_BYTES", 4 * 2 * 2 * 8 * 5)
     t_len, s_len = lengths
     q, k, v = structured_qkv(2, 2, t_len, s_len, 8, seed=6, dtype=F64)
     real = random_padding(2, s_len, seed=6, min_real=3) if padded else torch.ones(2, s_len, dtype=torch.bool)
@@ -208,7 +208,7 @@ def test_linear_in_small_blocks_equals_naive_with_gradients(
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 def test_linear_gradcheck_in_small_blocks(monkeypatch: pytest.MonkeyPatch, padded: bool, causal: bool) -> None:
-    monkeypatch.setattr("attnkit.kernels.prefix.BLOCK_BYTES", 4 * 1 * 2 * 4 * 3)
+    monkeypatch.setattr("attnkit.kernels.linear_features.BLOCK_BYTES", 4 * 1 * 2 * 4 * 3)
     q, k, v = leaves(*structured_qkv(1, 2, 11, 11, 4, seed=7, dtype=F64))
     real = torch.ones(1, 11, dtype=torch.bool)
     real[0, 4] = False
@@ -223,7 +223,7 @@ def test_linear_bidirectional_retained_graph_gives_the_same_gradients_twice(
 ) -> None:
     # the backward reads the saved features and writes derivatives into buffers of its own: a second
     # backward over the same graph must see them unchanged (two groups of heads, padded keys)
-    monkeypatch.setattr("attnkit.kernels.prefix.BLOCK_BYTES", 4 * 2 * 19 * 8)
+    monkeypatch.setattr("attnkit.kernels.linear_features.BLOCK_BYTES", 4 * 2 * 19 * 8)
     q, k, v = leaves(*structured_qkv(2, 2, 19, 19, 8, seed=8, dtype=F64))
     real = random_padding(2, 19, seed=8, min_real=3)
     out = attnkit.build_attention("linear", feature_map=feature_map)(q, k, v, causal=False, attention_mask=real)

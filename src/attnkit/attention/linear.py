@@ -5,7 +5,7 @@ Autoregressive Transformers with Linear Attention", ICML 2020, arXiv:2006.16236.
 
 ``softmax(q kᵀ)`` is replaced by ``φ(q) φ(k)ᵀ`` with a feature map ``φ``; the output is
 ``φ(q_t)ᵀ Σ_s φ(k_s) v_sᵀ / φ(q_t)ᵀ Σ_s φ(k_s)``. Bidirectional: O(N·D²) time, O(D²) state.
-Causal: the chunked prefix core of :mod:`attnkit.kernels.prefix` (memory O(N·D + D²)), and
+Causal: the chunked prefix core of :mod:`attnkit.kernels.causal_prefix` (memory O(N·D + D²)), and
 recurrent decoding with an O(D²) state per head whose per-token cost does not grow with
 the context.
 
@@ -35,7 +35,9 @@ from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_choice, check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import MaskFunction, ScoreBias
-from attnkit.kernels.prefix import FeatureMap, PrefixState, apply_features, kernel_attention, kernel_decode, upcast
+from attnkit.kernels.linear_features import FeatureMap, apply_features, upcast
+from attnkit.kernels.prefix import kernel_attention
+from attnkit.kernels.recurrent import PrefixState, kernel_decode
 
 FEATURE_MAPS = ("elu+1", "relu", "identity")
 _LOG2_E = 1.0 / math.log(2.0)

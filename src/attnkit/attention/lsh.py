@@ -42,7 +42,8 @@ from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_non_negative_int, check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import MaskFunction, ScoreBias
-from attnkit.kernels.bucketed import bucket_layout, bucketed_attention
+from attnkit.kernels.bucket_layout import bucket_layout
+from attnkit.kernels.bucketed import bucketed_attention
 
 
 def lsh_buckets(x: Tensor, num_buckets: int, n_hashes: int, seed: int) -> Tensor:

@@ -48,8 +48,7 @@ class _EqualSegmentMeans(torch.autograd.Function):
     gradient once (autograd's ``mean`` backward divides, expands and copies: full passes each)."""
 
     @staticmethod
-    def forward(ctx: Any, *args: Any) -> Tensor:
-        x, segments = args
+    def forward(ctx: Any, x: Tensor, segments: int) -> Tensor:
         b, h, length, d = x.shape
         ctx.shape = (b, h, segments, length // segments, d)
         return x.reshape(ctx.shape).mean(dim=3)
@@ -150,8 +149,7 @@ class _WholeRunsNystrom(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, *args: Any) -> Tensor:
-        q, k, v, segments, scale, iterations = args
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, segments: int, scale: float, iterations: int) -> Tensor:
         out, saved = _whole_runs_forward(q, k, v, segments, scale, iterations, keep=True)
         ctx.save_for_backward(q, k, v)
         ctx.saved, ctx.scale = saved, scale
@@ -303,8 +301,7 @@ class _IterativePinv(torch.autograd.Function):
     overhead around the 64×64 products)."""
 
     @staticmethod
-    def forward(ctx: Any, *args: Any) -> Tensor:
-        a, iterations = args
+    def forward(ctx: Any, a: Tensor, iterations: int) -> Tensor:
         z, tape = _pinv_forward(a, iterations)
         ctx.save_for_backward(a)
         ctx.tape = tape

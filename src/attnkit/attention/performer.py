@@ -38,16 +38,10 @@ from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_choice, check_non_negative_int, check_positive_float, check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import MaskFunction, ScoreBias
-from attnkit.kernels.prefix import (
-    NEG,
-    PrefixState,
-    advising,
-    empty_buffer,
-    huge_page_advice,
-    kernel_attention,
-    kernel_decode,
-    upcast,
-)
+from attnkit.kernels.buffers import empty_buffer
+from attnkit.kernels.linear_features import NEG, upcast
+from attnkit.kernels.prefix import kernel_attention
+from attnkit.kernels.recurrent import PrefixState, kernel_decode
 
 
 def random_projection(
@@ -123,8 +117,9 @@ class _FavorFeatures(torch.autograd.Function):
     BLOCK = 8192
 
     @staticmethod
-    def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor]:
-        x, w, square_scale, real, per_row = args
+    def forward(
+        ctx: Any, x: Tensor, w: Tensor, square_scale: float, real: Tensor | None, per_row: bool
+    ) -> tuple[Tensor, Tensor]:
         half_square = (0.5 * square_scale) * torch.linalg.vecdot(x, x)[..., None]  # (…, L, 1)
         shape = (*x.shape[:-1], w.shape[0])
         if per_row:
@@ -147,7 +142,6 @@ class _FavorFeatures(torch.autograd.Function):
             exponent.sub_(log_scale).exp_()
         ctx.save_for_backward(x, w, exponent)
         ctx.square_scale = square_scale
-        ctx.advice = advising()
         ctx.mark_non_differentiable(log_scale)
         return exponent, log_scale
 
@@ -158,8 +152,7 @@ class _FavorFeatures(torch.autograd.Function):
         grad = grads[0].reshape(-1, m)
         features = features.reshape(-1, m)
         rows = x.reshape(-1, d)
-        with huge_page_advice(ctx.advice):
-            dx = empty_buffer(rows, rows.shape)
+        dx = empty_buffer(rows, rows.shape)
         block = min(_FavorFeatures.BLOCK, rows.shape[0])
         buffer = features.new_empty(block, m)
         for lo in range(0, rows.shape[0], block):
@@ -289,22 +282,20 @@ class PerformerAttention(AttentionMechanism):
         **call_kwargs: Any,
     ) -> Tensor:
         self._maybe_redraw()
-        # 2 MB pages for the wide (…, L, m) feature buffers: measured faster here (see huge_page_advice)
-        with huge_page_advice(True):
-            q_feat, _ = self.features(q)  # a query's own log-scale cancels in its normalised output
-            if causal or self.kernel == "relu":
-                k_feat, k_log_scale = self.features(k)
-            else:
-                k_feat, k_log_scale = self._global_key_features(k, attention_mask), None
-            return kernel_attention(
-                q_feat,
-                k_feat,
-                upcast(v),
-                causal=causal,
-                attention_mask=attention_mask,
-                key_log_scale=k_log_scale,
-                chunk_size=self.chunk_size,
-            )
+        q_feat, _ = self.features(q)  # a query's own log-scale cancels in its normalised output
+        if causal or self.kernel == "relu":
+            k_feat, k_log_scale = self.features(k)
+        else:
+            k_feat, k_log_scale = self._global_key_features(k, attention_mask), None
+        return kernel_attention(
+            q_feat,
+            k_feat,
+            upcast(v),
+            causal=causal,
+            attention_mask=attention_mask,
+            key_log_scale=k_log_scale,
+            chunk_size=self.chunk_size,
+        )
 
     def _global_key_features(self, k: Tensor, attention_mask: Tensor | None) -> Tensor:
         # Bidirectional: one stabiliser per (batch, head), the maximum over its real keys and

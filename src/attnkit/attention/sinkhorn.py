@@ -7,7 +7,7 @@ alternating row/column normalisations in log space, at ``temperature``) turns th
 into a soft permutation ``P``; the *sorted block* ``i`` is ``Σ_j P_ij · block_j`` (keys
 and values). Every query block attends to its own block plus its sorted block: blocks are
 plain reshapes of the sequence, and the ``2 · block_size`` keys of every block go through
-one batched softmax (:func:`attnkit.kernels.bucketed.mixed_chunk_attention`: the sort, the
+one batched softmax (:func:`attnkit.kernels.block_mix.mixed_chunk_attention`: the sort, the
 mix and the attention under one autograd, never any ``T × T`` tensor; it writes each
 gradient of ``q``, ``k``, ``v`` once, in place). O(T · block_size · D + (T / block_size)² ·
 block_size · D) time.
@@ -49,7 +49,8 @@ from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_non_negative_int, check_positive_float, check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import MaskFunction, ScoreBias
-from attnkit.kernels.bucketed import chunk_attention, mixed_chunk_attention
+from attnkit.kernels.block_mix import mixed_chunk_attention
+from attnkit.kernels.chunk_softmax import chunk_attention
 
 
 def sinkhorn_normalize(log_scores: Tensor, iters: int) -> Tensor:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from attnkit.kernels.prefix import release_buffers
+from attnkit.kernels.buffers import release_buffers
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
 _M_MMAP_THRESHOLD = -3
