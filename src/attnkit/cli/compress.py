@@ -160,16 +160,6 @@ class DataSetup:
     lr: float | None  # the run's learning rate, when the data came from a run
 
 
-def run_config(path: Path) -> Any:
-    """The :class:`~attnkit.train.TrainConfig` of a training run folder, or None for a model folder."""
-    config_path = path / "train_config.json"
-    if (path / "config.json").is_file() or not config_path.is_file():
-        return None
-    from attnkit.train import TrainConfig
-
-    return TrainConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
-
-
 def resolve_data(args: argparse.Namespace, config: Any, model_dir: Path, *, model_flag: str) -> DataSetup:
     """The run's data (``config``), or ``--data``; a model folder without ``--data`` is refused.
 
@@ -513,7 +503,7 @@ def _prune(model: Any, step: PruneStep, args: argparse.Namespace, batches: Any) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnkit.cli.generate import resolve_weights
+    from attnkit.train.runs import resolve_weights, run_config
 
     steps = _check_arguments(args)
     out = Path(args.out)

@@ -31,7 +31,6 @@ from attnkit.cli.compress import (
     measure,
     report_doc,
     resolve_data,
-    run_config,
     train_batches,
     write_model_folder,
 )
@@ -195,7 +194,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnkit.cli.generate import resolve_weights
+    from attnkit.train.runs import resolve_weights, run_config
 
     _check_arguments(args)
     out = Path(args.out)

@@ -18,7 +18,9 @@ Example::
     model, tuned = finetune(model, batches, steps=200, lr=1e-4)    # cross-entropy; pruned zeros stay zero
 
 The command line (``attnkit compress``, ``attnkit distill``) adds a before/after report
-(:mod:`attnkit.compress.report`).
+(:mod:`attnkit.compress.report`); ``python -m attnkit.compress.summary`` measures many compressed
+models against one baseline in one table with the floors judged (:mod:`attnkit.compress.summary`,
+run by ``scripts/compress_report.sh``; the committed result is ``docs/compress-report/``).
 
 The losses (:mod:`attnkit.compress.losses`) are plain tensor functions, shared with other
 front ends. Quantization needs torchao (``pip install 'attnkit[compress]'``), imported only
