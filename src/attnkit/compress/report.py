@@ -211,10 +211,10 @@ def measure_speed(
                     samples[name].append(values)
                 bar.update(1)
     bar.close()
-    return {name: _summarise(rows) for name, rows in samples.items()}
+    return {name: summarise(rows) for name, rows in samples.items()}
 
 
-def _summarise(rows: Sequence[Mapping[str, float | None]]) -> dict[str, dict[str, float | None]]:
+def summarise(rows: Sequence[Mapping[str, float | None]]) -> dict[str, dict[str, float | None]]:
     """``{"median": {metric: median}, "spread": {metric: slowest / fastest round}}``."""
     median: dict[str, float | None] = {}
     spread: dict[str, float | None] = {}

@@ -55,6 +55,12 @@ BERT; a mechanism with no causal form in a decoder layer; attention weights
 inherits the layer's dropout); a score scale the mechanism cannot use (``scale`` options inherit
 the layer's); any option Transformers passes that the bridge does not know; static caches;
 masks that are not causal, bidirectional or a causal sliding window.
+
+Converting a pretrained model with distillation (``attnkit convert``) lives next to the bridge:
+:mod:`attnkit.hf.convert` (the pipeline), :mod:`attnkit.hf.transfer` (the two resumable training
+stages), :mod:`attnkit.hf.text` (local text, the tokenizer convention, perplexity),
+:mod:`attnkit.hf.speed` (speed and memory against SDPA), :mod:`attnkit.hf.convert_report` and
+:mod:`attnkit.hf.recipe` (the recipe's teacher and summary). They are imported on demand.
 """
 
 from __future__ import annotations
