@@ -104,6 +104,18 @@ def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
+@pytest.fixture(autouse=True)
+def default_signal_handlers() -> Any:
+    """Ctrl-C and SIGTERM at Python's defaults, whatever the test process inherited: a job started in the
+    background (``cmd &``, nohup) ignores SIGINT, and the trainer rightly leaves an ignored signal ignored."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[tuple], dict[str, torch.Tensor]]:
     """The loss curve and final weights of an uninterrupted run."""
