@@ -21,7 +21,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from attnkit.cli.compress import (
+from attnkit.cli._compression import (
     add_data_arguments,
     add_output_arguments,
     check_data_fits,

@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +21,23 @@ from typing import Any
 from attnkit.data.catalogs import TASK_PREFIX
 from attnkit.data.objectives import OBJECTIVES
 from attnkit.data.tasks import TASK_NAMES
+from attnkit.train.config_files import KeyPath, Locator, apply_overrides, parse_override, read_config_file
+
+__all__ = [
+    "DATA_MODEL_FIELDS",
+    "NAMED_DATA",
+    "PRECISIONS",
+    "TOKENIZERS",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+    "parse_override",
+    "read_config_file",
+]
 
 #: ``task`` values that name data rather than a path: synthetic tasks and the built-in corpora.
 NAMED_DATA: tuple[str, ...] = (*TASK_NAMES, "text", "docstrings")
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 TOKENIZERS: tuple[str, ...] = ("byte", "bpe")
@@ -184,106 +191,6 @@ class TrainConfig:
         return _build(data, source, text, overrides)
 
 
-# ----------------------------------------------------------------------------- where a value came from
-
-#: A key path into the config: ``("max_steps",)``, ``("attention_options", "sliding_window", "window")``;
-#: an int is an index into a list.
-KeyPath = tuple[str | int, ...]
-
-_TOML_HEADER = re.compile(r"^\[\[?\s*([^\]]+?)\s*\]\]?$")
-_TOML_KEY = re.compile(
-    r"^((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*="
-)
-
-
-def _toml_parts(dotted: str) -> KeyPath:
-    return tuple(part.strip().strip("\"'") for part in re.split(r"\.(?=(?:[^\"']|\"[^\"]*\"|'[^']*')*$)", dotted))
-
-
-def _toml_key_lines(text: str) -> dict[KeyPath, int]:
-    """The line of every table header and ``key = value`` in a TOML text, by full key path.
-
-    Keys inside inline tables and arrays are not listed: their value's line is the line of the
-    enclosing key, which :meth:`_Locator.line` falls back to.
-    """
-    lines: dict[KeyPath, int] = {}
-    table: KeyPath = ()
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        header = _TOML_HEADER.match(line)
-        if header:
-            table = _toml_parts(header.group(1))
-            lines.setdefault(table, number)
-            continue
-        key = _TOML_KEY.match(line)
-        if key:
-            lines.setdefault((*table, *_toml_parts(key.group(1))), number)
-    return lines
-
-
-def _json_key_line(text: str, path: KeyPath) -> int | None:
-    """The line of the deepest key of ``path`` found by following it through a JSON text."""
-    position, line = 0, None
-    for part in path:
-        if isinstance(part, int):
-            break
-        found = re.compile(rf'"{re.escape(part)}"\s*:').search(text, position)
-        if found is None:
-            break
-        position, line = found.end(), text.count("\n", 0, found.start()) + 1
-    return line
-
-
-def _dotted(path: KeyPath) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out
-
-
-class _Locator:
-    """Builds errors that say where a key's value came from: a command-line override, or a line
-    of the config file (with the TOML table or the dotted key path)."""
-
-    def __init__(self, source: str, text: str | None, overrides: Sequence[str]) -> None:
-        self.source, self.text = source, text
-        self.toml = source.endswith(".toml")
-        self.toml_lines = _toml_key_lines(text) if self.toml and text else {}
-        # Later overrides win, like in apply_overrides.
-        self.overrides: list[tuple[KeyPath, str]] = [(tuple(parse_override(item)[0]), item) for item in overrides]
-
-    def line(self, path: KeyPath) -> int | None:
-        if not self.text:
-            return None
-        if not self.toml:
-            return _json_key_line(self.text, path)
-        for depth in range(len(path), 0, -1):  # the deepest written prefix (inline tables, arrays)
-            if path[:depth] in self.toml_lines:
-                return self.toml_lines[path[:depth]]
-        return None
-
-    def describe(self, path: KeyPath) -> str:
-        """``key 'max_steps'``, ``[model] key 'dim'`` (TOML) or ``key 'model.dim'``."""
-        if self.toml and len(path) > 1 and all(isinstance(p, str) for p in path):
-            return f"[{'.'.join(map(str, path[:-1]))}] key '{path[-1]}'"
-        return f"key '{_dotted(path)}'"
-
-    def __call__(self, key: str | KeyPath, message: str) -> ValueError:
-        path: KeyPath = tuple(key.split(".")) if isinstance(key, str) else key
-        setting = [item for p, item in self.overrides if path[: len(p)] == p]
-        if setting:  # an override set this key, or a whole table holding it
-            return ValueError(f"command-line override {setting[-1]!r}: key '{_dotted(path)}' {message}")
-        line = self.line(path)
-        where = f"{self.source}, line {line}" if line else self.source
-        inside = [item for p, item in self.overrides if p[: len(path)] == path]
-        if inside:  # the file's table plus overrides of some of its keys
-            where += f" (with command-line override{'s' if len(inside) > 1 else ''} {', '.join(map(repr, inside))})"
-        return ValueError(f"{where}: {self.describe(path)} {message}")
-
-
-# ----------------------------------------------------------------------------- validation
-
-
 _INT_KEYS: tuple[str, ...] = ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints")
 _INT_KEYS += ("log_every", "seq_len", "tokenizer_vocab_size", "bucket_batches", "pad_to_multiple_of", "eval_examples")
 _NON_NEGATIVE_INT_KEYS = ("warmup_steps", "eval_every", "seed")
@@ -296,7 +203,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_scalars(data: dict[str, Any], err: _Locator) -> None:
+def _check_scalars(data: dict[str, Any], err: Locator) -> None:
     for key in _INT_KEYS:
         if key in data and not (_is_int(data[key]) and data[key] > 0):
             raise err(key, f"must be a positive integer, got {data[key]!r}")
@@ -332,7 +239,7 @@ def _check_scalars(data: dict[str, Any], err: _Locator) -> None:
         raise err("freeze", f"must be a list of parameter-name patterns such as ['embed.*'], got {freeze!r}")
 
 
-def _check_task(data: dict[str, Any], err: _Locator, base: Path | None) -> None:
+def _check_task(data: dict[str, Any], err: Locator, base: Path | None) -> None:
     task = data["task"]
     if not isinstance(task, str) or not task:
         raise err("task", f"must be a task name or a data path, got {task!r}")
@@ -362,7 +269,7 @@ def _config_path(path: KeyPath) -> KeyPath:
     return path if path and path[0] in ("attention", "attention_options") else ("model", *path)
 
 
-def _check_model(data: dict[str, Any], err: _Locator) -> None:
+def _check_model(data: dict[str, Any], err: Locator) -> None:
     from attnkit.models import TransformerConfig
     from attnkit.models.config import ConfigFieldError
 
@@ -394,7 +301,7 @@ def _check_model(data: dict[str, Any], err: _Locator) -> None:
     _check_option_values(config, err)
 
 
-def _check_option_values(config: Any, err: _Locator) -> None:
+def _check_option_values(config: Any, err: Locator) -> None:
     """Build each configured mechanism once, so a bad option value (``window = 0``) is reported
     against its key now rather than from deep inside model construction later."""
     import torch
@@ -418,7 +325,7 @@ def _check_option_values(config: Any, err: _Locator) -> None:
 
 
 def _build(data: dict[str, Any], source: str, text: str | None, overrides: Sequence[str]) -> TrainConfig:
-    err = _Locator(source, text, overrides)
+    err = Locator(source, text, overrides)
     if not isinstance(data, dict):
         raise ValueError(f"{source}: the configuration must be a table/object, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -461,7 +368,7 @@ def _build(data: dict[str, Any], source: str, text: str | None, overrides: Seque
     return config
 
 
-def _check_objective_options(config: TrainConfig, err: _Locator) -> None:
+def _check_objective_options(config: TrainConfig, err: Locator) -> None:
     if config.objective == "causal":
         if config.objective_options:
             raise err("objective_options", "only applies to objective = 'mlm' or 'span'")
@@ -474,7 +381,7 @@ def _check_objective_options(config: TrainConfig, err: _Locator) -> None:
         raise err("objective_options", str(exc).removeprefix("objective_options: ")) from None
 
 
-def _check_task_options(config: TrainConfig, err: _Locator) -> None:
+def _check_task_options(config: TrainConfig, err: Locator) -> None:
     if config.task in TASK_NAMES:
         from attnkit.data.tasks import make_task
 
@@ -484,64 +391,6 @@ def _check_task_options(config: TrainConfig, err: _Locator) -> None:
             raise err("task_options", f"is invalid for task {config.task!r}: {exc}") from exc
     elif config.task_options:
         raise err("task_options", f"only applies to synthetic tasks ({', '.join(TASK_NAMES)}), not {config.task!r}")
-
-
-# ----------------------------------------------------------------------------- files and overrides
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"model.dim=64"`` -> ``(["model", "dim"], 64)``; values are JSON when they parse, else strings.
-
-    Raises:
-        ValueError: if ``item`` has no ``=`` or an empty key.
-    """
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"override {item!r} must look like key=value (e.g. max_steps=200 or model.dim=64)")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A copy of ``data`` with each ``key=value`` (dotted keys reach into tables) applied."""
-    out = json.loads(json.dumps(data))
-    for item in overrides:
-        path, value = parse_override(item)
-        node = out
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ValueError(f"override {item!r}: '{part}' is not a table")
-            node = child
-        node[path[-1]] = value
-    return out
-
-
-def read_config_file(path: str | Path) -> tuple[dict[str, Any], str]:
-    """Parse a ``.toml`` or ``.json`` file; returns the data and the text.
-
-    Raises:
-        FileNotFoundError: if the file does not exist.
-        ValueError: for another extension or a syntax error (with the parser's line and column).
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file {p} does not exist")
-    text = p.read_text()
-    if p.suffix == ".toml":
-        try:
-            return tomllib.loads(text), text
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{p}: invalid TOML: {exc}") from exc
-    if p.suffix == ".json":
-        try:
-            return json.loads(text), text
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{p}, line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}") from exc
-    raise ValueError(f"{p}: config files must end in .toml or .json, got {p.suffix or 'no extension'!r}")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
