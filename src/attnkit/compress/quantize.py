@@ -16,8 +16,8 @@ Routes (which kernel runs the layer), chosen automatically and recorded in the r
   2-core AVX2 CPU (one thread, median of 3 alternating rounds, a busy machine): 1024→4096 at
   batch 1: 0.15-0.22 ms against fp32's 0.93-1.08 ms (4.2-7.3x faster), 2.5-2.9x at 64 rows;
   256→1024 at 2048 rows: 1.6x; but 256→1024 at batch 1 is *slower* (0.096 vs 0.054 ms: the
-  per-call activation quantization outweighs the smaller weight read). A 4-layer, 512-wide LM
-  generated 32 tokens at batch 1 in 676 ms against 859 ms in fp32 (1.27x). It builds its
+  per-call activation quantization outweighs the smaller weight read). End-to-end figures (a
+  whole LM's forward and batch-1 generation) are in ``docs/compress-report/``. It builds its
   packed weight from ``torch.qint8`` tensors, which PyTorch 2.13 marks as deprecated; where that
   engine is missing, ``"auto"`` falls back to ``"torchao"`` and says so.
 - ``"torchao"``: torchao's ``Int8Tensor`` linear, per-row symmetric int8 activations
