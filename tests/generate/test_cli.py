@@ -368,3 +368,10 @@ def test_control_flag_errors(lm_dir: Path, capsys: pytest.CaptureFixture[str]) -
     assert "--stop need a tokenizer" in capsys.readouterr().err
     assert main(["generate", str(lm_dir), "--ids", "5", "--min-new-tokens", "99", "--max-new-tokens", "4"]) == 2
     assert "--min-new-tokens=99 exceeds --max-new-tokens=4" in capsys.readouterr().err
+
+
+def test_the_weights_choices_are_the_run_folders() -> None:
+    # The CLI spells the names out (importing attnkit.train would import torch for --help): keep them one list.
+    from attnkit.train.runs import RUN_WEIGHTS
+
+    assert generate_cli.RUN_WEIGHTS == RUN_WEIGHTS

@@ -214,5 +214,8 @@ def test_bad_controls_are_named() -> None:
         model.generate(prompt, 4, min_new_tokens=5)
     with pytest.raises(ValueError, match="stop_strings need decode"):
         model.generate(prompt, 4, stop_strings=["x"])
+    no_eos = LanguageModel(TransformerConfig(vocab_size=7, dim=16, depth=1, heads=2, max_len=64))
+    with pytest.raises(ValueError, match="min_new_tokens=2 holds back the end-of-sequence token"):
+        no_eos.generate(prompt, 4, min_new_tokens=2)
     with pytest.raises(ValueError, match="stop_strings must be a list of non-empty strings"):
         model.generate(prompt, 4, stop_strings="x", decode=str)  # type: ignore[arg-type]

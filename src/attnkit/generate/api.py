@@ -152,7 +152,16 @@ class _Search:
         return search
 
     def controls(self, eos: int | None) -> Controls:
-        """The generation controls of this call."""
+        """The generation controls of this call.
+
+        Raises:
+            ValueError: ``min_new_tokens`` without an end-of-sequence token (it would change nothing).
+        """
+        if self.min_new_tokens and eos is None:
+            raise ValueError(
+                f"min_new_tokens={self.min_new_tokens} holds back the end-of-sequence token, and this model has none: "
+                "pass eos_token_id=..., or drop min_new_tokens"
+            )
         return Controls(
             repetition_penalty=float(self.repetition_penalty),
             no_repeat_ngram_size=self.no_repeat_ngram_size,

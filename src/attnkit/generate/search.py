@@ -51,7 +51,7 @@ def sample_loop(
     rows = logits.shape[0]
     finished = torch.zeros(rows, dtype=torch.bool, device=logits.device)
     history = [list(c) for c in contexts] if contexts is not None else [[] for _ in range(rows)]
-    generated: list[list[int]] = [[] for _ in range(rows)]
+    prompt_lengths = [len(h) for h in history]  # a row's generated tokens are history[row][prompt_length:]
     out: list[Tensor] = []
     for step in range(max_new_tokens):
         scores, dead = logits, None
@@ -73,7 +73,7 @@ def sample_loop(
         if eos_token_id is not None:
             finished |= tokens == eos_token_id
         if controls is not None:
-            finished |= _record(tokens, live, history, generated, controls)
+            finished |= _record(tokens, live, history, prompt_lengths, controls)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         logits = session.step(tokens)
@@ -81,15 +81,14 @@ def sample_loop(
 
 
 def _record(
-    tokens: Tensor, live: Tensor, history: list[list[int]], generated: list[list[int]], controls: Controls
+    tokens: Tensor, live: Tensor, history: list[list[int]], prompt_lengths: list[int], controls: Controls
 ) -> Tensor:
     """Append the token of each row that was live this step to its context; True where a stop string ends a row."""
     stopped = torch.zeros_like(live)
     for row in live.nonzero().flatten().tolist():
         token = int(tokens[row])
         history[row].append(token)
-        generated[row].append(token)
-        stopped[row] = controls.stops(generated[row])
+        stopped[row] = controls.stops(history[row][prompt_lengths[row] :])
     return stopped
 
 
