@@ -189,8 +189,18 @@ class Checkpoint:
     model: nn.Module
 
 
-#: What a damaged file raises from torch.load, safetensors, JSON and the tokenizer loaders.
-_LOAD_ERRORS = (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile)
+#: What a damaged file raises from torch.load, safetensors, JSON and the tokenizer loaders (torch's
+#: weights-only unpickler fails on garbage bytes with IndexError as well as UnpicklingError).
+_LOAD_ERRORS = (
+    OSError,
+    RuntimeError,
+    ValueError,
+    EOFError,
+    KeyError,
+    IndexError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+)
 
 
 def load_checkpoint(checkpoint: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> Checkpoint:
