@@ -90,6 +90,57 @@ def test_int8_linear_equals_the_integer_arithmetic(mode: str, route: str, refere
     assert q(x.view(5, 1, 48)).shape == (5, 1, 24)
 
 
+@needs_fbgemm
+def test_fused_projections_equal_the_integer_arithmetic_of_each_layer() -> None:
+    torch.manual_seed(3)
+    linears = [nn.Linear(48, width) for width in (24, 16, 16)]
+    holder = nn.Sequential(*linears)
+    floats = [(lin.weight.detach().clone(), lin.bias.detach().clone()) for lin in linears]
+    quantize(holder, "int8_dynamic", route="fbgemm")
+    q, k, v = holder
+    x = torch.randn(2, 3, 48) * 2.0
+    with torch.no_grad():
+        fused = q.fused_forward((k, v), x)
+        separate = (q(x), k(x), v(x))
+    assert fused is not None and [t.shape[-1] for t in fused] == [24, 16, 16]
+    for got, alone, (w, b) in zip(fused, separate, floats, strict=True):
+        assert torch.equal(got, alone)  # one call for three layers changes no bit
+        wq, w_scale = _weight_reference(w)
+        expected = _fbgemm_reference(x.reshape(-1, 48), wq, w_scale, b).reshape(2, 3, -1)
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    # the fused weight follows in-place changes of any layer
+    with torch.no_grad():
+        v.qweight.copy_(-v.qweight.clamp(min=-127))
+        refused = q.fused_forward((k, v), x)
+        assert refused is not None and torch.equal(refused[2], v(x)) and not torch.equal(refused[2], fused[2])
+    # what cannot be fused is left to separate calls (None)
+    handle = k.register_forward_hook(lambda *args: None)
+    assert q.fused_forward((k, v), x) is None
+    handle.remove()
+    assert q.fused_forward((k, nn.Linear(48, 4)), x) is None
+    assert q.fused_forward((k, v), x.double()) is None
+
+
+@needs_fbgemm
+def test_quantized_attention_gives_the_same_bits_fused_or_not() -> None:
+    model = tiny_lm(dtype=torch.float32)
+    quantize(model, "int8_dynamic", route="fbgemm")
+    ids = lm_batch().input_ids[:1, :6]
+    with torch.no_grad():
+        fused_logits = model(ids)
+        fused_tokens = model.generate(ids, max_new_tokens=4)
+        projections = [m.to_q for m in model.modules() if hasattr(m, "to_k")]
+        assert projections and all(q._fused is not None for q in projections)  # the fused path ran
+        # a forward hook on a key projection turns fusion off for that layer
+        handles = [m.to_k.register_forward_hook(lambda *args: None) for m in model.modules() if hasattr(m, "to_k")]
+        assert handles
+        plain_logits = model(ids)
+        plain_tokens = model.generate(ids, max_new_tokens=4)
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(fused_logits, plain_logits) and torch.equal(fused_tokens, plain_tokens)
+
+
 def test_result_reports_sizes_and_reason() -> None:
     layer = _layer(in_features=64, out_features=32)
     _, result = quantize(layer, "int8_weight_only")

@@ -187,16 +187,20 @@ class MultiHeadAttention(nn.Module):
                 )
         if positions is not None:
             self._check_positions(positions, x)
-        q = self._split(self.to_q(x), self.heads)
-        if cache is not None:
-            out = self._forward_cached(q, x, context, attention_mask, cache, positions, attention_kwargs)
+        if context is None:
+            q, k, v = self._project_self(x)
         else:
-            source = x if context is None else context
-            k = self._split(self.to_k(source), self.kv_heads)
-            v = self._split(self.to_v(source), self.kv_heads)
+            q, k, v = self._split(self.to_q(x), self.heads), None, None
+        if cache is not None:
+            out = self._forward_cached(q, k, v, context, attention_mask, cache, positions, attention_kwargs)
+        else:
+            if k is None or v is None:
+                assert context is not None
+                k = self._split(self.to_k(context), self.kv_heads)
+                v = self._split(self.to_v(context), self.kv_heads)
             if self.rotary is not None:
                 pos = positions if positions is not None else torch.arange(x.shape[1], device=x.device)
-                q, k = self.rotary(q, pos), self.rotary(k, pos)
+                q, k = self.rotary.rotate_pair(q, k, pos)
             if context is None and attention_mask is not None:
                 # Padded tokens' queries are zeroed: their outputs are never used, but Nystrom's landmarks,
                 # LSH buckets, routing clusters and Sinkhorn's block sort are built from all queries, so
@@ -214,10 +218,21 @@ class MultiHeadAttention(nn.Module):
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.heads * self.head_dim)
         return self.out_dropout(self.to_out(out))
 
+    def _project_self(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of ``x``, split into heads. Projection layers that can run as one
+        call (``fused_forward``, e.g. int8 layers) do; the result is the same as three calls."""
+        fused = getattr(self.to_q, "fused_forward", None)
+        projected = fused((self.to_k, self.to_v), x) if fused is not None else None
+        if projected is None:
+            projected = (self.to_q(x), self.to_k(x), self.to_v(x))
+        q, k, v = projected
+        return self._split(q, self.heads), self._split(k, self.kv_heads), self._split(v, self.kv_heads)
+
     def _forward_cached(
         self,
         q: Tensor,
-        x: Tensor,
+        k: Tensor | None,
+        v: Tensor | None,
         context: Tensor | None,
         attention_mask: Tensor | None,
         cache: AttentionCache,
@@ -239,13 +254,12 @@ class MultiHeadAttention(nn.Module):
             raise TypeError(
                 f"per-call options {sorted(attention_kwargs)} are not supported while decoding with a cache"
             )
-        k = self._split(self.to_k(x), self.kv_heads)
-        v = self._split(self.to_v(x), self.kv_heads)
+        assert k is not None and v is not None, "self-attention projects keys and values with the queries"
         if self.rotary is not None:
             pos = positions
             if pos is None:
-                pos = torch.arange(cache.position, cache.position + x.shape[1], device=x.device)
-            q, k = self.rotary(q, pos), self.rotary(k, pos)
+                pos = torch.arange(cache.position, cache.position + q.shape[2], device=q.device)
+            q, k = self.rotary.rotate_pair(q, k, pos)
         if cache.state is None:
             cache.state = self.attention.new_state()
         # Keys/values go in with kv_heads heads: a key/value cache stores them so (heads / kv_heads
@@ -258,5 +272,5 @@ class MultiHeadAttention(nn.Module):
             attention_mask=attention_mask,
             score_bias=self._score_bias(),
         )
-        cache.position += x.shape[1]
+        cache.position += q.shape[2]
         return out

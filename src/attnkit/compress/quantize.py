@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -52,6 +53,8 @@ QUANTIZE_MODES: tuple[str, ...] = ("int8_dynamic", "int8_weight_only")
 QUANTIZE_ROUTES: tuple[str, ...] = ("auto", "fbgemm", "torchao")
 #: PyTorch 2.13's deprecation notice for ``torch.qint8`` tensors, raised when the fbgemm route packs weights.
 _QINT8_DEPRECATION = r".*quantized tensor creation functions.*"
+#: fbgemm's dynamic int8 linear, as its one overload: the overload packet re-checks every call in Python.
+_LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
 
 
 class _ImportNotices(logging.Filter):
@@ -95,6 +98,13 @@ def fbgemm_available() -> bool:
     except (RuntimeError, AttributeError):
         return False
     return True
+
+
+def _global_hooks() -> bool:
+    """Whether any global module hook is registered (fusing layers would skip their calls)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
 def _pack(qweight: Tensor, scale: Tensor, bias: Tensor | None) -> Any:
@@ -189,6 +199,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._kernel: tuple[tuple[int, ...], Any] | None = None
+        self._fused: tuple[tuple[Any, ...], Any, list[int]] | None = None
 
     @classmethod
     def from_int8(cls, qweight: Tensor, scale: Tensor, bias: Tensor | None, *, mode: str, route: str) -> Int8Linear:
@@ -208,13 +219,18 @@ class Int8Linear(nn.Module):
     def _kernel_key(self) -> tuple[int, ...]:
         # The packed/wrapped weight is rebuilt when the buffers change: in place (load_state_dict,
         # copy_) bumps their version counters; .to()/.cuda() replace them (_apply clears the cache).
+        # Read through _buffers, not attribute access: this runs on every call (batch-1 decoding).
+        buffers = self._buffers
+        qweight, scale, bias = buffers["qweight"], buffers["scale"], buffers["bias"]
+        assert qweight is not None and scale is not None
         try:
-            return (self.qweight._version, self.scale._version, -1 if self.bias is None else self.bias._version)
+            return (qweight._version, scale._version, -1 if bias is None else bias._version)
         except RuntimeError:  # inference tensors keep no version counter: rebuild on every call
             return ()
 
     def _apply(self, fn: Any, recurse: bool = True) -> Int8Linear:
         self._kernel = None
+        self._fused = None
         return super()._apply(fn, recurse)
 
     def _weight_kernel(self) -> Any:
@@ -243,11 +259,54 @@ class Int8Linear(nn.Module):
         if self.route == "fbgemm":
             if x.device.type != "cpu":
                 raise ValueError(f"this Int8Linear runs on the CPU fbgemm route; got an input on {x.device}")
-            # The engine takes float32 input; bf16/fp64 activations are computed in float32.
-            flat = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-            out = torch.ops.quantized.linear_dynamic(flat, kernel, True)  # reduce_range: 7-bit activations
-            return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            # Kept to as few calls as possible: at batch-1 decoding the wrapper's Python is a large share
+            # of the layer's time. The engine takes float32 input of any rank (leading dims kept);
+            # bf16/fp64 activations are computed in float32. reduce_range: 7-bit activations.
+            if x.dtype == torch.float32:
+                return _LINEAR_DYNAMIC(x.contiguous(), kernel, True)
+            return _LINEAR_DYNAMIC(x.to(torch.float32).contiguous(), kernel, True).to(x.dtype)
         return F.linear(x, kernel, self.bias.to(x.dtype) if self.bias is not None else None)
+
+    def fused_forward(self, others: Sequence[nn.Module], x: Tensor) -> tuple[Tensor, ...] | None:
+        """``(self(x), *(layer(x) for layer in others))`` as one int8 GEMM, or None where that cannot be done.
+
+        Layers that read the same input (an attention layer's query, key and value projections) are
+        packed into one weight of their stacked rows, so the input is quantized once and the engine
+        runs once: at batch-1 decoding the fixed cost per call dominates. The result is bit-identical
+        to separate calls: the activation's scale and zero point depend on ``x`` only, each output
+        row on its own int8 row, its row scale and bias.
+
+        Returns None (the caller runs the layers one by one) unless every layer is an fbgemm
+        ``Int8Linear`` of the same input width with no forward hooks, ``x`` is float32 on the CPU
+        and the weights carry version counters (not inference tensors).
+        """
+        if x.dtype != torch.float32 or x.device.type != "cpu" or _global_hooks():
+            return None
+        if any(type(layer) is not Int8Linear for layer in others):
+            return None
+        layers: list[Int8Linear] = [self, *(layer for layer in others if isinstance(layer, Int8Linear))]
+        for layer in layers:
+            if (
+                layer.route != "fbgemm"
+                or layer.in_features != self.in_features
+                or (layer.bias is None) != (self.bias is None)
+                or layer._forward_hooks
+                or layer._forward_pre_hooks
+            ):
+                return None
+        key = tuple((id(layer), layer._kernel_key()) for layer in layers)
+        if any(not versions for _, versions in key):
+            return None
+        if self._fused is None or self._fused[0] != key:
+            biases = [layer.bias for layer in layers if layer.bias is not None]
+            kernel = _pack(
+                torch.cat([layer.qweight for layer in layers]),
+                torch.cat([layer.scale for layer in layers]),
+                torch.cat(biases) if biases else None,
+            )
+            self._fused = (key, kernel, [layer.out_features for layer in layers])
+        _, kernel, sizes = self._fused
+        return tuple(_LINEAR_DYNAMIC(x.contiguous(), kernel, True).split(sizes, dim=-1))
 
     def dequantized_weight(self) -> Tensor:
         """The float weight these int8 values stand for: ``qweight * scale[:, None]`` (float32)."""

@@ -38,6 +38,38 @@ class RotaryEmbedding(nn.Module):
         per row (left-padded batches). Returns ``(B, H, T, D)``."""
         return apply_rotary(x, positions, self.inv_freq)
 
+    def rotate_pair(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Rotate queries ``(B, H, T, D)`` and keys ``(B, H_kv, T, D)`` at the same ``positions``,
+        computing the angles once (what attention needs; half the work of two :meth:`forward` calls)."""
+        cos, sin = rotary_tables(positions, self.inv_freq, q)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def rotary_tables(positions: Tensor, inv_freq: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(cos, sin)`` over the full head width for rotating ``x (B, H, T, D)`` at ``positions``.
+
+    ``cos`` repeats ``cos(position · inv_freq)`` for both halves of the channels; ``sin`` carries
+    the sign of each half: ``(-sin, sin)``, so that ``x · cos + swap_halves(x) · sin`` is the
+    rotation. Shapes broadcast against ``x``: ``(T, D)`` or ``(B, 1, T, D)``.
+
+    Raises:
+        ValueError: ``positions`` is not ``(T,)`` or ``(B, T)``.
+    """
+    t = x.shape[-2]
+    if positions.dim() == 1 and positions.shape[0] == t:
+        angles = positions.to(torch.float32)[:, None] * inv_freq  # (T, D/2)
+    elif positions.dim() == 2 and tuple(positions.shape) == (x.shape[0], t):
+        angles = positions.to(torch.float32)[:, None, :, None] * inv_freq  # (B, 1, T, D/2)
+    else:
+        raise ValueError(f"positions must have shape ({t},) or ({x.shape[0]}, {t}), got {tuple(positions.shape)}")
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # (x1, x2) -> (x1·cos - x2·sin, x2·cos + x1·sin): rolling by D/2 swaps the halves.
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
+
 
 def apply_rotary(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
     """Rotate channel pairs ``(x[i], x[i + D/2])`` of ``x (B, H, T, D)`` by ``position · inv_freq[i]``.
@@ -53,13 +85,5 @@ def apply_rotary(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
     Raises:
         ValueError: ``positions`` is not ``(T,)`` or ``(B, T)``.
     """
-    t = x.shape[-2]
-    if positions.dim() == 1 and positions.shape[0] == t:
-        angles = positions.to(torch.float32)[:, None] * inv_freq  # (T, D/2)
-    elif positions.dim() == 2 and tuple(positions.shape) == (x.shape[0], t):
-        angles = positions.to(torch.float32)[:, None, :, None] * inv_freq  # (B, 1, T, D/2)
-    else:
-        raise ValueError(f"positions must have shape ({t},) or ({x.shape[0]}, {t}), got {tuple(positions.shape)}")
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    cos, sin = rotary_tables(positions, inv_freq, x)
+    return _rotate(x, cos, sin)
