@@ -262,16 +262,31 @@ def model_entry(
 
 
 def machine() -> dict[str, Any]:
-    """Where the measurements were taken."""
+    """Where and on what code the measurements were taken: the commit of attnkit's source checkout
+    (``None`` outside one; ``dirty`` when ``src/`` has uncommitted changes) and the load average."""
     import os
     import platform
+    import subprocess
 
+    source = Path(__file__).resolve().parents[3]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD") if (source / ".git").exists() else None
+    changes = git("status", "--porcelain", "--", "src") if commit else None
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "commit": None if commit is None else commit + ("-dirty" if changes else ""),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
 
 

@@ -240,7 +240,9 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         "## How it was measured",
         "",
         f"Every model was loaded from its folder and measured in one process on {doc['device']} "
-        f"({machine['threads']} thread(s), {machine['cpu_count']} CPUs, torch {machine['torch']}), in "
+        f"({machine['threads']} thread(s), {machine['cpu_count']} CPUs, torch {machine['torch']}, attnkit at "
+        f"{machine.get('commit') or 'an unknown commit'}, load average {machine.get('load_average') or '?'} "
+        "at the start), in "
         f"{doc['settings']['rounds']} alternating rounds after a warm-up round (each figure is the median; the "
         "ratios compare models measured in the same rounds). Forward: one "
         f"{work['context']}-token window of the corpus at batch 1. Generation: greedy with the cache, "
