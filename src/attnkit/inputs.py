@@ -28,6 +28,14 @@ def _smooth_walk(shape: tuple[int, int, int, int], g: torch.Generator) -> Tensor
     return x + 0.3 * torch.randn(*shape, generator=g, dtype=torch.float64)
 
 
+def _deliver(
+    q: Tensor, k: Tensor, v: Tensor, *, dtype: torch.dtype, device: torch.device | str | None, requires_grad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The float64 draws as the caller asked for them: dtype, device, leaves that require grad or not."""
+    out = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (q, k, v)]
+    return out[0], out[1], out[2]
+
+
 def structured_qkv(
     batch: int,
     heads: int,
@@ -49,8 +57,7 @@ def structured_qkv(
     q = _smooth_walk((batch, heads, q_len, dim), g) * 1.5
     k = _smooth_walk((batch, heads, kv_len, dim), g) * 1.5
     v = torch.randn(batch, heads, kv_len, dim, generator=g, dtype=torch.float64)
-    out = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (q, k, v)]
-    return out[0], out[1], out[2]
+    return _deliver(q, k, v, dtype=dtype, device=device, requires_grad=requires_grad)
 
 
 def self_attention_qkv(
@@ -79,5 +86,4 @@ def self_attention_qkv(
     q = x @ w
     k = q + 0.3 * torch.randn(*shape, generator=g, dtype=torch.float64)
     v = torch.randn(*shape, generator=g, dtype=torch.float64)
-    out = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (q, k, v)]
-    return out[0], out[1], out[2]
+    return _deliver(q, k, v, dtype=dtype, device=device, requires_grad=requires_grad)

@@ -32,6 +32,7 @@ from attnkit.attention.pattern import PatternAttention, PatternCall, pattern_cap
 from attnkit.core.errors import check_non_negative_int, check_positive_int
 from attnkit.core.registry import register
 from attnkit.kernels.blocked import GatherPattern, dense_rows_pattern, gathered_attention_with_lse
+from attnkit.kernels.precision import upcast
 from attnkit.masks.functions import Mask, causal_mask
 from attnkit.masks.patterns import block_table_mask
 
@@ -179,8 +180,7 @@ def _global_rows_sdpa(
     Fused, it keeps no ``m × S`` probabilities and skips the gather of every key block: about
     half the time of the blocked core on these rows at 16K keys, 60% at 4K (measured, fwd+bwd)."""
     t_len, s_len = q.shape[2], k.shape[2]
-    if q.dtype in (torch.float16, torch.bfloat16):
-        q, k, v = q.float(), k.float(), v.float()
+    q, k, v = upcast(q), upcast(k), upcast(v)
     rows = q[:, :, :m]
     allowed = None
     if causal:  # query i sits at absolute position i + S - T

@@ -14,32 +14,17 @@ from typing import Any
 from torch import Tensor
 
 from attnkit.attention.dense import BACKENDS, dense_attention
+from attnkit.attention.families import dense_capabilities
 from attnkit.core.base import AttentionMechanism
-from attnkit.core.capabilities import Capabilities
-from attnkit.core.errors import check_choice, check_scale
+from attnkit.core.errors import check_choice, check_fraction, check_scale
 from attnkit.core.registry import register
 from attnkit.core.types import MaskFunction, ScoreBias
 
 
-def _check_dropout(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
 @register(
     "full",
-    Capabilities(
-        exact=True,
-        causal=True,
-        key_padding=True,
-        cross_attention=True,
-        decoding="kv_cache",
-        complexity="O(N^2)",
-        family="exact",
-        score_bias=True,
-        custom_mask=True,
-        summary="exact softmax attention (PyTorch SDPA)",
+    dense_capabilities(
+        exact=True, complexity="O(N^2)", family="exact", summary="exact softmax attention (PyTorch SDPA)"
     ),
 )
 class FullAttention(AttentionMechanism):
@@ -54,7 +39,7 @@ class FullAttention(AttentionMechanism):
 
     def __init__(self, *, dropout: float = 0.0, scale: float | None = None, backend: str = "auto") -> None:
         super().__init__()
-        self.dropout = _check_dropout(dropout)
+        self.dropout = check_fraction("dropout", dropout)
         self.scale = check_scale(scale)
         self.backend = check_choice("backend", backend, BACKENDS)
 

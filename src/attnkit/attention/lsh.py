@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnkit.attention.families import approximate_capabilities
 from attnkit.core.base import AttentionMechanism
-from attnkit.core.capabilities import Capabilities
-from attnkit.core.errors import check_non_negative_int, check_positive_int
+from attnkit.core.errors import check_bool, check_non_negative_int, check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import MaskFunction, ScoreBias
 from attnkit.kernels.bucket_layout import bucket_layout
@@ -76,14 +76,9 @@ def lsh_buckets(x: Tensor, num_buckets: int, n_hashes: int, seed: int) -> Tensor
 
 @register(
     "lsh",
-    Capabilities(
-        exact=False,
-        causal=True,
-        key_padding=True,
-        cross_attention=False,
-        decoding=None,
+    approximate_capabilities(
+        "hashing",
         complexity="O(N log N)",
-        family="hashing",
         error_budget=0.45,
         summary="Reformer LSH attention: multi-round angular hashing, chunked, duplicate-corrected",
     ),
@@ -120,9 +115,7 @@ class LSHAttention(AttentionMechanism):
         self.bucket_size = check_positive_int("bucket_size", bucket_size, example=64)
         self.n_hashes = check_positive_int("n_hashes", n_hashes, example=4)
         self.num_buckets = None if num_buckets is None else check_positive_int("num_buckets", num_buckets, example=64)
-        if not isinstance(shared_qk, bool):
-            raise ValueError(f"shared_qk must be a bool, got {shared_qk!r}")
-        self.shared_qk = shared_qk
+        self.shared_qk = check_bool("shared_qk", shared_qk)
         self.seed = check_non_negative_int("seed", seed)
 
     def buckets_for(self, length: int) -> int:
@@ -147,8 +140,6 @@ class LSHAttention(AttentionMechanism):
                     "shared_qk=True computes the keys from the queries: pass the queries as k (got a different k tensor)"
                 )
             k = torch.nn.functional.normalize(q, dim=-1)
-        compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        q, k, v = q.to(compute), k.to(compute), v.to(compute)
         num_buckets = self.buckets_for(q.shape[2])
         q_ids = lsh_buckets(q, num_buckets, self.n_hashes, self.seed)
         k_ids = None

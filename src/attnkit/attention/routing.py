@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnkit.attention.families import approximate_capabilities
 from attnkit.core.base import AttentionMechanism
-from attnkit.core.capabilities import Capabilities
-from attnkit.core.errors import check_non_negative_int, check_positive_int
+from attnkit.core.errors import check_bool, check_fraction, check_non_negative_int, check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import MaskFunction, ScoreBias
 from attnkit.kernels.bucket_layout import bucket_layout
@@ -52,22 +52,11 @@ from attnkit.kernels.bucketed import bucketed_attention
 _TOKENS_PER_PASS = 2048
 
 
-def _check_decay(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"decay must be a number in [0, 1), got {value!r} (set decay=0.999, say)")
-    return float(value)
-
-
 @register(
     "routing",
-    Capabilities(
-        exact=False,
-        causal=True,
-        key_padding=True,
-        cross_attention=False,
-        decoding=None,
+    approximate_capabilities(
+        "hashing",
         complexity="O(N^1.5)",
-        family="hashing",
         error_budget=1.0,
         summary="Routing Transformer: online k-means routing, attention within clusters",
     ),
@@ -102,10 +91,8 @@ class RoutingAttention(AttentionMechanism):
         super().__init__()
         self.num_clusters = check_positive_int("num_clusters", num_clusters, example=4)
         self.window = check_positive_int("window", window, example=256)
-        if not isinstance(local, bool):
-            raise ValueError(f"local must be a bool, got {local!r}")
-        self.local = local
-        self.decay = _check_decay(decay)
+        self.local = check_bool("local", local)
+        self.decay = check_fraction("decay", decay, example=0.999)
         self.seed = check_non_negative_int("seed", seed)
         # (H, num_clusters, D) once the head count and width are known (first call or a loaded state dict).
         self.register_buffer("centroids", torch.empty(0))
@@ -198,8 +185,6 @@ class RoutingAttention(AttentionMechanism):
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:
-        compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        q, k, v = q.to(compute), k.to(compute), v.to(compute)
         q_ids, k_ids = self.assign(q), self.assign(k)
         if self.training:
             self._record(q, k, q_ids, k_ids, attention_mask)

@@ -44,13 +44,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnkit.attention.families import approximate_capabilities
 from attnkit.core.base import AttentionMechanism
-from attnkit.core.capabilities import Capabilities
-from attnkit.core.errors import check_non_negative_int, check_positive_float, check_positive_int
+from attnkit.core.errors import check_bool, check_non_negative_int, check_positive_float, check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import MaskFunction, ScoreBias
 from attnkit.kernels.block_mix import mixed_chunk_attention
 from attnkit.kernels.chunk_softmax import chunk_attention
+from attnkit.kernels.precision import upcast
 
 
 def sinkhorn_normalize(log_scores: Tensor, iters: int) -> Tensor:
@@ -116,14 +117,9 @@ class _SinkhornNormalize(torch.autograd.Function):
 
 @register(
     "sinkhorn",
-    Capabilities(
-        exact=False,
-        causal=True,
-        key_padding=True,
-        cross_attention=False,
-        decoding=None,
+    approximate_capabilities(
+        "hashing",
         complexity="O(N·b + (N/b)^2·b)",
-        family="hashing",
         error_budget=0.85,
         summary="Sparse Sinkhorn attention: own block + a Sinkhorn-sorted block",
     ),
@@ -149,9 +145,7 @@ class SinkhornAttention(AttentionMechanism):
         self.block_size = check_positive_int("block_size", block_size, example=64)
         self.sinkhorn_iters = check_non_negative_int("sinkhorn_iters", sinkhorn_iters)
         self.temperature = check_positive_float("temperature", temperature)
-        if not isinstance(sort_top1, bool):
-            raise ValueError(f"sort_top1 must be a bool, got {sort_top1!r}")
-        self.sort_top1 = sort_top1
+        self.sort_top1 = check_bool("sort_top1", sort_top1)
 
     def sort_matrix(self, q_blocks: Tensor, k_blocks: Tensor, key_weight: Tensor, *, causal: bool) -> Tensor:
         """The soft block permutation ``P (B, H, nb, nb)``; row ``i`` mixes the key blocks block ``i`` sees.
@@ -206,8 +200,7 @@ class SinkhornAttention(AttentionMechanism):
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:
-        compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        q, k, v = q.to(compute), k.to(compute), v.to(compute)
+        q, k, v = upcast(q), upcast(k), upcast(v)
         b, h, t_len, d = q.shape
         c = self.block_size
         nb = -(-t_len // c)
@@ -234,7 +227,7 @@ class SinkhornAttention(AttentionMechanism):
                 q.reshape(groups, c, d), k.reshape(groups, c, d), v.reshape(groups, c, -1), blocked, scale=d**-0.5
             )
         else:  # the sorted block, as extra keys every query of the block sees
-            weight = real.to(compute)  # (B, 1, nb, c)
+            weight = real.to(q.dtype)  # (B, 1, nb, c)
             # The mix (B, H, nb, nb) comes from the block sums, inside the attention's autograd.
             sort = partial(self.sort_from_sums, key_count=weight.sum(dim=-1), causal=causal)
             out = mixed_chunk_attention(

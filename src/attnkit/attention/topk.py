@@ -46,11 +46,12 @@ import torch
 from torch import Tensor
 
 from attnkit.attention.dense import dense_attention
+from attnkit.attention.families import dense_capabilities
 from attnkit.core.base import AttentionMechanism
-from attnkit.core.capabilities import Capabilities
 from attnkit.core.errors import check_positive_int, check_scale
 from attnkit.core.registry import register
 from attnkit.core.types import MaskFunction, ScoreBias
+from attnkit.kernels.precision import upcast
 from attnkit.masks.functions import Mask, causal_mask, real_keys_mask
 
 #: Target number of float scores in one chunk's ``(B, H, chunk, S)`` working set (16 MiB).
@@ -196,16 +197,10 @@ def _allowed(
 
 @register(
     "topk",
-    Capabilities(
+    dense_capabilities(
         exact=False,
-        causal=True,
-        key_padding=True,
-        cross_attention=True,
-        decoding="kv_cache",
         complexity="O(N^2) selection, O(N·k) softmax",
         family="sparse",
-        score_bias=True,
-        custom_mask=True,
         # relative Frobenius error against full attention on the contract's structured inputs
         # (length 37, topk 12): at most 0.224 over seeds 0-12, causal/padded/ALiBi/bfloat16 (median 0.093)
         error_budget=0.25,
@@ -260,8 +255,7 @@ class TopKAttention(AttentionMechanism):
                 score_bias=score_bias,
                 scale=self.scale,
             )
-        if q.dtype in (torch.float16, torch.bfloat16):  # select and normalise in float32
-            q, k, v = q.float(), k.float(), v.float()
+        q, k, v = upcast(q), upcast(k), upcast(v)  # select and normalise in float32
         # row gathers need (B*H*S, D) views; a transposed projection is copied once here, not per chunk
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])

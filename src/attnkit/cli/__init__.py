@@ -7,10 +7,31 @@ imported inside each command's ``run`` function. The helpers below follow the sa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import argparse
+import textwrap
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+#: The ``--weights`` choices, the weights a training run folder holds, in the order tried when
+#: ``--weights`` is not given: attnkit.train.runs.RUN_WEIGHTS, spelled out because importing
+#: attnkit.train here would import torch for ``--help`` (tests/generate/test_cli.py keeps them equal).
+RUN_WEIGHTS = ("best", "final", "last")
+
+
+def add_command(
+    subparsers: Any, name: str, *, summary: str, description: str, examples: str
+) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name``: ``summary`` in ``attnkit --help``, ``description`` filled to
+    100 columns at the top of ``attnkit NAME --help`` and ``examples`` after the options, one per line."""
+    return subparsers.add_parser(
+        name,
+        help=summary,
+        description=textwrap.fill(description, width=100),
+        epilog=examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def available_devices() -> list[str]:

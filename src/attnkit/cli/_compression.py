@@ -1,6 +1,7 @@
 """What ``attnkit compress`` and ``attnkit distill`` share: data and output arguments, the run's data,
-the side-by-side measurement and the report folder. Only the standard library is imported at module
-level (the command line's ``--help`` must not import torch).
+the starting model, the side-by-side measurement and the report folder. Only the standard library and
+:mod:`attnkit.core.errors` (which imports no torch) are imported at module level: the command line's
+``--help`` must not import torch.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attnkit.core.errors import check_out_dir
+
 # ---------------------------------------------------------------- arguments shared with distill
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, *, default_source: str) -> None:
-    """The options that choose the data and the measurements (shared by ``compress`` and ``distill``)."""
+def add_shared_arguments(parser: argparse.ArgumentParser, *, default_source: str) -> None:
+    """The options of both commands: the output (:func:`add_output_arguments`), then the data and measurements."""
+    add_output_arguments(parser)
     data = parser.add_argument_group("data and measurements", f"Default data: {default_source}; --data replaces it.")
     data.add_argument(
         "--data",
@@ -86,24 +90,24 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
 
 
+#: The counts :func:`add_shared_arguments` adds -> the smallest value each takes.
+DATA_COUNTS: dict[str, int] = {
+    "--batch-size": 1,
+    "--eval-examples": 1,
+    "--rounds": 1,
+    "--generate-tokens": 1,
+    "--seq-len": 1,
+}
+
+
 def check_numbers(args: argparse.Namespace, flags: dict[str, int]) -> None:
-    """Refuse non-positive counts, naming the flag (``flags``: flag -> smallest allowed value)."""
-    for flag, low in flags.items():
+    """Refuse counts below their smallest value, naming the flag: the command's own ``flags`` (flag ->
+    smallest allowed value), then the shared :data:`DATA_COUNTS`."""
+    for flag, low in {**flags, **DATA_COUNTS}.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None and value < low:
             what = "a positive integer" if low == 1 else f"an integer >= {low}"
             raise ValueError(f"{flag} must be {what}, got {value}")
-
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a DIR that already holds anything, unless ``--overwrite`` (checked before any work)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
-        raise ValueError(
-            f"--out {out} already holds files ({held}); pass --overwrite to replace them, or choose another folder"
-        )
 
 
 def _parse_task_options(items: list[str]) -> dict[str, Any]:
@@ -179,6 +183,55 @@ def resolve_data(args: argparse.Namespace, config: Any, model_dir: Path, *, mode
         seed=seed,
         lr=config.lr if config is not None else None,
     )
+
+
+@dataclass
+class Source:
+    """The model a command starts from (``MODEL``, ``--teacher``), loaded on ``--device``, and its data."""
+
+    path: Path  # the folder given: a training run folder or a model folder
+    weights: Any  # attnkit.train.runs.Weights: the model folder read and how it was chosen
+    model: Any
+    device: Any  # torch.device
+    setup: DataSetup
+
+
+def load_source(args: argparse.Namespace, path: Path, which: str | None, *, flag: str, role: str) -> Source:
+    """Check ``--out``, then load the model of ``path`` (its ``which`` weights) and the data it is measured on.
+
+    Args:
+        args: the command's arguments (``--out``, ``--overwrite``, ``--device`` and the data arguments).
+        path: a training run folder or a model folder.
+        which: the run's ``best``/``final``/``last`` weights, or None (see ``attnkit generate``).
+        flag: how the command line names ``path`` in messages (``MODEL``, ``--teacher``).
+        role: what the model is, for the progress line (``"loaded"``, ``"teacher"``).
+
+    Raises:
+        ValueError: an ``--out`` that holds files (without ``--overwrite``) or is the folder read
+            from, no data for a model folder, or data that is not the model's.
+        FileNotFoundError: ``path`` is neither a run folder nor a model folder.
+    """
+    from attnkit.train.runs import resolve_weights, run_config
+
+    out = Path(args.out)
+    check_out_dir(out, args.overwrite)
+    weights = resolve_weights(path, which)
+    if out.resolve() == weights.directory.resolve():
+        raise ValueError(f"--out {out} is the folder the model is read from; choose another folder")
+
+    from attnkit.cli import check_device
+    from attnkit.compress import load_compressed
+
+    device = check_device(args.device)
+    model = load_compressed(weights.directory, map_location=str(device))
+    print(
+        f"attnkit {args.command}: {role} {weights.directory} ({weights.description}): {type(model).__name__}, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, on {device}",
+        file=sys.stderr,
+    )
+    setup = resolve_data(args, run_config(path), weights.directory, model_flag=flag)
+    check_data_fits(model, setup, model_flag=flag)
+    return Source(path, weights, model, device, setup)
 
 
 def check_data_fits(model: Any, setup: DataSetup, *, model_flag: str) -> None:
@@ -302,6 +355,34 @@ def command_line(args: argparse.Namespace, positional: tuple[str, ...]) -> str:
         else:
             words += [flag, str(value)]
     return shlex.join(words)
+
+
+def report(
+    args: argparse.Namespace,
+    source: Source,
+    models: dict[str, tuple[str, Any, Path]],
+    steps: list[dict[str, Any]],
+    *,
+    reference: str,
+    positional: tuple[str, ...],
+    described: dict[str, str],
+) -> None:
+    """Measure ``models`` side by side (:func:`measure`), then write the report into ``--out`` and print it.
+
+    Args:
+        args: the command's arguments.
+        source: the model the command started from, with its device and data.
+        models: name -> ``(label, model, its folder)``, in table order.
+        steps: what the command did, each ``{"step", "summary", "result"}``.
+        reference: the name of the model the others are compared with.
+        positional: the command's positional arguments (to spell the command out).
+        described: the report's ``source`` entry (where the models came from, in words).
+    """
+    doc = report_doc(args, source.device, source.setup, reference, positional)
+    doc["source"] = described
+    doc["steps"] = steps
+    doc.update(measure(models, source.setup, args, source.device))
+    finish(doc, Path(args.out), args)
 
 
 def report_doc(

@@ -17,21 +17,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attnkit.cli import RUN_WEIGHTS, add_command
 from attnkit.cli._compression import (
-    add_data_arguments,
-    add_output_arguments,
-    check_data_fits,
+    add_shared_arguments,
     check_numbers,
-    check_out_dir,
-    finish,
-    measure,
-    report_doc,
-    resolve_data,
+    load_source,
+    report,
     train_batches,
     write_model_folder,
 )
@@ -55,28 +50,27 @@ examples:
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "compress",
-        help="prune and/or quantize a trained model, with a before/after report",
-        description=textwrap.fill(
+        summary="prune and/or quantize a trained model, with a before/after report",
+        description=(
             "Prune (attention heads, feed-forward channels, smallest weights) and/or quantize (int8) a trained "
             "model, optionally fine-tune after pruning, save it to --out DIR and write a report there (report.md, "
             "report.json, report.png): parameters, bytes on disk, forward and generation latency at batch 1 and "
             "at the training batch, peak memory and quality (perplexity/bpc, accuracy, BLEU/ROUGE as the task "
             "has), before and after, measured in the same run. Order: the --prune steps as given, then the "
             "fine-tune, then --quantize. MODEL is a training run folder (its own data is used) or a model folder "
-            "(pass --data).",
-            width=100,
+            "(pass --data)."
         ),
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EXAMPLES,
     )
     parser.add_argument(
         "model", metavar="MODEL", help="a training run folder (e.g. runs/text_stdlib) or a model folder"
     )
     parser.add_argument(
         "--weights",
-        choices=("best", "final", "last"),
+        choices=RUN_WEIGHTS,
         default=None,
         help="which weights of a run folder (as in 'attnkit generate'; default: best, else final, else last)",
     )
@@ -122,8 +116,7 @@ def register(subparsers: Any) -> None:
         metavar="X",
         help="peak fine-tune learning rate (default: the run's lr / 10, or 1e-4)",
     )
-    add_output_arguments(parser)
-    add_data_arguments(parser, default_source="the run's own training data")
+    add_shared_arguments(parser, default_source="the run's own training data")
     parser.set_defaults(func=run)
 
 
@@ -160,17 +153,7 @@ def parse_prune(items: list[str]) -> list[PruneStep]:
 
 def _check_arguments(args: argparse.Namespace) -> list[PruneStep]:
     steps = parse_prune(args.prune)
-    check_numbers(
-        args,
-        {
-            "--finetune-steps": 0,
-            "--batch-size": 1,
-            "--eval-examples": 1,
-            "--rounds": 1,
-            "--generate-tokens": 1,
-            "--seq-len": 1,
-        },
-    )
+    check_numbers(args, {"--finetune-steps": 0})
     if not steps and args.quantize is None:
         raise ValueError("nothing to do: add --prune KIND=FRACTION and/or --quantize int8")
     if args.finetune_steps and not steps:
@@ -198,30 +181,14 @@ def _prune(model: Any, step: PruneStep, args: argparse.Namespace, batches: Any) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnkit.train.runs import resolve_weights, run_config
-
     steps = _check_arguments(args)
-    out = Path(args.out)
-    check_out_dir(out, args.overwrite)
-    source = Path(args.model)
-    weights = resolve_weights(source, args.weights)
-    if out.resolve() == weights.directory.resolve():
-        raise ValueError(f"--out {out} is the folder the model is read from; choose another folder")
+    source = load_source(args, Path(args.model), args.weights, flag="MODEL", role="loaded")
+    out, model, setup, device, weights = Path(args.out), source.model, source.setup, source.device, source.weights
 
     import copy
 
-    from attnkit.cli import check_device
     from attnkit.compress import finetune, load_compressed, quantize
 
-    device = check_device(args.device)
-    model = load_compressed(weights.directory, map_location=str(device))
-    print(
-        f"attnkit compress: loaded {weights.directory} ({weights.description}): {type(model).__name__}, "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters, on {device}",
-        file=sys.stderr,
-    )
-    setup = resolve_data(args, run_config(source), weights.directory, model_flag="MODEL")
-    check_data_fits(model, setup, model_flag="MODEL")
     original = copy.deepcopy(model)
     batches = train_batches(setup)
     done: list[dict[str, Any]] = []
@@ -246,13 +213,13 @@ def run(args: argparse.Namespace) -> int:
 
     write_model_folder(model, out, weights.directory, args.overwrite)
     saved = load_compressed(out, map_location=str(device))  # measure what was written, as a user will load it
-    doc = report_doc(args, device, setup, "before", ("model",))
-    doc["source"] = {"model": str(source), "weights": str(weights.directory), "description": weights.description}
-    doc["steps"] = done
-    doc.update(
-        measure(
-            {"before": ("before", original, weights.directory), "after": ("after", saved, out)}, setup, args, device
-        )
+    report(
+        args,
+        source,
+        {"before": ("before", original, weights.directory), "after": ("after", saved, out)},
+        done,
+        reference="before",
+        positional=("model",),
+        described={"model": str(source.path), "weights": str(weights.directory), "description": weights.description},
     )
-    finish(doc, out, args)
     return 0

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import textwrap
 from typing import Any
+
+from attnkit.cli import add_command
 
 EXAMPLES = """\
 examples:
@@ -29,10 +30,11 @@ An interrupted run (Ctrl-C, kill) resumes from its last saved step when the same
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "convert",
-        help="swap a pretrained Transformers LM's attention for an attnkit mechanism and distill it, with a report",
-        description=textwrap.fill(
+        summary="swap a pretrained Transformers LM's attention for an attnkit mechanism and distill it, with a report",
+        description=(
             "Convert a pretrained Hugging Face causal LM (Llama, Qwen2, Mistral, GPT-2; a local folder, nothing is "
             "downloaded) to an attnkit attention mechanism. The converted model is distilled from the original in "
             "two stages: layer-wise attention transfer (each converted layer's attention output is trained to match "
@@ -42,11 +44,9 @@ def register(subparsers: Any) -> None:
             "report (report.md, report.json, report.png): held-out perplexity of the original, of the swapped model "
             "without distillation and after it, and the speed and memory of a forward+backward pass and of "
             "decoding at each --lengths context, against the original with SDPA, measured in the same run. "
-            "Text: the folder's own tokenizer if it has one, else UTF-8 bytes + 4 (attnkit's byte tokenizer).",
-            width=100,
+            "Text: the folder's own tokenizer if it has one, else UTF-8 bytes + 4 (attnkit's byte tokenizer)."
         ),
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EXAMPLES,
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="the original model: a save_pretrained folder")
     parser.add_argument(
@@ -194,11 +194,12 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--data {path} does not exist; pass text files or folders of them")
 
     from attnkit.cli import check_device
-    from attnkit.hf.convert import check_out, convert
+    from attnkit.core.errors import check_out_dir
+    from attnkit.hf.convert import convert
     from attnkit.hf.convert_report import quality_table, speed_table
     from attnkit.hf.transfer import TransferSettings
 
-    check_out(Path(args.out), args.overwrite)
+    check_out_dir(Path(args.out), args.overwrite)
     device = check_device(args.device)
     settings = TransferSettings(
         layer_steps=args.layer_steps,

@@ -17,20 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
+from attnkit.cli import RUN_WEIGHTS, add_command
 from attnkit.cli._compression import (
-    add_data_arguments,
-    add_output_arguments,
-    check_data_fits,
+    add_shared_arguments,
     check_numbers,
-    check_out_dir,
-    finish,
-    measure,
-    report_doc,
-    resolve_data,
+    load_source,
+    report,
     train_batches,
     write_model_folder,
 )
@@ -46,27 +41,26 @@ examples:
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "distill",
-        help="train a cheaper student to match a trained teacher (knowledge distillation), with a report",
-        description=textwrap.fill(
+        summary="train a cheaper student to match a trained teacher (knowledge distillation), with a report",
+        description=(
             "Distill a trained teacher into a student (e.g. the same model with an efficient attention mechanism "
             "and fewer layers): temperature-scaled KL on the logits, plus optional cross-entropy, hidden-state "
             "and attention-output matching. --out DIR receives the student and a report (report.md, report.json, "
             "report.png) comparing teacher and student (and, with --baseline, the same student trained from "
             "scratch for the same steps): parameters, bytes on disk, latency, peak memory and quality, measured "
-            "in the same run.",
-            width=100,
+            "in the same run."
         ),
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EXAMPLES,
     )
     parser.add_argument(
         "--teacher", required=True, metavar="DIR", help="the teacher: a training run folder or a model folder"
     )
     parser.add_argument(
         "--teacher-weights",
-        choices=("best", "final", "last"),
+        choices=RUN_WEIGHTS,
         default=None,
         help="which weights of a teacher run folder (default: best, else final, else last)",
     )
@@ -109,8 +103,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="also train the same student from scratch (cross-entropy, same steps, batches and initial weights)",
     )
-    add_output_arguments(parser)
-    add_data_arguments(parser, default_source="the teacher run's training data")
+    add_shared_arguments(parser, default_source="the teacher run's training data")
     parser.set_defaults(func=run)
 
 
@@ -169,18 +162,7 @@ def build_student(spec: Path, teacher: Any, seed: int, device: Any) -> tuple[Any
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    check_numbers(
-        args,
-        {
-            "--steps": 1,
-            "--warmup-steps": 0,
-            "--batch-size": 1,
-            "--eval-examples": 1,
-            "--rounds": 1,
-            "--generate-tokens": 1,
-            "--seq-len": 1,
-        },
-    )
+    check_numbers(args, {"--steps": 1, "--warmup-steps": 0})
     if args.lr is not None and not args.lr > 0:
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
     if not args.temperature > 0:
@@ -194,24 +176,14 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnkit.train.runs import resolve_weights, run_config
-
     _check_arguments(args)
-    out = Path(args.out)
-    check_out_dir(out, args.overwrite)
-    teacher_source = Path(args.teacher)
-    weights = resolve_weights(teacher_source, args.teacher_weights)
+    source = load_source(args, Path(args.teacher), args.teacher_weights, flag="--teacher", role="teacher")
+    out, teacher, setup, device, weights = Path(args.out), source.model, source.setup, source.device, source.weights
 
     import copy
 
-    from attnkit.cli import check_device
     from attnkit.compress import distill, finetune, load_compressed
 
-    device = check_device(args.device)
-    teacher = load_compressed(weights.directory, map_location=str(device))
-    print(f"attnkit distill: teacher {weights.directory} ({weights.description})", file=sys.stderr)
-    setup = resolve_data(args, run_config(teacher_source), weights.directory, model_flag="--teacher")
-    check_data_fits(teacher, setup, model_flag="--teacher")
     student, origin = build_student(Path(args.student), teacher, setup.seed, device)
     print(f"attnkit distill: student: {origin}", file=sys.stderr)
     start = copy.deepcopy(student) if args.baseline else None
@@ -251,9 +223,6 @@ def run(args: argparse.Namespace) -> int:
         import shutil
 
         shutil.rmtree(baseline_dir)  # an overwritten earlier run's baseline; this report has none
-    doc = report_doc(args, device, setup, "teacher", ())
-    doc["source"] = {"teacher": str(teacher_source), "weights": str(weights.directory), "student": origin}
-    doc["steps"] = steps
-    doc.update(measure(models, setup, args, device))
-    finish(doc, out, args)
+    described = {"teacher": str(source.path), "weights": str(weights.directory), "student": origin}
+    report(args, source, models, steps, reference="teacher", positional=(), described=described)
     return 0

@@ -16,15 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: attnkit.train.runs.RUN_WEIGHTS, spelled out: importing attnkit.train here would import torch for --help
-RUN_WEIGHTS = ("best", "final", "last")
-
-#: Which weights of a training run to load, in the order tried when --weights is not given.
+from attnkit.cli import RUN_WEIGHTS, add_command
 
 #: The command-line name of each ``model.generate`` argument, for error messages.
 FLAGS = {
@@ -53,20 +49,19 @@ examples:
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "generate",
-        help="generate text from a trained language model or encoder-decoder (streams tokens)",
-        description=textwrap.fill(
+        summary="generate text from a trained language model or encoder-decoder (streams tokens)",
+        description=(
             "Continue a prompt (language model) or transform it (encoder-decoder) with a trained model. MODEL is a "
             "training run folder (the out_dir of 'attnkit train'; --weights picks best/, model/ or the newest "
             "checkpoint) or a model folder (config.json + model.safetensors, written by save_pretrained). Greedy by "
             "default; --temperature/--top-k/--top-p sample, --num-beams runs beam search. One prompt is streamed "
             "as it is generated; several prompts and beam hypotheses are printed labelled, and --json prints one "
-            "JSON object per output. Which weights were loaded is said on stderr.",
-            width=100,
+            "JSON object per output. Which weights were loaded is said on stderr."
         ),
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the examples one per line
+        examples=EXAMPLES,
     )
     parser.add_argument(
         "model", metavar="MODEL", help="a training run folder (e.g. runs/text_stdlib) or a model folder (config.json)"

@@ -22,14 +22,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnkit.compress.finetune import check_loop_settings, train_loop
-from attnkit.compress.losses import feature_loss, kd_loss, layer_map
+from attnkit.compress.losses import feature_loss, kd_loss, label_loss, layer_map
 from attnkit.compress.records import DistillResult
-from attnkit.core.errors import check_positive_float
-from attnkit.data.tasks import IGNORE_INDEX, Batch
+from attnkit.core.errors import check_non_negative_float, check_positive_float
+from attnkit.data.tasks import Batch
 
 #: Feature kinds :func:`capture_features` can record.
 FEATURES: tuple[str, ...] = ("hidden", "attention")
@@ -144,10 +143,6 @@ def _feature_term(
     return torch.stack(terms).mean()
 
 
-def _hard_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
-
-
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -197,8 +192,7 @@ def distill(
     check_loop_settings(steps=steps, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip)
     check_positive_float("temperature", temperature)
     for name, value in (("alpha", alpha), ("hidden_weight", hidden_weight), ("attention_weight", attention_weight)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        check_non_negative_float(name, value)
     if alpha > 1:
         raise ValueError(f"alpha must be in [0, 1] (the weight of the logit loss), got {alpha!r}")
     kinds = [k for k, w in (("hidden", hidden_weight), ("attention", attention_weight)) if w > 0]
@@ -216,7 +210,7 @@ def distill(
         parts = {"kd": kd_loss(s_logits, t_logits, temperature=temperature, labels=batch.labels)}
         loss = alpha * parts["kd"]
         if alpha < 1:
-            parts["ce"] = _hard_loss(s_logits, batch.labels)
+            parts["ce"] = label_loss(s_logits, batch.labels)
             loss = loss + (1 - alpha) * parts["ce"]
         for kind, weight in (("hidden", hidden_weight), ("attention", attention_weight)):
             if weight > 0:

@@ -19,24 +19,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnkit.compress.importance import (
-    check_amount_fraction,
-    choose_global,
-    gate_gradients,
-    normalise_per_layer,
-    parse_explicit,
-    ranking_score,
-    require_float_linears,
-    slice_linear,
-)
-from attnkit.compress.records import PruneResult, count_parameters, record_of
-from attnkit.core.errors import check_positive_int
+from attnkit.compress.importance import gate_gradients, require_float_linears, slice_linear
+from attnkit.compress.records import PruneResult
+from attnkit.compress.structured import Units, paths_of, prune_units
 from attnkit.models.layers import FeedForward
 
 
 def feed_forward_layers(model: nn.Module) -> list[str]:
     """Paths of the model's :class:`FeedForward` modules, in module order (the layer indices)."""
-    return [name for name, m in model.named_modules() if isinstance(m, FeedForward)]
+    return paths_of(model, FeedForward)
 
 
 def _width(ff: FeedForward) -> int:
@@ -94,44 +85,35 @@ def prune_ffn(
         ValueError: a bad ``amount`` (too many channels, all of a layer, unknown layers), a bad
             ``score``, missing ``data``, or a model already quantized.
     """
-    used_score = ranking_score(amount, score, data, unit="channels")
-    check_positive_int("max_batches", max_batches, example=8)
-    names = feed_forward_layers(model)
-    if not names:
-        raise ValueError("model has no FeedForward layers: there are no channels to prune")
-    layers: dict[str, FeedForward] = {name: model.get_submodule(name) for name in names}  # type: ignore[misc]
-    for name, ff in layers.items():
-        require_float_linears({f"{name}.w_in": ff.w_in, f"{name}.w_out": ff.w_out})
-    before = count_parameters(model)
-    sizes = {name: _width(ff) for name, ff in layers.items()}
-    importance: dict[str, list[float]] = {}
-    if isinstance(amount, Mapping):
-        removed = parse_explicit(amount, sizes, unit="channels", layers_hint=f"layers: {names}")
-    else:
-        fraction = check_amount_fraction(amount)
-        if used_score == "magnitude":
-            raw = {name: _magnitude(ff) for name, ff in layers.items()}
-        else:
-            targets = {name: (ff.w_out, sizes[name]) for name, ff in layers.items()}
-            raw = gate_gradients(model, data, targets, max_batches=max_batches)
-        scores = normalise_per_layer(raw)
-        removed = choose_global(scores, fraction, unit="feed-forward channels")
-        importance = {name: s.tolist() for name, s in scores.items()}
-    record = record_of(model)
-    for name, channels in removed.items():
-        if not channels:
-            continue
-        gone = set(channels)
-        keep = [c for c in range(sizes[name]) if c not in gone]
-        remove_channels(layers[name], keep)
-        record.keep("ffn", name, keep, sizes[name])
-    return model, PruneResult(
-        kind="ffn",
-        score=used_score,
-        units_before=sizes,
-        units_after={name: _width(ff) for name, ff in layers.items()},
-        removed={name: c for name, c in removed.items() if c},
-        importance=importance,
-        parameters_before=before,
-        parameters_after=count_parameters(model),
-    )
+    return model, prune_units(model, amount, _CHANNELS, score=score, data=data, max_batches=max_batches)
+
+
+class _Channels(Units[FeedForward]):
+    """Feed-forward hidden channels, ranked one by one."""
+
+    kind = "ffn"
+    unit = "channels"
+    layer_class = FeedForward
+
+    def check(self, path: str, layer: FeedForward) -> None:
+        require_float_linears({f"{path}.w_in": layer.w_in, f"{path}.w_out": layer.w_out})
+
+    def size(self, layer: FeedForward) -> int:
+        return _width(layer)
+
+    def group_scores(
+        self, model: nn.Module, layers: Mapping[str, FeedForward], score: str, data: Any, max_batches: int
+    ) -> dict[str, Tensor]:
+        if score == "magnitude":
+            return {name: _magnitude(ff) for name, ff in layers.items()}
+        targets = {name: (ff.w_out, _width(ff)) for name, ff in layers.items()}
+        return gate_gradients(model, data, targets, max_batches=max_batches)
+
+    def ranked(self, layers: Mapping[str, FeedForward]) -> str:
+        return "feed-forward channels"
+
+    def remove(self, layer: FeedForward, keep: list[int]) -> None:
+        remove_channels(layer, keep)
+
+
+_CHANNELS = _Channels()

@@ -17,8 +17,14 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from attnkit.compress.losses import label_loss
 from attnkit.compress.records import DistillResult
-from attnkit.core.errors import check_non_negative_int, check_positive_float, check_positive_int
+from attnkit.core.errors import (
+    check_non_negative_float,
+    check_non_negative_int,
+    check_positive_float,
+    check_positive_int,
+)
 from attnkit.data.tasks import Batch
 
 #: ``step_loss(batch) -> (loss to minimise, {component name: value})`` for one batch already on the device.
@@ -30,9 +36,8 @@ def check_loop_settings(*, steps: int, lr: float, warmup_steps: int, weight_deca
     check_positive_int("steps", steps, example=1000)
     check_positive_float("lr", lr)
     check_non_negative_int("warmup_steps", warmup_steps)
-    for name, value in (("weight_decay", weight_decay), ("grad_clip", grad_clip)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    check_non_negative_float("weight_decay", weight_decay)
+    check_non_negative_float("grad_clip", grad_clip)
 
 
 def train_loop(
@@ -175,7 +180,6 @@ def finetune(
         ValueError: a quantized model (int8 weights cannot be trained), bad settings, data that runs out.
     """
     from attnkit.compress.quantize import Int8Linear
-    from attnkit.data.tasks import IGNORE_INDEX
     from attnkit.train.modeling import forward
 
     int8 = [name for name, m in model.named_modules() if isinstance(m, Int8Linear)]
@@ -186,10 +190,7 @@ def finetune(
     masks = _zero_masks(model) if keep_zeros else {}
 
     def step_loss(batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = forward(model, batch)
-        ce = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), batch.labels.reshape(-1), ignore_index=IGNORE_INDEX
-        )
+        ce = label_loss(forward(model, batch), batch.labels)
         return ce, {"ce": ce}
 
     def reapply_masks() -> None:

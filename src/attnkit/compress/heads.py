@@ -27,18 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.attention.multi_head import MultiHeadAttention
-from attnkit.compress.importance import (
-    SCORES,
-    check_amount_fraction,
-    choose_global,
-    gate_gradients,
-    normalise_per_layer,
-    parse_explicit,
-    ranking_score,
-    require_float_linears,
-    slice_linear,
-)
-from attnkit.compress.records import PruneResult, count_parameters, record_of
+from attnkit.compress.importance import SCORES, gate_gradients, require_float_linears, slice_linear
+from attnkit.compress.records import PruneResult
+from attnkit.compress.structured import Units, paths_of, prune_units
 from attnkit.core.base import AttentionMechanism
 from attnkit.core.errors import check_choice, check_positive_int
 from attnkit.positions.relative import ALiBi, T5RelativeBias
@@ -108,7 +99,7 @@ def head_state_slicer(mechanism: AttentionMechanism) -> HeadStateSlicer | None:
 
 def attention_layers(model: nn.Module) -> list[str]:
     """Paths of the model's :class:`MultiHeadAttention` modules, in module order (the layer indices)."""
-    return [name for name, m in model.named_modules() if isinstance(m, MultiHeadAttention)]
+    return paths_of(model, MultiHeadAttention)
 
 
 def _group_size(attention: MultiHeadAttention) -> int:
@@ -243,52 +234,43 @@ def prune_heads(
         ValueError: a bad ``amount`` (too many heads, all heads of a layer, a split key/value
             group, unknown layers), a bad ``score``, missing ``data``, an undeclared mechanism.
     """
-    used_score = ranking_score(amount, score, data, unit="heads")
-    check_positive_int("max_batches", max_batches, example=8)
-    names = attention_layers(model)
-    if not names:
-        raise ValueError("model has no MultiHeadAttention layers: there are no heads to prune")
-    layers: dict[str, MultiHeadAttention] = {name: model.get_submodule(name) for name in names}  # type: ignore[misc]
-    for name, attention in layers.items():  # refuse what cannot be done before changing anything
-        head_state_slicer(attention.attention)
-        require_float_linears({f"{name}.{p}": getattr(attention, p) for p in ("to_q", "to_k", "to_v", "to_out")})
-    before = count_parameters(model)
-    sizes = {name: a.heads for name, a in layers.items()}
-    importance: dict[str, list[float]] = {}
-    if isinstance(amount, Mapping):
-        removed = parse_explicit(amount, sizes, unit="heads", layers_hint=f"layers: {names}")
-    else:
-        fraction = check_amount_fraction(amount)
-        scores = normalise_per_layer(_group_scores(model, layers, used_score, data, max_batches))
-        groups = choose_global(scores, fraction, unit="heads (key/value groups)" if _any_grouped(layers) else "heads")
-        removed = {
-            name: [h for g in gs for h in range(g * _group_size(layers[name]), (g + 1) * _group_size(layers[name]))]
-            for name, gs in groups.items()
-        }
-        importance = {name: s.tolist() for name, s in scores.items()}
-    keeps = {
-        name: [h for h in range(layers[name].heads) if h not in set(heads)] for name, heads in removed.items() if heads
-    }
-    for name, keep in keeps.items():  # check every layer before changing any
-        try:
-            _kept_groups(layers[name], keep)
-        except ValueError as err:
-            raise ValueError(f"amount: {name}: {err}") from None
-    record = record_of(model)
-    for name, keep in keeps.items():
-        remove_heads(layers[name], keep)
-        record.keep("heads", name, keep, sizes[name])
-    result = PruneResult(
-        kind="heads",
-        score=used_score,
-        units_before=sizes,
-        units_after={name: a.heads for name, a in layers.items()},
-        removed={name: heads for name, heads in removed.items() if heads},
-        importance=importance,
-        parameters_before=before,
-        parameters_after=count_parameters(model),
-    )
-    return model, result
+    return model, prune_units(model, amount, _HEADS, score=score, data=data, max_batches=max_batches)
+
+
+class _Heads(Units[MultiHeadAttention]):
+    """Query heads, ranked and removed by whole key/value groups."""
+
+    kind = "heads"
+    unit = "heads"
+    layer_class = MultiHeadAttention
+
+    def check(self, path: str, layer: MultiHeadAttention) -> None:
+        head_state_slicer(layer.attention)
+        require_float_linears({f"{path}.{p}": getattr(layer, p) for p in ("to_q", "to_k", "to_v", "to_out")})
+
+    def size(self, layer: MultiHeadAttention) -> int:
+        return layer.heads
+
+    def group_scores(
+        self, model: nn.Module, layers: Mapping[str, MultiHeadAttention], score: str, data: Any, max_batches: int
+    ) -> dict[str, Tensor]:
+        return _group_scores(model, layers, score, data, max_batches)
+
+    def ranked(self, layers: Mapping[str, MultiHeadAttention]) -> str:
+        return "heads (key/value groups)" if _any_grouped(layers) else "heads"
+
+    def members(self, layer: MultiHeadAttention, groups: Sequence[int]) -> list[int]:
+        r = _group_size(layer)
+        return [h for g in groups for h in range(g * r, (g + 1) * r)]
+
+    def check_keep(self, layer: MultiHeadAttention, keep: list[int]) -> None:
+        _kept_groups(layer, keep)
+
+    def remove(self, layer: MultiHeadAttention, keep: list[int]) -> None:
+        remove_heads(layer, keep)
+
+
+_HEADS = _Heads()
 
 
 def _any_grouped(layers: Mapping[str, MultiHeadAttention]) -> bool:

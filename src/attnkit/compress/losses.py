@@ -7,6 +7,8 @@
 - :func:`feature_loss`: mean squared error between matched student and teacher features over
   real positions: hidden states (TinyBERT-style, Jiao et al. 2020, arXiv:1909.10351) or
   attention-branch outputs.
+- :func:`label_loss`: cross-entropy on the labels (the hard-label part of distillation, and the
+  fine-tune's loss).
 - :func:`layer_map`: which teacher layer each student layer is matched with.
 
 Nothing here knows about attnkit models; any logits and features of the stated shapes work.
@@ -17,9 +19,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.core.errors import check_positive_float
+from attnkit.core.errors import check_positive_float, check_positive_int
 from attnkit.data.tasks import IGNORE_INDEX
 
 
@@ -84,6 +87,15 @@ def kd_loss(
     return temperature**2 * per_position.sum() / count
 
 
+def label_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of ``logits (..., V)`` against ``labels (...)`` over the counted positions.
+
+    Positions labelled ``IGNORE_INDEX`` (padding, prompts) do not count; the logits are scored
+    in float32 (mixed-precision models included), as the trainer scores them.
+    """
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
 def feature_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], *, mask: Tensor | None = None) -> Tensor:
     """Mean over matched pairs of the mean squared error over real positions and features.
 
@@ -127,8 +139,6 @@ def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     Student layer ``i`` (0-based) gets teacher layer ``ceil((i + 1) · L_t / L_s) - 1``: a
     2-layer student of a 4-layer teacher gets ``[1, 3]``; equal depths map one to one.
     """
-    if isinstance(student_layers, bool) or not isinstance(student_layers, int) or student_layers < 1:
-        raise ValueError(f"student_layers must be a positive integer, got {student_layers!r}")
-    if isinstance(teacher_layers, bool) or not isinstance(teacher_layers, int) or teacher_layers < 1:
-        raise ValueError(f"teacher_layers must be a positive integer, got {teacher_layers!r}")
+    check_positive_int("student_layers", student_layers)
+    check_positive_int("teacher_layers", teacher_layers)
     return [-(-(i + 1) * teacher_layers // student_layers) - 1 for i in range(student_layers)]

@@ -194,7 +194,16 @@ def linear_targets(
 
 
 @dataclass
-class PruneResult:
+class _Result:
+    """What the result records share: :meth:`to_dict` (the fields are the subclasses')."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PruneResult(_Result):
     """What a structured pruning call did (heads or feed-forward channels).
 
     Attributes:
@@ -217,10 +226,6 @@ class PruneResult:
     parameters_before: int
     parameters_after: int
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return dataclasses.asdict(self)
-
     def __str__(self) -> str:
         before, after = sum(self.units_before.values()), sum(self.units_after.values())
         unit = "heads" if self.kind == "heads" else "channels"
@@ -232,7 +237,7 @@ class PruneResult:
 
 
 @dataclass
-class MagnitudeResult:
+class MagnitudeResult(_Result):
     """What :func:`attnkit.compress.prune_magnitude` did.
 
     Attributes:
@@ -251,10 +256,6 @@ class MagnitudeResult:
     total: int
     skipped: dict[str, str]
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return dataclasses.asdict(self)
-
     def __str__(self) -> str:
         return (
             f"magnitude pruning ({self.scope}): {self.zeros:,} of {self.total:,} linear weights are zero "
@@ -264,7 +265,7 @@ class MagnitudeResult:
 
 
 @dataclass
-class QuantizeResult:
+class QuantizeResult(_Result):
     """What :func:`attnkit.compress.quantize` did.
 
     Attributes:
@@ -285,10 +286,6 @@ class QuantizeResult:
     weight_bytes_before: int
     weight_bytes_after: int
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return dataclasses.asdict(self)
-
     def __str__(self) -> str:
         ratio = self.weight_bytes_before / max(self.weight_bytes_after, 1)
         return (
@@ -298,7 +295,7 @@ class QuantizeResult:
 
 
 @dataclass
-class DistillResult:
+class DistillResult(_Result):
     """What :func:`attnkit.compress.distill` did.
 
     Attributes:
@@ -314,10 +311,6 @@ class DistillResult:
     final: dict[str, float]
     elapsed_s: float
     tokens: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return dataclasses.asdict(self)
 
     def __str__(self) -> str:
         parts = ", ".join(f"{k}={v:.4f}" for k, v in self.final.items())

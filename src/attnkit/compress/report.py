@@ -311,8 +311,9 @@ def _rows(doc: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
     return rows
 
 
-def _get(model: Mapping[str, Any], path: str) -> Any:
-    value: Any = model
+def metric_at(entry: Mapping[str, Any] | None, path: str) -> Any:
+    """The value at the dotted ``path`` of a model's entry (``"speed.forward_ms_batch1"``), None where absent."""
+    value: Any = entry
     for part in path.split("."):
         value = value.get(part) if isinstance(value, Mapping) else None
     return value
@@ -328,12 +329,21 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _flag(model: Mapping[str, Any], path: str) -> str:
-    """`` ?`` after a timing whose rounds disagree by more than :data:`SPREAD_FLAG`."""
+def spread_mark(spread: Any) -> str:
+    """`` ?`` for a timing whose slowest round took over :data:`SPREAD_FLAG` times its fastest, else ``""``."""
+    return " ?" if isinstance(spread, (int, float)) and spread > SPREAD_FLAG else ""
+
+
+def speed_flag(entry: Mapping[str, Any], path: str) -> str:
+    """:func:`spread_mark` of the metric at ``path`` of a model's entry (``""`` for a metric that is not a timing)."""
     if not path.startswith("speed."):
         return ""
-    spread = model.get("speed_spread", {}).get(path.removeprefix("speed."))
-    return " ?" if spread is not None and spread > SPREAD_FLAG else ""
+    return spread_mark(entry.get("speed_spread", {}).get(path.removeprefix("speed.")))
+
+
+def table_head(header: Sequence[str]) -> list[str]:
+    """The first two lines of a Markdown table: ``header``, then the first column left-aligned, the others right."""
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
 
 
 def report_table(doc: Mapping[str, Any]) -> str:
@@ -346,10 +356,10 @@ def report_table(doc: Mapping[str, Any]) -> str:
         *(doc["models"][n]["label"] for n in names),
         *(f"{doc['models'][n]['label']} / {reference}" for n in others),
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines = table_head(header)
     for label, path, _ in _rows(doc):
-        values = [_show(_get(doc["models"][n], path)) + _flag(doc["models"][n], path) for n in names]
-        ratios = [_ratio(_get(doc["models"][n], path), _get(doc["models"][reference], path)) for n in others]
+        values = [_show(metric_at(doc["models"][n], path)) + speed_flag(doc["models"][n], path) for n in names]
+        ratios = [_ratio(metric_at(doc["models"][n], path), metric_at(doc["models"][reference], path)) for n in others]
         cells = [label, *values, *(f"{r:.3f}x" if r is not None else "-" for r in ratios)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -397,15 +407,11 @@ def plot_report(doc: Mapping[str, Any], path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) * max(len(others), 1) + 1.5))
     height = 0.8 / max(len(others), 1)
     for i, name in enumerate(others):
-        ratios = [_ratio(_get(doc["models"][name], p), _get(doc["models"][reference], p)) for _, p, _ in rows]
+        ratios = [_ratio(metric_at(doc["models"][name], p), metric_at(doc["models"][reference], p)) for _, p, _ in rows]
         ys = [r + i * height for r in range(len(rows))]
         shown = [v if v is not None and v > 0 else math.nan for v in ratios]
         ax.barh(ys, shown, height=height, label=doc["models"][name]["label"])
-        for y, value in zip(ys, shown):
-            if not math.isnan(value):
-                ax.annotate(
-                    f"{value:.2f}x", (value, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7
-                )
+        label_bars(ax, ys, shown)
     ax.set_yticks([r + height * (len(others) - 1) / 2 for r in range(len(rows))])
     ax.set_yticklabels([f"{label} ({'higher' if higher else 'lower'} is better)" for label, _, higher in rows])
     ax.invert_yaxis()
@@ -417,6 +423,20 @@ def plot_report(doc: Mapping[str, Any], path: str | Path) -> None:
     ax.set_xlabel(f"ratio to {doc['models'][reference]['label']} (log scale)")
     ax.set_title(f"attnkit {doc['command']}: each model against {doc['models'][reference]['label']}")
     ax.legend(loc="best", fontsize=8)
+    save_figure(fig, path)
+
+
+def label_bars(ax: Any, ys: Sequence[float], values: Sequence[float | None]) -> None:
+    """Write each horizontal bar's ratio (``1.23x``) just past its end; None or NaN gets no label."""
+    for y, value in zip(ys, values):
+        if value is not None and not math.isnan(value):
+            ax.annotate(f"{value:.2f}x", (value, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Lay out a matplotlib figure, write it to ``path`` (110 dpi) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -424,9 +444,19 @@ def plot_report(doc: Mapping[str, Any], path: str | Path) -> None:
 
 def write_report(doc: Mapping[str, Any], directory: str | Path) -> list[Path]:
     """Write ``report.json``, ``report.md`` and ``report.png`` into ``directory``; returns their paths."""
+    return write_report_files(doc, directory, _markdown(doc), plot_report)
+
+
+def write_report_files(
+    doc: Mapping[str, Any], directory: str | Path, markdown: str, plot: Callable[[Mapping[str, Any], Path], None]
+) -> list[Path]:
+    """``doc`` as ``report.json``, ``markdown`` as ``report.md`` and ``plot(doc, path)`` as ``report.png``.
+
+    ``directory`` is created if needed; returns the three paths.
+    """
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     (path / REPORT_JSON).write_text(json.dumps(doc, indent=2) + "\n")
-    (path / REPORT_MD).write_text(_markdown(doc))
-    plot_report(doc, path / REPORT_PLOT)
+    (path / REPORT_MD).write_text(markdown)
+    plot(doc, path / REPORT_PLOT)
     return [path / REPORT_JSON, path / REPORT_MD, path / REPORT_PLOT]

@@ -33,6 +33,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnkit.compress.report import (
+    REPORT_JSON,
+    REPORT_MD,
+    REPORT_PLOT,
+    label_bars,
+    metric_at,
+    save_figure,
+    speed_flag,
+    table_head,
+    write_report_files,
+)
+
 #: Row names -> labels in the table, in table order.
 ROW_LABELS: dict[str, str] = {
     "baseline": "baseline (full attention, fp32)",
@@ -49,7 +61,7 @@ ROW_LABELS: dict[str, str] = {
 }
 
 #: Report files written into ``--out``.
-SUMMARY_JSON, SUMMARY_MD, SUMMARY_PLOT = "report.json", "report.md", "report.png"
+SUMMARY_JSON, SUMMARY_MD, SUMMARY_PLOT = REPORT_JSON, REPORT_MD, REPORT_PLOT
 
 _COMPARE = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
 
@@ -77,8 +89,8 @@ class Floor:
 
     def judge(self, rows: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         """``{"floor", "value", "bound", "met"}``; ``met`` is None when a row or a number is missing."""
-        top = _lookup(rows.get(self.numerator[0]), self.numerator[1])
-        bottom = _lookup(rows.get(self.denominator[0]), self.denominator[1])
+        top = metric_at(rows.get(self.numerator[0]), self.numerator[1])
+        bottom = metric_at(rows.get(self.denominator[0]), self.denominator[1])
         value = float(top) / float(bottom) if _number(top) and _number(bottom) and bottom else None
         met = None if value is None else bool(_COMPARE[self.compare](value, self.bound))
         return {"floor": self.description, "value": value, "bound": f"{self.compare} {self.bound:g}", "met": met}
@@ -131,13 +143,6 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _lookup(entry: Mapping[str, Any] | None, path: str) -> Any:
-    value: Any = entry
-    for part in path.split("."):
-        value = value.get(part) if isinstance(value, Mapping) else None
-    return value
-
-
 def linear_weight_bytes(model: nn.Module) -> int:
     """Bytes of every linear layer's weight: float weights, or int8 weights plus their float scales.
 
@@ -164,7 +169,7 @@ def linear_weight_bytes(model: nn.Module) -> int:
 
 def ratio(entry: Mapping[str, Any], baseline: Mapping[str, Any], path: str, saving: bool) -> float | None:
     """``baseline / entry`` (``saving``: a speed-up or size saving) or ``entry / baseline`` of a metric."""
-    value, reference = _lookup(entry, path), _lookup(baseline, path)
+    value, reference = metric_at(entry, path), metric_at(baseline, path)
     if not (_number(value) and _number(reference)) or not value or not reference:
         return None
     return float(reference) / float(value) if saving else float(value) / float(reference)
@@ -188,24 +193,15 @@ def _cell(value: Any, kind: str) -> str:
     return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
 
 
-def _flag(entry: Mapping[str, Any], path: str) -> str:
-    from attnkit.compress.report import SPREAD_FLAG
-
-    if not path.startswith("speed."):
-        return ""
-    spread = entry.get("speed_spread", {}).get(path.removeprefix("speed."))
-    return " ?" if _number(spread) and spread > SPREAD_FLAG else ""
-
-
 def summary_table(doc: Mapping[str, Any]) -> str:
     """One row per model: its figures, then its ratios to the baseline (Markdown)."""
     rows, baseline = doc["rows"], doc["rows"]["baseline"]
     context = doc["workload"]["context"]
     header = ["model", *(h.format(context=context) for h, _, _ in COLUMNS), *(h for h, _, _ in RATIOS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines = table_head(header)
     for entry in rows.values():
         cells = [entry["label"]]
-        cells += [_cell(_lookup(entry, path), kind) + _flag(entry, path) for _, path, kind in COLUMNS]
+        cells += [_cell(metric_at(entry, path), kind) + speed_flag(entry, path) for _, path, kind in COLUMNS]
         for _, path, saving in RATIOS:
             value = ratio(entry, baseline, path, saving)
             cells.append("-" if value is None else f"{value:.3f}x")
@@ -278,10 +274,7 @@ def plot_summary(doc: Mapping[str, Any], path: str | Path) -> None:
         values = [ratio(rows[name], baseline, metric, saving) for name in names]
         shown = [v if v is not None else 0.0 for v in values]
         ax.barh(range(len(names)), shown, color=["tab:blue" if saving else "tab:orange"] * len(names))
-        for y, value in enumerate(values):
-            if value is not None:
-                ax.annotate(f"{value:.2f}x", (value, y), xytext=(3, 0), textcoords="offset points", va="center",
-                            fontsize=7)  # fmt: skip
+        label_bars(ax, range(len(names)), values)
         ax.axvline(1.0, color="black", linewidth=1)
         for floor in FLOORS:  # a floor on this ratio against the baseline: draw its bound
             if "baseline" in (floor.numerator[0], floor.denominator[0]) and floor.numerator[1] == metric:
@@ -292,19 +285,12 @@ def plot_summary(doc: Mapping[str, Any], path: str | Path) -> None:
     axes[0].set_yticklabels([rows[name]["label"] for name in names], fontsize=8)
     axes[0].invert_yaxis()
     fig.suptitle("each model against the baseline (red dashes: the floors)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_summary(doc: Mapping[str, Any], directory: str | Path) -> list[Path]:
     """``report.json``, ``report.md`` and ``report.png`` in ``directory``; returns their paths."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SUMMARY_JSON).write_text(json.dumps(doc, indent=2) + "\n")
-    (out / SUMMARY_MD).write_text(render_markdown(doc))
-    plot_summary(doc, out / SUMMARY_PLOT)
-    return [out / SUMMARY_JSON, out / SUMMARY_MD, out / SUMMARY_PLOT]
+    return write_report_files(doc, directory, render_markdown(doc), plot_summary)
 
 
 # ---------------------------------------------------------------- measuring

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.core.capabilities import Capabilities
+from attnkit.core.errors import check_bool
 from attnkit.core.types import MaskFunction, ScoreBias
 from attnkit.core.validation import check_no_key_padding_mask, check_qkv
 
@@ -133,6 +134,9 @@ class AttentionMechanism(nn.Module, ABC):
     call_options: ClassVar[tuple[str, ...]] = ()
     #: Why ``causal=True`` is refused (mechanisms without an exactly causal form say why here).
     no_causal_reason: ClassVar[str] = "causal=True is not supported (no exactly causal form)"
+    #: What :meth:`new_state` returns; :meth:`decode` refuses any other state before calling
+    #: :meth:`_decode`. A mechanism with another state type overrides both methods and sets this.
+    state_type: ClassVar[type] = KVState
     _options_repr: str = ""
 
     def forward(
@@ -274,6 +278,8 @@ class AttentionMechanism(nn.Module, ABC):
         heads = q.shape[1]
         if _nothing_to_attend(q, v):  # no new position: nothing to append either
             return _empty_attention(q, repeat_kv_heads(k, heads), repeat_kv_heads(v, heads))
+        if not isinstance(state, self.state_type):
+            raise ValueError(f"state must come from {type(self).__name__}.new_state(), got {type(state).__name__}")
         if not isinstance(state, KVState):
             # Only a key/value cache keeps grouped heads; other states (recurrent sums) are per query head.
             k, v = repeat_kv_heads(k, heads), repeat_kv_heads(v, heads)
@@ -289,9 +295,7 @@ class AttentionMechanism(nn.Module, ABC):
         attention_mask: Tensor | None,
         score_bias: ScoreBias | None,
     ) -> Tensor:
-        # Default: a growing KV cache and a causal call with queries aligned to the end.
-        if not isinstance(state, KVState):
-            raise ValueError(f"state must come from {type(self).__name__}.new_state(), got {type(state).__name__}")
+        # Default: a growing KV cache (decode() checked its type) and a causal call with queries aligned to the end.
         state.append(k, v, attention_mask)
         assert state.keys is not None and state.values is not None
         heads = q.shape[1]  # the cache keeps the key/value heads it was given; the mechanism sees H
@@ -338,8 +342,7 @@ class AttentionMechanism(nn.Module, ABC):
         mask: MaskFunction | None,
         score_bias: ScoreBias | None,
     ) -> None:
-        if not isinstance(causal, bool):
-            raise ValueError(f"causal must be a bool, got {causal!r}")
+        check_bool("causal", causal)
         if mask is not None and not callable(mask):
             raise ValueError(f"mask must be an attnkit.masks.Mask (a callable), got {type(mask).__name__}")
         reasons = self._unsupported(causal=causal, attention_mask=attention_mask, mask=mask, score_bias=score_bias)

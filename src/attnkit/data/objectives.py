@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from attnkit.core.errors import check_positive_int
 from attnkit.data.batching import ExampleStream
 from attnkit.data.tasks.base import IGNORE_INDEX, Example
 from attnkit.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, SEP_ID
@@ -143,8 +144,7 @@ class SpanCorruption:
             isinstance(self.mean_span_length, (int, float)) and self.mean_span_length >= 1
         ):
             raise ValueError(f"mean_span_length must be a number >= 1, got {self.mean_span_length!r}")
-        if isinstance(self.num_sentinels, bool) or not isinstance(self.num_sentinels, int) or self.num_sentinels < 1:
-            raise ValueError(f"num_sentinels must be a positive integer, got {self.num_sentinels!r}")
+        check_positive_int("num_sentinels", self.num_sentinels)
 
     def sentinel(self, index: int) -> int:
         """The id of ``<extra_id_{index}>``."""

@@ -12,12 +12,12 @@ recomputes, and says so once per set of mechanisms.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from attnkit.core.errors import check_bool, warn_once
 from attnkit.core.registry import attention_capabilities
 
 _WARNED: set[tuple[str, ...]] = set()
@@ -37,21 +37,19 @@ def mechanisms_without_state(model: Any) -> list[str]:
 
 def resolve_use_cache(model: Any, use_cache: bool) -> bool:
     """Whether to decode incrementally: ``use_cache`` unless a mechanism cannot (warned once)."""
-    if not isinstance(use_cache, bool):
-        raise ValueError(f"use_cache must be a bool, got {use_cache!r}")
-    if not use_cache:
+    if not check_bool("use_cache", use_cache):
         return False
     missing = mechanisms_without_state(model)
     if not missing:
         return True
     key = tuple(sorted(missing))
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(
-            f"attention {', '.join(map(repr, missing))} has no incremental decoding state; generation "
-            "recomputes the whole prefix at every step (pass use_cache=False to silence this)",
-            stacklevel=4,
-        )
+    warn_once(
+        _WARNED,
+        key,
+        f"attention {', '.join(map(repr, missing))} has no incremental decoding state; generation "
+        "recomputes the whole prefix at every step (pass use_cache=False to silence this)",
+        stacklevel=4,
+    )
     return False
 
 

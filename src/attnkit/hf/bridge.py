@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface, AutoConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
+from attnkit.core.errors import warn_once
 from attnkit.core.registry import attention_capabilities, get_spec, list_attention
 from attnkit.hf.attention import (
     MECHANISM_ATTRIBUTE,
@@ -196,13 +196,13 @@ def _recompute_for_generation(model: PreTrainedModel, name: str, modules: list[n
     if not decoder or caps.cross_attention or caps.decoding is not None or config is None:
         return
     config.use_cache = False
-    if name not in _WARNED:
-        _WARNED.add(name)
-        warnings.warn(
-            f"attention {name!r} has no incremental decoding state; generate() recomputes the whole prefix at "
-            "every step (model.generation_config.use_cache is now False)",
-            stacklevel=3,
-        )
+    warn_once(
+        _WARNED,
+        name,
+        f"attention {name!r} has no incremental decoding state; generate() recomputes the whole prefix at "
+        "every step (model.generation_config.use_cache is now False)",
+        stacklevel=3,
+    )
 
 
 def load(path: str | Path, **from_pretrained_kwargs: Any) -> PreTrainedModel:

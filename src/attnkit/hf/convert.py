@@ -39,6 +39,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 import attnkit.hf
+from attnkit.core.errors import check_out_dir
 from attnkit.hf.families import family_of
 from attnkit.hf.text import (
     eval_windows,
@@ -61,17 +62,6 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "added_tokens.json",
 )
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` that is a file, or a folder holding files without ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
-        raise ValueError(
-            f"--out {out} already holds files ({held}); pass --overwrite to replace them, or choose another folder"
-        )
 
 
 def load_teacher(source: str | Path | PreTrainedModel, device: torch.device) -> tuple[PreTrainedModel, Path | None]:
@@ -217,7 +207,7 @@ def convert(
     settings = settings or TransferSettings()
     options = dict(options or {})
     out = Path(out)
-    check_out(out, overwrite)
+    check_out_dir(out, overwrite)
     device = torch.device(device)
     teacher_model, directory = load_teacher(teacher, device)
     _check_lengths(teacher_model, list(lengths), settings.seq_len)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from attnkit.compress.report import REPORT_JSON, REPORT_MD, REPORT_PLOT, SPREAD_FLAG
+from attnkit.compress.report import REPORT_JSON, REPORT_MD, REPORT_PLOT, SPREAD_FLAG, save_figure, spread_mark
 
 _QUALITY_LABELS = {
     "teacher": "teacher (original attention)",
@@ -21,8 +21,7 @@ def _number(value: Any, digits: str = ".4g") -> str:
 
 
 def _flagged(entry: Mapping[str, Any], metric: str) -> str:
-    spread = entry["spread"].get(metric)
-    return " ?" if spread is not None and spread > SPREAD_FLAG else ""
+    return spread_mark(entry["spread"].get(metric))
 
 
 def quality_table(doc: Mapping[str, Any]) -> str:
@@ -123,15 +122,18 @@ def plot(doc: Mapping[str, Any], path: Path) -> None:
         points = speedups(doc, metric)
         if points:
             ax.plot(list(points), list(points.values()), marker="o", label=label)
+    speedup_axes(ax, f"{doc['family']} -> {doc['attention']}: speed-up (higher is better)")
+    save_figure(fig, path)
+
+
+def speedup_axes(ax: Any, title: str) -> None:
+    """Dress axes that plot speed-ups over the teacher against the context length (log2 axis, 1x line)."""
     ax.axhline(1.0, color="black", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("teacher (SDPA) time / converted time")
-    ax.set_title(f"{doc['family']} -> {doc['attention']}: speed-up (higher is better)")
+    ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_report(doc: Mapping[str, Any], directory: Path) -> list[Path]:

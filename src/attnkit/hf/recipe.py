@@ -238,7 +238,8 @@ def _plot(reports: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from attnkit.hf.convert_report import speedups
+    from attnkit.compress.report import save_figure
+    from attnkit.hf.convert_report import speedup_axes, speedups
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for report in reports:
@@ -247,15 +248,8 @@ def _plot(reports: list[dict[str, Any]], path: Path) -> None:
             if points:
                 ax.plot(list(points), list(points.values()), marker="o", label=report["attention"])
     for ax, title in zip(axes, ("forward+backward", "decoding, per new token")):
-        ax.axhline(1.0, color="black", linewidth=1)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("teacher (SDPA) time / converted time")
-        ax.set_title(f"{title}: speed-up over the teacher")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        speedup_axes(ax, f"{title}: speed-up over the teacher")
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,12 @@ class TransferSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from attnkit.core.errors import check_non_negative_int, check_positive_float, check_positive_int
+        from attnkit.core.errors import (
+            check_non_negative_float,
+            check_non_negative_int,
+            check_positive_float,
+            check_positive_int,
+        )
 
         for name in ("layer_steps", "steps", "warmup_steps", "seed"):
             check_non_negative_int(name, getattr(self, name))
@@ -103,9 +108,7 @@ class TransferSettings:
         for name in ("layer_lr", "lr", "temperature"):
             check_positive_float(name, getattr(self, name))
         for name in ("ce_weight", "grad_clip"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            check_non_negative_float(name, getattr(self, name))
         if self.train not in TRAIN_CHOICES:
             raise ValueError(f"train must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}")
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from attnkit.core.types import ScoreBias
+from attnkit.kernels.precision import upcast
 from attnkit.masks.functions import Mask
 
 #: Target number of scores in one chunk's ``(B, H, c, group, W)`` working set (16 MiB of fp32).
@@ -350,7 +351,7 @@ def gathered_attention_with_lse(
     score_bias: ScoreBias | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Like :func:`gathered_attention`, also returning each row's log-sum-exp ``(B, H, T)``.
+    """Exact softmax attention over a :class:`GatherPattern`, in ``O(T·W)``, and each row's log-sum-exp.
 
     The log-sum-exp (``-inf`` for a row that saw nothing) lets :func:`merge_attention` join
     parts computed over different groupings (e.g. a window part and a global-token part).
@@ -372,8 +373,7 @@ def gathered_attention_with_lse(
     """
     b, h, t_len, dim = q.shape
     s_len = k.shape[2]
-    if q.dtype in (torch.float16, torch.bfloat16):
-        q, k, v = q.float(), k.float(), v.float()
+    q, k, v = upcast(q), upcast(k), upcast(v)
     scale = scale if scale is not None else 1.0 / math.sqrt(dim)
     size = pattern.group_size
     groups = pattern.num_groups
@@ -424,22 +424,8 @@ def gathered_attention(
     score_bias: ScoreBias | None = None,
     scale: float | None = None,
 ) -> Tensor:
-    """Exact softmax attention over a :class:`GatherPattern`, in ``O(T·W)``.
-
-    Args:
-        q: ``(B, H, T, D)`` queries.
-        k: ``(B, H, S, D)`` keys.
-        v: ``(B, H, S, Dv)`` values.
-        pattern: the groups and the keys each gathers.
-        attention_mask: bool ``(B, S)``, True = real token.
-        score_bias: additive bias ``(h, q_pos, kv_pos)`` evaluated on the gathered positions
-            only (queries end-aligned: ``q_pos = i + S - T``); learned biases get gradients.
-        scale: score scale, default ``1/sqrt(D)``.
-
-    Returns:
-        ``(B, H, T, Dv)``; a query that sees no key, or that belongs to no group, gets zeros.
-        Low-precision inputs are computed and returned in float32.
-    """
+    """Exact softmax attention over a :class:`GatherPattern`, in ``O(T·W)``: the output ``(B, H, T, Dv)``
+    of :func:`gathered_attention_with_lse` (same arguments) without the log-sum-exp."""
     out, _ = gathered_attention_with_lse(
         q, k, v, pattern, attention_mask=attention_mask, score_bias=score_bias, scale=scale
     )

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from attnkit.kernels.bucket_layout import ChunkLayout
 from attnkit.kernels.chunk_softmax import ChunkPlan, planned_chunk_attention
+from attnkit.kernels.precision import upcast
 
 
 def _rows(token_of_slot: Tensor, tokens_per_sequence: int) -> Tensor:
@@ -130,8 +131,10 @@ def bucketed_attention(
 
     Returns:
         ``(B, H, T, Dv)``: for every query, softmax attention over the union of the keys
-        visible to it in any round; zeros where no key is visible.
+        visible to it in any round; zeros where no key is visible. Half-precision inputs are
+        computed and returned in float32.
     """
+    q, k, v = upcast(q), upcast(k), upcast(v)
     b, h, t_len, d = q.shape
     d_v = v.shape[-1]
     rounds, c, nc = layout.chunk_continues.shape[2], layout.chunk_size, layout.num_chunks

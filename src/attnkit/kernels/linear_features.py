@@ -4,7 +4,7 @@ Kernel attention replaces ``exp(q·k)`` by ``φ(q)·φ(k)``. The kernels may app
 (a :class:`FeatureMap`), a block of rows or a group of heads at a time, so that each pass over
 the features finds them in cache and no autograd graph is kept for ``φ``. Also here: the
 conventions every kernel follows (padded keys removed exactly, a normaliser that is not positive
-gives zeros, half precision accumulated in float32).
+gives zeros; half precision is computed in float32, :mod:`attnkit.kernels.precision`).
 """
 
 from __future__ import annotations
@@ -128,11 +128,6 @@ def safe_denominator(den: Tensor) -> Tensor:
 def normalise(out: Tensor, dv: int) -> Tensor:
     """Split ``(…, Dv + 1)`` sums into numerator and normaliser; zeros where the normaliser is not positive."""
     return out[..., :dv] / safe_denominator(out[..., dv:])
-
-
-def upcast(x: Tensor) -> Tensor:
-    """Half-precision inputs are accumulated in float32: sums run over thousands of keys."""
-    return x.float() if x.element_size() < 4 else x
 
 
 def drop_padded(

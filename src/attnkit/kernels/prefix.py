@@ -25,7 +25,8 @@ from torch import Tensor
 
 from attnkit.kernels.bidirectional import grouped_linear_attention
 from attnkit.kernels.causal_prefix import CausalSettings, causal_prefix
-from attnkit.kernels.linear_features import NEG, FeatureMap, apply_features, drop_padded, upcast
+from attnkit.kernels.linear_features import NEG, FeatureMap, apply_features, drop_padded
+from attnkit.kernels.precision import upcast
 from attnkit.kernels.recurrent import PrefixState, kernel_decode
 from attnkit.kernels.recurrent import causal_linear_attention as causal_linear_attention
 from attnkit.kernels.recurrent import recurrent_step as recurrent_step
