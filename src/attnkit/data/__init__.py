@@ -1,7 +1,8 @@
 """Data for training and evaluation.
 
-* :mod:`attnkit.data.tasks`: seeded synthetic tasks (ListOps, copy, MQAR, reverse, sort) with
-  random access, disjoint splits and the positions that count (``batch.target_mask``);
+* :mod:`attnkit.data.tasks`: seeded synthetic tasks (ListOps, copy, MQAR, reverse, sort) and the
+  quality suite's tasks on real local text (text_classification, document_matching, pathfinder,
+  passkey, char_lm), with random access, disjoint splits and the positions that count (``batch.target_mask``);
 * :mod:`attnkit.data.tokenizers`: byte-level and BPE tokenizers saved with the model;
 * :mod:`attnkit.data.sources`: the standard-library corpus, text files and JSONL, streamed;
 * :mod:`attnkit.data.batching`: length-bucketed, seeded, resumable batching;

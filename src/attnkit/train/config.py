@@ -53,7 +53,8 @@ class TrainConfig:
     them (``python -m attnkit.train.reference``).
 
     Attributes:
-        task: a synthetic task (``"listops"``, ``"copy"``, ``"mqar"``, ``"reverse"``, ``"sort"``),
+        task: a synthetic task (``"listops"``, ``"copy"``, ``"mqar"``, ``"reverse"``, ``"sort"``), a quality-suite
+            task (``"text_classification"``, ``"document_matching"``, ``"pathfinder"``, ``"passkey"``, ``"char_lm"``),
             ``"text"`` (the Python standard library as a language-modelling corpus),
             ``"gettext:LOCALE"`` (translation: English→LOCALE message pairs from this machine's
             gettext catalogs, e.g. ``"gettext:de"``, ``"gettext:zh_CN"``), ``"docstrings"``

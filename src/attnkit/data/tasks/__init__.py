@@ -1,4 +1,23 @@
-"""Seeded synthetic tasks: ListOps, copy (duplication), MQAR, reverse and sort.
+"""Seeded tasks: ListOps, copy (duplication), MQAR, reverse and sort, and the quality suite's tasks.
+
+The quality suite (after Long Range Arena and Zoology) adds byte-level tasks on real text
+already on the machine (the standard library's sources) and generated images:
+
+========================  ==============  =====================================================
+name                      kind            what
+========================  ==============  =====================================================
+``listops``               classification  LRA ListOps (up to 2K tokens at LRA's settings)
+``text_classification``   classification  LRA-style Text: which package a byte window is from
+``document_matching``     classification  LRA-style Retrieval: are two byte windows one file's
+``pathfinder``            classification  LRA-style Pathfinder: are two marks joined by a curve
+``mqar``                  lm              Zoology's multi-query associative recall
+``passkey``               lm              a passkey hidden at a chosen depth of 1K-8K bytes
+``char_lm``               lm              next-byte prediction, bits per character
+========================  ==============  =====================================================
+
+:func:`attnkit.data.tasks.baselines.no_context_baseline` gives each task's no-context baseline
+(majority class; unigram bits per character for ``char_lm``). LRA's pixel-sequence "Image" task
+has no counterpart: no labelled image set ships with the installed packages.
 
 Two ways in:
 
@@ -36,10 +55,16 @@ from attnkit.data.tasks.base import (
     collate,
     split_of,
 )
+from attnkit.data.tasks.baselines import Baseline, no_context_baseline
+from attnkit.data.tasks.char_lm import CharLM
 from attnkit.data.tasks.copy import CopyTask
+from attnkit.data.tasks.document_matching import DocumentMatching
 from attnkit.data.tasks.listops import ListOps
 from attnkit.data.tasks.mqar import MQAR
+from attnkit.data.tasks.passkey import PasskeyRecord, PasskeyRetrieval
+from attnkit.data.tasks.pathfinder import Pathfinder
 from attnkit.data.tasks.seq2seq import SequenceTransduction
+from attnkit.data.tasks.text_classification import ByteTextClassification
 
 __all__ = [
     "IGNORE_INDEX",
@@ -47,10 +72,17 @@ __all__ = [
     "PAD_ID",
     "SPLITS",
     "TASK_NAMES",
+    "Baseline",
     "Batch",
+    "ByteTextClassification",
+    "CharLM",
     "CopyTask",
+    "DocumentMatching",
     "Example",
     "ListOps",
+    "PasskeyRecord",
+    "PasskeyRetrieval",
+    "Pathfinder",
     "SequenceTransduction",
     "Task",
     "TaskKind",
@@ -59,12 +91,37 @@ __all__ = [
     "listops",
     "make_task",
     "mqar",
+    "no_context_baseline",
     "reverse",
     "sort",
     "split_of",
 ]
 
-TASK_NAMES: tuple[str, ...] = ("listops", "copy", "mqar", "reverse", "sort")
+TASK_NAMES: tuple[str, ...] = (
+    "listops",
+    "copy",
+    "mqar",
+    "reverse",
+    "sort",
+    "text_classification",
+    "document_matching",
+    "pathfinder",
+    "passkey",
+    "char_lm",
+)
+#: The class of each task name (``reverse`` and ``sort`` are :class:`SequenceTransduction` modes).
+_CLASSES: dict[str, type[Task]] = {
+    "listops": ListOps,
+    "copy": CopyTask,
+    "mqar": MQAR,
+    "reverse": SequenceTransduction,
+    "sort": SequenceTransduction,
+    "text_classification": ByteTextClassification,
+    "document_matching": DocumentMatching,
+    "pathfinder": Pathfinder,
+    "passkey": PasskeyRetrieval,
+    "char_lm": CharLM,
+}
 
 
 def make_task(name: str, **options: Any) -> Task:
@@ -83,8 +140,7 @@ def make_task(name: str, **options: Any) -> Task:
         if "mode" in options:
             raise ValueError(f"task {name!r} fixes mode={name!r}; remove the 'mode' option")
         options = {**options, "mode": name}
-    classes: dict[str, type[Task]] = {"listops": ListOps, "copy": CopyTask, "mqar": MQAR}
-    cls = classes.get(name, SequenceTransduction)
+    cls = _CLASSES[name]
     try:
         return cls(**options)
     except TypeError as err:

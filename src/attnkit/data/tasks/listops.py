@@ -10,7 +10,8 @@ depth ``max_depth`` (10) is always a leaf. Operators: ``MIN``, ``MAX``, ``MED`` 
 truncated to an integer: the median of [1, 2] is 1) and ``SM`` (sum modulo 10). The token
 length is 1 per leaf and 2 + the children's lengths per operator (its opening token and
 ``]``). Trees whose length falls outside ``[min_length, max_length]`` are redrawn (LRA keeps
-500 < length < 2000; shorter ranges make CPU-sized runs).
+500 < length < 2000; shorter ranges make CPU-sized runs). A range no tree can reach (lengths
+beyond :func:`longest_tree` of ``max_depth`` and ``max_args``) is refused when the task is built.
 
 Vocabulary (16 ids): 0 padding, 1-10 the digits 0-9, 11-14 ``[MIN [MAX [MED [SM``, 15 ``]``:
 the 15 symbols of LRA plus padding. The label is the value of the tree, 0-9.
@@ -44,6 +45,14 @@ def apply_operator(op: str, values: list[int]) -> int:
     if op == "SM":
         return sum(values) % 10
     raise ValueError(f"unknown ListOps operator {op!r}; expected one of {OPERATORS}")
+
+
+def longest_tree(max_depth: int, max_args: int) -> int:
+    """Tokens of the longest tree: every node above ``max_depth`` an operator with ``max_args`` children."""
+    length = 1  # a leaf at the deepest level
+    for _ in range(max_depth - 1):
+        length = 2 + max_args * length  # the operator's opening token and "]" around its children
+    return length
 
 
 class _TooLong(Exception):
@@ -82,6 +91,12 @@ class ListOps(Task):
         check_range("max_depth", max_depth, "max_depth", max_depth)
         if not isinstance(leaf_probability, (int, float)) or not 0.0 < leaf_probability < 1.0:
             raise ValueError(f"leaf_probability must be in (0, 1), got {leaf_probability!r}")
+        longest = longest_tree(max_depth, max_args)
+        if min_length > longest:
+            raise ValueError(
+                f"min_length={min_length} cannot be reached: the longest tree with max_depth={max_depth} and "
+                f"max_args={max_args} has {longest} tokens; lower min_length or raise max_depth or max_args"
+            )
         self.min_length = min_length
         self._max_length = max_length
         self.max_depth = max_depth
