@@ -11,7 +11,8 @@
 # Settings (environment): WORK (run folders, default runs/apps), OUT (report, default docs/applications-report),
 # TRANSLATE_STEPS (default 1200), SUMMARIZE_STEPS (default 400), SUMMARIZE_BATCH (default 8), EXAMPLES (test
 # examples scored, default 200), ROUNDS (timing rounds, default 3), THREADS (torch threads, default 2),
-# TRAIN_OVERRIDES (extra key=value for every `attnkit train`, e.g. "model.dim=64" for a dry run).
+# TRAIN_OVERRIDES (extra key=value for every `attnkit train`, e.g. "model.dim=64" for a dry run), TRAIN_ONLY=1
+# (train the runs, measure later: e.g. train at low priority on a busy machine, then measure on a quiet one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +27,7 @@ ROUNDS=${ROUNDS:-3}
 THREADS=${THREADS:-2}
 TRAIN_OVERRIDES=${TRAIN_OVERRIDES:-}
 FRESH=${FRESH:-0}
+TRAIN_ONLY=${TRAIN_ONLY:-0}
 ATTNKIT=${ATTNKIT:-.venv/bin/attnkit}
 PYTHON=${PYTHON:-.venv/bin/python}
 
@@ -72,6 +74,7 @@ for recipe in $RECIPES; do
   esac
 done
 
+if [[ $TRAIN_ONLY == 1 ]]; then log "trained (TRAIN_ONLY=1): run again without it to score and time"; exit 0; fi
 log "scoring and timing every run side by side ($ROUNDS rounds, $THREADS thread(s))"
 $PYTHON -m attnkit.arena.applications "${runs[@]}" --examples "$EXAMPLES" --rounds "$ROUNDS" --threads "$THREADS" \
   --out "$OUT" --overwrite \
