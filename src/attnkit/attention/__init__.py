@@ -13,6 +13,9 @@ from attnkit.attention import sliding_window  # noqa: F401
 from attnkit.attention import fixed  # noqa: F401
 from attnkit.attention import longformer  # noqa: F401
 from attnkit.attention import strided  # noqa: F401
+from attnkit.attention import block_local  # noqa: F401
+from attnkit.attention import axial  # noqa: F401
+from attnkit.attention import fan_out  # noqa: F401
 from attnkit.attention import topk  # noqa: F401
 from attnkit.attention import lsh  # noqa: F401
 from attnkit.attention import routing  # noqa: F401

@@ -30,9 +30,9 @@ from attnkit.core.base import AttentionMechanism
 from attnkit.core.capabilities import Capabilities, DecodingKind
 from attnkit.core.errors import check_choice, check_positive_float
 from attnkit.core.types import MaskFunction, ScoreBias
-from attnkit.kernels.blocked import gathered_attention_with_lse, span_pattern
+from attnkit.kernels.blocked import GatherPattern, gathered_attention_with_lse, span_pattern
 from attnkit.kernels.flex import flex_pattern_attention
-from attnkit.masks.functions import Mask, sliding_window_mask
+from attnkit.masks.functions import Mask, causal_mask, sliding_window_mask
 
 BACKENDS = ("auto", "blocked", "flex")
 
@@ -244,3 +244,75 @@ def _interleaved(
         return x.view(b, d, h, rows, -1).permute(0, 2, 3, 1, 4).reshape(b, h, rows * d, -1)[:, :, :length]
 
     return join(out), join(lse[..., None])[..., 0]
+
+
+#: Most queries in one gathered group of :func:`block_diagonal_pattern` / :func:`column_pattern`:
+#: bounds one group's ``(group, keys)`` scores when blocks or columns are long.
+_MAX_GROUP = 64
+
+
+def block_diagonal_pattern(
+    q_len: int, kv_len: int, block_size: int, *, causal: bool, device: torch.device | None = None
+) -> GatherPattern:
+    """Each query gathers the keys of its own block of ``block_size`` absolute positions.
+
+    A block's queries are split into groups of at most 64 that all gather the whole block (a
+    run of ``block_size`` keys, gathered block-wise); the last block may be partial. The keys
+    are exactly the block, so only causality needs an element mask. ``O(T·n)``.
+    """
+    offset = kv_len - q_len
+    block_size = min(block_size, kv_len)  # a block longer than the keys is the one block 0 .. S-1
+    group = min(block_size, _MAX_GROUP)
+    splits = -(-block_size // group)  # groups per block
+    blocks = torch.arange(offset // block_size, (kv_len - 1) // block_size + 1, device=device)  # blocks with queries
+    keys = blocks[:, None] * block_size + torch.arange(block_size, device=device)  # (blocks, n) absolute
+    queries = torch.where((keys >= offset) & (keys < kv_len), keys - offset, -1)  # local, -1 = none
+    queries = torch.nn.functional.pad(queries, (0, splits * group - block_size), value=-1).view(-1, group)
+    keys = torch.where(keys < kv_len, keys, -1).repeat_interleave(splits, dim=0)
+    element = causal_mask(q_len, kv_len) if causal else None
+    return GatherPattern(group, keys[None, None], element, q_index=queries[None, None], key_block=block_size)
+
+
+def column_pattern(
+    q_len: int, kv_len: int, cols: int, *, causal: bool, device: torch.device | None = None
+) -> GatherPattern:
+    """Each query gathers the other keys of its column in rows of ``cols`` positions.
+
+    Key ``j`` is in the column of the query at absolute position ``p`` when ``(p - j) mod cols
+    == 0``; the query itself is left out (a row part holds it), and causal leaves out ``j > p``.
+    Queries are grouped by column (at most 64 per group), each group gathering its whole
+    column: ``O(T·S/cols)``.
+    """
+    offset = kv_len - q_len
+    columns = min(cols, kv_len)  # columns at or beyond S hold no key
+    per_column = -(-q_len // cols)  # queries in one column at most
+    group = min(per_column, _MAX_GROUP)
+    splits = -(-per_column // group)
+    column = torch.arange(columns, device=device)[:, None]
+    # local queries of column c: i ≡ c - offset (mod cols)
+    queries = (column - offset).remainder(cols) + cols * torch.arange(splits * group, device=device)
+    queries = torch.where(queries < q_len, queries, -1).view(columns * splits, group)
+    keys = column + cols * torch.arange(-(-kv_len // cols), device=device)
+    keys = torch.where(keys < kv_len, keys, -1).repeat_interleave(splits, dim=0)
+
+    def other_rows(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        p = q + offset
+        return k < p if causal else k != p
+
+    return GatherPattern(
+        group, keys[None, None], Mask(other_rows, "same_column_other_rows"), q_index=queries[None, None]
+    )
+
+
+def distance_pattern(
+    q_len: int, kv_len: int, distances: list[int], device: torch.device | None = None
+) -> GatherPattern:
+    """Each query gathers the keys at the given signed distances: ``j = p - d`` for each ``d``.
+
+    Queries each form their own group (no two share a key set), so the listed keys are exactly
+    the pattern and need no element mask: ``O(T·len(distances))``. Distances must be distinct.
+    """
+    positions = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    keys = positions - torch.tensor(distances, dtype=torch.long, device=device)
+    keys = torch.where((keys >= 0) & (keys < kv_len), keys, -1)
+    return GatherPattern(1, keys[None, None])

@@ -61,6 +61,9 @@ _HEAD_STATE: dict[str, HeadStateSlicer | None] = {
     "fixed": None,
     "longformer": None,
     "strided": None,
+    "block_local": None,  # the block-diagonal, axial and log-sparse patterns hold no per-head state
+    "axial": None,
+    "fan_out": None,
     "topk": None,
     "lsh": None,  # random rotations shared by all heads
     "routing": _slice_routing,  # centroids (heads, clusters, head_dim)

@@ -110,3 +110,77 @@ def block_table_mask(q_len: int, kv_len: int, block_size: int, table: Tensor, *,
         return seen & _causal(q, k, offset) if causal else seen
 
     return Mask(fn, f"block_table({block_size}, causal={causal})")
+
+
+def block_local_mask(q_len: int, kv_len: int, block_size: int, *, causal: bool) -> Mask:
+    """Block-local (block-diagonal) pattern: positions fall into blocks of ``n`` and see only their own block.
+
+    Key ``j`` is visible to the query at position ``p`` when ``p // n == j // n``; causal: and
+    ``j <= p``. The last block may be partial.
+    """
+    offset = kv_len - q_len
+
+    def fn(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        p = q + offset
+        seen = torch.div(p, block_size, rounding_mode="floor") == torch.div(k, block_size, rounding_mode="floor")
+        return seen & _causal(q, k, offset) if causal else seen
+
+    return Mask(fn, f"block_local({block_size}, causal={causal})")
+
+
+def axial_mask(q_len: int, kv_len: int, cols: int, *, causal: bool) -> Mask:
+    """Axial pattern over a grid of rows of ``cols`` positions in raster order (Ho et al. 2019).
+
+    Position ``p`` is cell ``(p // cols, p mod cols)``. Key ``j`` is visible to the query at ``p``
+    when it lies in the query's row (``p // cols == j // cols``) or column
+    (``(p - j) mod cols == 0``); causal: and ``j <= p`` (raster order).
+    """
+    offset = kv_len - q_len
+
+    def fn(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        p = q + offset
+        same_row = torch.div(p, cols, rounding_mode="floor") == torch.div(k, cols, rounding_mode="floor")
+        seen = same_row | ((p - k).remainder(cols) == 0)
+        return seen & _causal(q, k, offset) if causal else seen
+
+    return Mask(fn, f"axial(cols={cols}, causal={causal})")
+
+
+def fan_out_distances(window: int, base: int, kv_len: int, *, causal: bool) -> list[int]:
+    """The log-sparse distances beyond the local window: ``base**m`` (``m >= 0``) below ``kv_len``.
+
+    Only distances the window does not already hold are listed (causal windows hold ``0 ..
+    window - 1``, bidirectional ones ``|dist| <= window // 2``), each once, ascending.
+    """
+    reach = window - 1 if causal else window // 2
+    distances, step = [], 1
+    while step < kv_len:
+        if step > reach:
+            distances.append(step)
+        step *= base
+    return distances
+
+
+def fan_out_mask(q_len: int, kv_len: int, window: int, base: int, *, causal: bool) -> Mask:
+    """Fan-out (log-sparse) pattern: a local window plus keys at exponentially growing distances.
+
+    "Enhancing the Locality and Breaking the Memory Bottleneck of Transformer on Time Series
+    Forecasting" (LogSparse Transformer, Li et al. 2019, arXiv:1907.00235). Key ``j`` is visible
+    to the query at position ``p`` when it is in the query's sliding window (as
+    :func:`~attnkit.masks.sliding_window_mask`) or ``|p - j| = base**m`` for some ``m >= 0``;
+    causal: and ``j <= p``.
+    """
+    offset = kv_len - q_len
+    local = sliding_window_mask(q_len, kv_len, window, causal=causal)
+    # A short unrolled chain of comparisons (about log_base(S) of them): FlexAttention compiles it.
+    distances = fan_out_distances(window, base, kv_len, causal=causal)
+
+    def fn(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        dist = (q + offset) - k
+        far = dist if causal else dist.abs()
+        seen = local(b, h, q, k)
+        for step in distances:
+            seen = seen | (far == step)
+        return seen
+
+    return Mask(fn, f"fan_out({window}, base={base}, causal={causal})")
