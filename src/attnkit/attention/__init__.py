@@ -17,6 +17,7 @@ from attnkit.attention import block_local  # noqa: F401
 from attnkit.attention import axial  # noqa: F401
 from attnkit.attention import fan_out  # noqa: F401
 from attnkit.attention import topk  # noqa: F401
+from attnkit.attention import dynamic_block  # noqa: F401
 from attnkit.attention import lsh  # noqa: F401
 from attnkit.attention import routing  # noqa: F401
 from attnkit.attention import sinkhorn  # noqa: F401

@@ -65,6 +65,7 @@ _HEAD_STATE: dict[str, HeadStateSlicer | None] = {
     "axial": None,
     "fan_out": None,
     "topk": None,
+    "dynamic_block": None,  # the learned gate's scorer is shared by all heads
     "lsh": None,  # random rotations shared by all heads
     "routing": _slice_routing,  # centroids (heads, clusters, head_dim)
     "sinkhorn": None,
