@@ -226,3 +226,21 @@ def test_json_errors_name_the_dotted_key_path_and_its_line(tmp_path: Path) -> No
     line = json.dumps(data, indent=2).splitlines().index('      "windw": 3') + 1
     with pytest.raises(ValueError, match=rf"w.json, line {line}: key 'attention_options.sliding_window.windw' is inv"):
         load_config(path)
+
+
+def test_build_data_carries_every_data_field_of_the_run() -> None:
+    """Every command that rebuilds a run's data (trainer, eval, compress, distill, summaries) goes through
+    TrainConfig.build_data: task options, seed and objective must all reach the data."""
+    from attnkit.data.tasks import MQAR
+
+    config = TrainConfig(task="mqar", out_dir="unused", task_options={"num_pairs": 3, "gap": 5}, seed=7, seq_len=64)
+    data = config.build_data()
+    # the same examples as the task built by hand with those options and seed
+    expected = MQAR(num_pairs=3, gap=5).examples(4, seed=7, split="validation", unique=True)
+    got = data.eval_examples("validation", 4)
+    assert [e.input_ids for e in got] == [e.input_ids for e in expected]
+    assert config.build_data(seed=8).eval_examples("validation", 4)[0].input_ids != got[0].input_ids
+    # a masked-LM run's data is masked-LM data (compress and summaries used to build causal data for it)
+    masked = TrainConfig(task="text", out_dir="unused", seq_len=32, tokenizer="byte", objective="mlm")
+    assert masked.build_data().kind == "mlm"
+    assert masked.build_data(seq_len=16).eval_examples("validation", 1)[0].length <= 17

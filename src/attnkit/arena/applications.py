@@ -84,7 +84,6 @@ def load_run(spec: RunSpec) -> LoadedRun:
     Raises:
         FileNotFoundError / ValueError: not a training run folder, or not a sequence-to-sequence task.
     """
-    from attnkit.data.pipeline import build_data
     from attnkit.models import load_pretrained
     from attnkit.train.runs import resolve_weights, run_config
 
@@ -92,17 +91,7 @@ def load_run(spec: RunSpec) -> LoadedRun:
     config = run_config(spec.directory)
     if config is None:
         raise ValueError(f"{spec.directory} is a model folder; pass the training run folder (out_dir of attnkit train)")
-    data = build_data(
-        config.task,
-        task_options=config.task_options,
-        seq_len=config.seq_len,
-        tokenizer=config.tokenizer,
-        tokenizer_vocab_size=config.tokenizer_vocab_size,
-        seed=config.seed,
-        tokenizer_dir=weights.directory,
-        objective=config.objective,
-        objective_options=config.objective_options,
-    )
+    data = config.build_data(tokenizer_dir=weights.directory)
     if data.kind != "seq2seq":
         raise ValueError(f"{spec.directory}: task {config.task!r} is {data.kind}; the report scores seq2seq recipes")
     model = load_pretrained(weights.directory, map_location="cpu")

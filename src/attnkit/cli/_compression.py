@@ -165,15 +165,7 @@ def resolve_data(args: argparse.Namespace, config: Any, model_dir: Path, *, mode
         for flag in ("--seq-len", "--tokenizer"):
             if getattr(args, flag[2:].replace("-", "_")) is not None:
                 raise ValueError(f"{flag} sets up --data; the run's own data is used here: add --data, or drop {flag}")
-        data = build_data(
-            config.task,
-            task_options=config.task_options,
-            seq_len=config.seq_len,
-            tokenizer=config.tokenizer,
-            tokenizer_vocab_size=config.tokenizer_vocab_size,
-            seed=seed,
-            tokenizer_dir=model_dir,
-        )
+        data = config.build_data(tokenizer_dir=model_dir, seed=seed)
         description = f"the run's training data ({config.task})"
     return DataSetup(
         data=data,

@@ -85,7 +85,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from attnkit.data.batching import eval_batches
-    from attnkit.data.pipeline import build_data
     from attnkit.models import load_pretrained
     from attnkit.train import TrainConfig, evaluate
 
@@ -98,17 +97,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model_dir = _model_dir(run_dir, args.model)
         model = load_pretrained(model_dir, map_location=device)
-    data = build_data(
-        config.task,
-        task_options=config.task_options,
-        seq_len=config.seq_len,
-        tokenizer=config.tokenizer,
-        tokenizer_vocab_size=config.tokenizer_vocab_size,
-        seed=config.seed,
-        tokenizer_dir=model_dir,
-        objective=config.objective,
-        objective_options=config.objective_options,
-    )
+    data = config.build_data(tokenizer_dir=model_dir)
     for name, value in (("--examples", args.examples), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")

@@ -324,13 +324,10 @@ def _steps_of(directory: Path) -> list[str]:
 def _workload(config: Any, weights_dir: Path, *, context: int, prompt_length: int, generate_tokens: int) -> Any:
     """A ``context``-token window at batch 1 (forward, generation prompt) and a training batch (peak memory)."""
     from attnkit.compress.report import Workload
-    from attnkit.data.pipeline import build_data
     from attnkit.data.tasks import collate
 
     def examples(seq_len: int, count: int) -> tuple[list[Any], int]:
-        data = build_data(
-            config.task, seq_len=seq_len, tokenizer=config.tokenizer, seed=config.seed, tokenizer_dir=weights_dir
-        )
+        data = config.build_data(tokenizer_dir=weights_dir, seq_len=seq_len)
         stream = data.stream("train")
         return [next(stream) for _ in range(count)], data.pad_id
 
@@ -351,7 +348,6 @@ def build_summary(args: argparse.Namespace) -> dict[str, Any]:
     from attnkit.compress import load_compressed
     from attnkit.compress.report import bytes_on_disk, count_weights, machine, measure_speed
     from attnkit.data.batching import eval_batches
-    from attnkit.data.pipeline import build_data
     from attnkit.train import evaluate
     from attnkit.train.runs import resolve_weights, run_config
 
@@ -372,13 +368,7 @@ def build_summary(args: argparse.Namespace) -> dict[str, Any]:
             )
         if model.config.max_len < args.context:
             raise ValueError(f"--context {args.context} is longer than {name}'s max_len {model.config.max_len}")
-    data = build_data(
-        config.task,
-        seq_len=config.seq_len,
-        tokenizer=config.tokenizer,
-        seed=config.seed,
-        tokenizer_dir=folders["baseline"],
-    )
+    data = config.build_data(tokenizer_dir=folders["baseline"])
     examples = data.eval_examples(args.split, args.eval_examples)
     batches = eval_batches(examples, batch_size=config.batch_size, pad_id=data.pad_id)
     quality = {}

@@ -158,6 +158,31 @@ class TrainConfig:
     objective: str = "causal"
     objective_options: dict[str, Any] = field(default_factory=dict)
 
+    def build_data(
+        self, *, tokenizer_dir: str | Path | None = None, seed: int | None = None, seq_len: int | None = None
+    ) -> Any:
+        """This run's :class:`~attnkit.data.pipeline.TrainingData`: its task, options, tokenizer and objective.
+
+        Args:
+            tokenizer_dir: a folder holding the run's saved tokenizer (a model or checkpoint folder), so
+                the ids are the ones the model was trained on; None builds (or trains) it afresh.
+            seed: the data seed, default the run's.
+            seq_len: tokens per example, default the run's (e.g. a longer window to time).
+        """
+        from attnkit.data.pipeline import build_data
+
+        return build_data(
+            self.task,
+            task_options=self.task_options,
+            seq_len=self.seq_len if seq_len is None else seq_len,
+            tokenizer=self.tokenizer,
+            tokenizer_vocab_size=self.tokenizer_vocab_size,
+            seed=self.seed if seed is None else seed,
+            tokenizer_dir=tokenizer_dir,
+            objective=self.objective,
+            objective_options=self.objective_options,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (round-trips through :meth:`from_dict`)."""
         out = dataclasses.asdict(self)

@@ -35,7 +35,7 @@ from torch import nn
 
 from attnkit.core.base import after_optimizer_step
 from attnkit.data.batching import BucketBatcher, eval_batches
-from attnkit.data.pipeline import TrainingData, build_data
+from attnkit.data.pipeline import TrainingData
 from attnkit.data.tasks import Batch
 from attnkit.train.checkpoint import (
     Checkpoint,
@@ -154,17 +154,7 @@ class Trainer:
 
         random.seed(config.seed)
         torch.manual_seed(config.seed)
-        self.data: TrainingData = build_data(
-            config.task,
-            task_options=config.task_options,
-            seq_len=config.seq_len,
-            tokenizer=config.tokenizer,
-            tokenizer_vocab_size=config.tokenizer_vocab_size,
-            seed=config.seed,
-            tokenizer_dir=self.resume_from or self._init_dir(),
-            objective=config.objective,
-            objective_options=config.objective_options,
-        )
+        self.data: TrainingData = config.build_data(tokenizer_dir=self.resume_from or self._init_dir())
         self.model_config = model_config(self.data, config.attention, config.attention_options, config.model)
         self.model: nn.Module = model_class(self.data.kind)(self.model_config).to(self.context.device)
         self.initialised: InitResult | None = None
