@@ -19,28 +19,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnkit.attention.pattern import PatternAttention, PatternCall, default_group_size, pattern_capabilities
+from attnkit.attention.pattern import (
+    PatternAttention,
+    PatternCall,
+    block_diagonal_pattern,
+    default_group_size,
+    pattern_capabilities,
+)
 from attnkit.core.errors import check_positive_int
 from attnkit.core.registry import register
 from attnkit.kernels.blocked import GatherPattern, consecutive_groups, gathered_attention_with_lse, merge_attention
-from attnkit.masks.functions import Mask, causal_mask
+from attnkit.masks.functions import Mask
 from attnkit.masks.patterns import fixed_mask
-
-
-def own_block_pattern(
-    q_len: int, kv_len: int, block_size: int, *, causal: bool, device: torch.device | None = None
-) -> GatherPattern:
-    """Each block of queries (blocks of absolute positions) gathers the keys of its block."""
-    offset = kv_len - q_len
-    first, last = offset // block_size, (kv_len - 1) // block_size
-    blocks = torch.arange(first, last + 1, device=device)[:, None] * block_size + torch.arange(
-        block_size, device=device
-    )
-    queries = blocks - offset
-    queries = torch.where((queries >= 0) & (queries < q_len), queries, -1)
-    keys = torch.where(blocks < kv_len, blocks, -1)
-    element = causal_mask(q_len, kv_len) if causal else None
-    return GatherPattern(block_size, keys[None, None], element, q_index=queries[None, None], key_block=block_size)
 
 
 def summary_pattern(
@@ -98,7 +88,7 @@ class FixedAttention(PatternAttention):
     def _blocked(self, q: Tensor, k: Tensor, v: Tensor, call: PatternCall) -> Tensor:
         t_len, s_len = q.shape[2], k.shape[2]
         opts = call.softmax_options()
-        own = own_block_pattern(t_len, s_len, self.block_size, causal=call.causal, device=q.device)
+        own = block_diagonal_pattern(t_len, s_len, self.block_size, causal=call.causal, device=q.device)
         parts = [gathered_attention_with_lse(q, k, v, own, **opts)]
         if s_len > self.block_size:
             summary = summary_pattern(

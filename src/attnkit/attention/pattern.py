@@ -274,14 +274,22 @@ def block_diagonal_pattern(
 
 
 def column_pattern(
-    q_len: int, kv_len: int, cols: int, *, causal: bool, device: torch.device | None = None
+    q_len: int,
+    kv_len: int,
+    cols: int,
+    *,
+    causal: bool,
+    min_distance: int = 1,
+    device: torch.device | None = None,
 ) -> GatherPattern:
-    """Each query gathers the other keys of its column in rows of ``cols`` positions.
+    """Each query gathers the keys of its column in rows of ``cols`` positions, at least
+    ``min_distance`` away.
 
     Key ``j`` is in the column of the query at absolute position ``p`` when ``(p - j) mod cols
-    == 0``; the query itself is left out (a row part holds it), and causal leaves out ``j > p``.
-    Queries are grouped by column (at most 64 per group), each group gathering its whole
-    column: ``O(T·S/cols)``.
+    == 0``; keys nearer than ``min_distance`` are left out (``1``: the query itself, which a row
+    part holds (``axial``); ``cols``: the whole local band (``strided``)), and causal leaves out
+    ``j > p``. Queries are grouped by column (at most 64 per group), each group gathering its
+    whole column: ``O(T·S/cols)``.
     """
     offset = kv_len - q_len
     columns = min(cols, kv_len)  # columns at or beyond S hold no key
@@ -295,13 +303,11 @@ def column_pattern(
     keys = column + cols * torch.arange(-(-kv_len // cols), device=device)
     keys = torch.where(keys < kv_len, keys, -1).repeat_interleave(splits, dim=0)
 
-    def other_rows(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        p = q + offset
-        return k < p if causal else k != p
+    def far_in_column(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        dist = q + offset - k
+        return dist >= min_distance if causal else dist.abs() >= min_distance
 
-    return GatherPattern(
-        group, keys[None, None], Mask(other_rows, "same_column_other_rows"), q_index=queries[None, None]
-    )
+    return GatherPattern(group, keys[None, None], Mask(far_in_column, "far_in_column"), q_index=queries[None, None])
 
 
 def distance_pattern(

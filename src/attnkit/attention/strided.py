@@ -17,44 +17,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from attnkit.attention.pattern import PatternAttention, PatternCall, pattern_capabilities, sliding_window_attention
+from attnkit.attention.pattern import (
+    PatternAttention,
+    PatternCall,
+    column_pattern,
+    pattern_capabilities,
+    sliding_window_attention,
+)
 from attnkit.core.errors import check_positive_int
 from attnkit.core.registry import register
-from attnkit.kernels.blocked import GatherPattern, gathered_attention_with_lse, merge_attention
+from attnkit.kernels.blocked import gathered_attention_with_lse, merge_attention
 from attnkit.masks.functions import Mask
 from attnkit.masks.patterns import strided_mask
-
-#: Queries of one residue class gathered together on the grid part.
-_GRID_GROUP = 64
-
-
-def grid_pattern(
-    q_len: int, kv_len: int, stride: int, *, causal: bool, device: torch.device | None = None
-) -> GatherPattern:
-    """The stride-grid keys outside the local band, as residue-class groups.
-
-    Group rows hold the local queries ``i`` whose absolute position ``p = i + S - T`` has one
-    residue ``r = p mod l``; each gathers the keys ``r, r + l, r + 2l, ...``.
-    """
-    offset = kv_len - q_len
-    per_residue = -(-q_len // stride)
-    group = min(_GRID_GROUP, per_residue)
-    groups_per_residue = -(-per_residue // group)
-    residues = torch.arange(stride, device=device)[:, None]
-    queries = (residues - offset).remainder(stride) + stride * torch.arange(groups_per_residue * group, device=device)
-    queries = torch.where(queries < q_len, queries, -1).view(stride * groups_per_residue, group)
-    keys = residues + stride * torch.arange(-(-kv_len // stride), device=device)
-    keys = torch.where(keys < kv_len, keys, -1).repeat_interleave(groups_per_residue, dim=0)
-
-    def far_grid(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        dist = q + offset - k
-        seen = (dist.remainder(stride) == 0) & (dist.abs() >= stride)
-        return seen & (dist >= 0) if causal else seen
-
-    return GatherPattern(group, keys[None, None], Mask(far_grid, "far_grid"), q_index=queries[None, None])
 
 
 @register(
@@ -86,5 +62,7 @@ class StridedAttention(PatternAttention):
         opts = call.softmax_options()
         band = self.stride if call.causal else 2 * self.stride - 1  # |p - j| < l as a sliding window
         local = sliding_window_attention(q, k, v, band, causal=call.causal, **opts)
-        grid = grid_pattern(q.shape[2], k.shape[2], self.stride, causal=call.causal, device=q.device)
+        grid = column_pattern(
+            q.shape[2], k.shape[2], self.stride, causal=call.causal, min_distance=self.stride, device=q.device
+        )
         return merge_attention([local, gathered_attention_with_lse(q, k, v, grid, **opts)])
