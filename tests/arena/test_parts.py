@@ -193,14 +193,14 @@ def test_task_baselines_match_counting_by_hand(tiny_config: ArenaConfig) -> None
         task = get_task(name, length=cfg.task_length)
         train = Counter(
             int(x)
-            for _, t, _ in task.batches("train", cfg.train_steps, cfg.batch_size, cfg.seed)
-            for x in t.flatten()
+            for b in task.batches("train", cfg.train_steps, cfg.batch_size, cfg.seed)
+            for x in b.labels.flatten()
             if int(x) != IGNORE_INDEX
         )
         val = [
             int(x)
-            for _, t, _ in task.batches("validation", cfg.eval_batches, cfg.batch_size, cfg.seed)
-            for x in t.flatten()
+            for b in task.batches("validation", cfg.eval_batches, cfg.batch_size, cfg.seed)
+            for x in b.labels.flatten()
             if int(x) != IGNORE_INDEX
         ]
         got = task_baseline(name, cfg)
@@ -215,8 +215,9 @@ def test_task_baselines_match_counting_by_hand(tiny_config: ArenaConfig) -> None
 
 def test_mqar_scores_each_query_with_its_value_and_never_shows_the_answer() -> None:
     task = get_task("mqar", length=32)  # 4 pairs: k v k v k v k v q q q q
-    ((tokens, targets, padding),) = task.batches("train", 1, 4, 0)
-    assert padding is None and tokens.shape == (4, 12)
+    (batch,) = task.batches("train", 1, 4, 0)
+    tokens, targets = batch.input_ids, batch.labels
+    assert bool(batch.attention_mask.all()) and tokens.shape == (4, 12)
     for row_tokens, row_targets in zip(tokens.tolist(), targets.tolist()):
         pairs = dict(zip(row_tokens[0:8:2], row_tokens[1:8:2]))
         assert sorted(row_tokens[8:]) == sorted(pairs)  # the tail holds every key once, no values
@@ -228,9 +229,9 @@ def test_mqar_scores_each_query_with_its_value_and_never_shows_the_answer() -> N
 def test_tasks_are_deterministic_and_splits_differ() -> None:
     for name in ("listops", "lm"):
         task = get_task(name, length=32)
-        a = task.batches("train", 1, 4, 0)[0][0]
-        assert torch.equal(a, task.batches("train", 1, 4, 0)[0][0])
-        assert not torch.equal(a, task.batches("validation", 1, 4, 0)[0][0])
+        a = task.batches("train", 1, 4, 0)[0].input_ids
+        assert torch.equal(a, task.batches("train", 1, 4, 0)[0].input_ids)
+        assert not torch.equal(a, task.batches("validation", 1, 4, 0)[0].input_ids)
     with pytest.raises(ValueError, match="task must be one of"):
         get_task("imdb", length=64)
     with pytest.raises(ValueError, match="task_length must be at least 32"):

@@ -175,8 +175,8 @@ def quality_limits(metric: str, values: list[float]) -> tuple[float, float]:
 _STEP = 9
 _OFFSETS = sorted(
     [(7, 0, "left"), (-7, 0, "right")]
-    + [(dx, sign * k * _STEP, ha) for k in range(1, 8) for sign in (1, -1) for dx, ha in ((7, "left"), (-7, "right"))]
-    + [(0, sign * (k * _STEP + 2), "center") for k in range(1, 8) for sign in (1, -1)],
+    + [(dx, sign * k * _STEP, ha) for k in range(1, 13) for sign in (1, -1) for dx, ha in ((7, "left"), (-7, "right"))]
+    + [(0, sign * (k * _STEP + 2), "center") for k in range(1, 13) for sign in (1, -1)],
     key=lambda o: (abs(o[1]), o[0] == 0),
 )
 

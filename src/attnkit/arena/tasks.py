@@ -1,21 +1,25 @@
 """The arena's quality tasks, sized for a CPU budget, on :mod:`attnkit.data`'s generators.
 
-Every task yields ``(tokens, targets, padding)`` batches: ``tokens (B, T)`` long,
-``targets`` ``(B, T)`` (per token, ``-100`` where nothing is scored) or ``(B,)``
-(per sequence), ``padding (B, T)`` bool (True = real token) or None. Batches are
-generated once per process and shared by every mechanism (memoised), from disjoint
-train and validation splits, so all mechanisms see exactly the same data.
+Every task yields :class:`attnkit.data.tasks.Batch` objects, the trainer's own: ``input_ids
+(B, T)`` long, ``attention_mask (B, T)`` bool (True = real token; all True where nothing is
+padded) and ``labels`` ``(B, T)`` (per token, ``-100`` where nothing is scored) or ``(B,)``
+(per sequence). Batches are generated once per process and shared by every mechanism
+(memoised), from disjoint train and validation splits, so all mechanisms see exactly the
+same data. A task's ``kind`` names the :mod:`attnkit.models` model that sits it
+(:func:`attnkit.train.modeling.model_class`).
 
-- ``mqar``: :class:`attnkit.data.tasks.MQAR` with ``task_length // 8`` pairs over
+- ``mqar`` (kind ``mlm``: a bidirectional :class:`~attnkit.models.MaskedLanguageModel`
+  predicting each query's value): :class:`attnkit.data.tasks.MQAR` with ``task_length // 8`` pairs over
   ``2 x pairs`` keys and values, every pair queried once in random order: ``3 x pairs``
   tokens (24 at the default length 64; measured: larger vocabularies, more pairs or
   filler gaps push the exact model's learning step past the budget, and a task no
   mechanism learns ranks nothing). The answer slots after the queries are dropped (each
   query is scored with its value), so bidirectional mechanisms sit the same task
   without reading the answer next door.
-- ``listops``: :class:`attnkit.data.tasks.ListOps` (LRA recipe) with expressions of
+- ``listops`` (kind ``classification``: :class:`~attnkit.models.SequenceClassifier`, mean
+  pooling): :class:`attnkit.data.tasks.ListOps` (LRA recipe) with expressions of
   ``task_length // 4`` to ``task_length`` tokens and depth at most 6.
-- ``lm``: next-byte prediction on the standard library's source files
+- ``lm`` (kind ``lm``: :class:`~attnkit.models.LanguageModel`): next-byte prediction on the standard library's source files
   (:func:`attnkit.data.sources.stdlib_files`; train and validation files are disjoint).
 """
 
@@ -28,9 +32,7 @@ import torch
 from torch import Tensor
 
 from attnkit.data.sources import stdlib_files
-from attnkit.data.tasks import IGNORE_INDEX, Task, make_task
-
-Batch = tuple[Tensor, Tensor, Tensor | None]
+from attnkit.data.tasks import IGNORE_INDEX, Batch, Task, TaskKind, make_task
 
 #: Bytes of text read for the language-modelling task (train, validation).
 LM_BYTES = {"train": 2_000_000, "validation": 300_000}
@@ -44,21 +46,30 @@ class QualityTask:
         name: ``"mqar"``, ``"listops"`` or ``"lm"``.
         length: longest sequence.
         vocab_size: input vocabulary.
-        num_outputs: classes of the head.
-        causal: needs causal attention.
-        pooled: one label per sequence (else per token).
+        num_outputs: classes of the head (the vocabulary, for per-token tasks).
+        kind: the model that sits the task: ``"lm"`` (causal), ``"mlm"`` (bidirectional, per
+            token) or ``"classification"`` (one label per sequence).
         metric: ``"accuracy"`` or ``"bits_per_char"``.
-        learning_rate: AdamW learning rate that trains the tiny model within the budget.
+        learning_rate: AdamW learning rate that trains the small model within the budget.
     """
 
     name: str
     length: int
     vocab_size: int
     num_outputs: int
-    causal: bool
-    pooled: bool
+    kind: TaskKind
     metric: str
     learning_rate: float
+
+    @property
+    def causal(self) -> bool:
+        """Whether the task needs causal attention (language modelling)."""
+        return self.kind == "lm"
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the task has one label per sequence."""
+        return self.kind == "classification"
 
     def batches(self, split: str, count: int, batch_size: int, seed: int) -> list[Batch]:
         """``count`` batches of ``split`` (``"train"`` or ``"validation"``), the same for the same arguments."""
@@ -75,13 +86,13 @@ def get_task(name: str, *, length: int) -> QualityTask:
         raise ValueError(f"task_length must be at least 32 for the quality tasks, got {length}")
     if name == "mqar":
         vocab = _mqar_task(length).vocab_size  # answers are value tokens: the head predicts input ids
-        return QualityTask("mqar", length, vocab, vocab, False, False, "accuracy", 1e-2)
+        return QualityTask("mqar", length, vocab, vocab, "mlm", "accuracy", 1e-2)
     if name == "listops":
-        return QualityTask("listops", length, _listops_task(length).vocab_size, 10, False, True, "accuracy", 3e-3)
+        return QualityTask("listops", length, _listops_task(length).vocab_size, 10, "classification", "accuracy", 3e-3)
     if name == "lm":
         # 1e-2 rather than 3e-3: 3.36 vs 3.54 bits/char for exact attention after the default
         # 120 steps (measured), so the short budget shows more than the unigram statistics
-        return QualityTask("lm", length, 256, 256, True, False, "bits_per_char", 1e-2)
+        return QualityTask("lm", length, 256, 256, "lm", "bits_per_char", 1e-2)
     raise ValueError(f"task must be one of 'mqar', 'listops', 'lm', got {name!r}")
 
 
@@ -101,12 +112,11 @@ def _batches(task: QualityTask, split: str, count: int, batch_size: int, seed: i
     source = _mqar_task(task.length) if task.name == "mqar" else _listops_task(task.length)
     out = []
     for i in range(count):
-        b = source.batch(batch_size, seed=seed, split=split, start=i * batch_size)
-        padding = None if bool(b.attention_mask.all()) else b.attention_mask
-        tokens, labels = b.input_ids, b.labels
+        batch = source.batch(batch_size, seed=seed, split=split, start=i * batch_size)
         if task.name == "mqar":
-            tokens, labels = _queries_only(tokens, labels)
-        out.append((tokens, labels, padding))
+            tokens, labels = _queries_only(batch.input_ids, batch.labels)
+            batch = Batch(tokens, torch.ones_like(tokens, dtype=torch.bool), labels)
+        out.append(batch)
     return out
 
 
@@ -146,5 +156,6 @@ def _lm_batches(length: int, split: str, count: int, batch_size: int, seed: int)
     for _ in range(count):
         starts = torch.randint(len(text) - length - 1, (batch_size,), generator=gen)
         windows = torch.stack([text[s : s + length + 1] for s in starts.tolist()])  # (B, T + 1)
-        out.append((windows[:, :-1], windows[:, 1:], None))
+        tokens = windows[:, :-1]
+        out.append(Batch(tokens, torch.ones_like(tokens, dtype=torch.bool), windows[:, 1:]))
     return out

@@ -79,9 +79,8 @@ def train_loop(
     """
     from tqdm import tqdm
 
-    from attnkit.core.base import after_optimizer_step
+    from attnkit.train.loop_api import optimizer_update, param_groups
     from attnkit.train.schedule import learning_rate
-    from attnkit.train.trainer import _param_groups
 
     check_loop_settings(steps=steps, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip)
     check_positive_int("log_every", log_every, example=10)
@@ -89,7 +88,7 @@ def train_loop(
         raise ValueError(f"data must be an iterable of attnkit Batch objects, got {type(data).__name__}")
     device = next(model.parameters()).device
     model.train()
-    optimizer = torch.optim.AdamW(_param_groups(model, float(weight_decay)), lr=lr)
+    optimizer = torch.optim.AdamW(param_groups(model, float(weight_decay)), lr=lr)
     batches = iter(data)
     history: list[dict[str, float]] = []
     tokens = 0
@@ -108,15 +107,10 @@ def train_loop(
                 raise ValueError(f"data must yield attnkit Batch objects, got {type(batch).__name__}")
             batch = batch.to(device)
             loss, parts = step_loss(batch)
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             rate = learning_rate(step, lr=lr, warmup_steps=warmup_steps, max_steps=steps)
-            for group in optimizer.param_groups:
-                group["lr"] = rate
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            after_optimizer_step(model)  # online mechanism state, e.g. Routing's k-means centroids
+            # the trainer's update: clip, step, the mechanisms' post-step hooks (Routing's centroids), zero grads
+            optimizer_update(model, optimizer, lr=rate, grad_clip=grad_clip)
             if after_step is not None:
                 after_step()
             tokens += batch.num_tokens

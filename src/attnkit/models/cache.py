@@ -65,14 +65,15 @@ class ModelCache:
         next_position: ``(B,)`` absolute position of each row's next real token, or None
             before the first step.
         length: number of tokens consumed (padding included).
-        previous_token: ``(B, dim)`` token embedding of the last position consumed (zeros where it
-            was padding), for ``token_shift``; None before the first step or without it.
+        shift_history: ``(B, token_shift - 1, dim)`` token embeddings of the last positions consumed
+            (zeros where they were padding or before the first token), which the token shift's
+            convolution needs next; None before the first step or without ``token_shift``.
     """
 
     layers: list[tuple[AttentionCache, AttentionCache]]
     next_position: Tensor | None = None
     length: int = 0
-    previous_token: Tensor | None = None
+    shift_history: Tensor | None = None
     batch: int = field(default=0, repr=False)
 
     def reorder_batch(self, index: Tensor) -> ModelCache:
@@ -84,7 +85,7 @@ class ModelCache:
                 cross_cache.context = reorder_batch(cross_cache.context, index, batch)
         if self.next_position is not None:
             self.next_position = self.next_position.index_select(0, index)
-        if self.previous_token is not None:
-            self.previous_token = self.previous_token.index_select(0, index)
+        if self.shift_history is not None:
+            self.shift_history = self.shift_history.index_select(0, index)
         self.batch = int(index.shape[0])
         return self

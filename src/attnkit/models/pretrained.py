@@ -93,10 +93,10 @@ class PreTrainedModel(nn.Module):
         self.config = config
 
     def init_weights(self) -> None:
-        """Normal(0, 0.02) weights, zero biases; norms at identity (GPT-2's initialisation)."""
+        """Normal(0, ``config.init_std``) weights (GPT-2's 0.02 by default), zero biases; norms at identity."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
+                nn.init.normal_(module.weight, std=self.config.init_std)
                 if isinstance(module, nn.Linear) and module.bias is not None:
                     nn.init.zeros_(module.bias)
 

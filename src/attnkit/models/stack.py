@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 import torch
@@ -16,13 +17,63 @@ from attnkit.models.reversible import coupled_forward, reversible_forward
 from attnkit.positions import LearnedPositions, SinusoidalPositions
 
 
+class TokenShift(nn.Module):
+    """Depthwise causal convolution of width ``k`` over token embeddings (``token_shift = k``).
+
+    ``y_t = sum_{j=0}^{k-1} w_j * e_{t-j}`` (``*`` per channel): the short convolution H3 and Based
+    put before attention ("Hungry Hungry Hippos", Fu et al. 2023, arXiv:2212.14052; Zoology, Arora
+    et al. 2023, arXiv:2312.04927). Cost ``O(T · k · dim)``.
+
+    Args:
+        dim: embedding width.
+        width: kernel width ``k`` (at least 2: the current token and ``k - 1`` earlier ones).
+
+    Attributes:
+        weight: ``(k, dim)``; row ``j`` multiplies the embedding ``j`` positions back. Row 0 starts at
+            one (the embedding passes through unchanged) and the others uniform in ``±1/sqrt(k)``, the
+            range of ``nn.Conv1d``'s default for this kernel (measured: all-zero earlier taps make
+            MQAR take twice the steps to learn).
+    """
+
+    def __init__(self, dim: int, width: int) -> None:
+        super().__init__()
+        self.width = width
+        self.weight = nn.Parameter(torch.empty(width, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Identity on the current token, small random weights on the earlier ones."""
+        bound = 1.0 / math.sqrt(self.width)
+        with torch.no_grad():
+            self.weight[0].fill_(1.0)
+            self.weight[1:].uniform_(-bound, bound)
+
+    def new_history(self, x: Tensor) -> Tensor:
+        """The history before a sequence's first token: zeros ``(B, k - 1, dim)`` like ``x (B, T, dim)``."""
+        return x.new_zeros(x.shape[0], self.width - 1, x.shape[2])
+
+    def forward(self, x: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
+        """Convolve ``x (B, T, dim)`` continuing ``history (B, k - 1, dim)``.
+
+        Returns:
+            ``(y, history)``: ``y (B, T, dim)`` and the last ``k - 1`` embeddings of
+            ``[history, x]`` (the history of whatever comes next).
+        """
+        t = x.shape[1]
+        window = torch.cat([history.to(x.dtype), x], dim=1)  # (B, k - 1 + T, dim); window[:, k-1+i] = x_i
+        lag = self.width - 1
+        y = x * self.weight[0]
+        for j in range(1, self.width):
+            y = y + window[:, lag - j : lag - j + t] * self.weight[j]  # e_{t-j} for every t
+        return y, window[:, t:]
+
+
 class TokenEmbedding(nn.Module):
-    """Token embedding (plus the token shift), absolute positions (``sinusoidal``/``learned``), dropout.
+    """Token embedding (through the token shift), absolute positions (``sinusoidal``/``learned``), dropout.
 
     Rotary, ALiBi and T5 positions live in the attention layers; here they add nothing. With
-    ``token_shift``, each token's embedding ``e_t`` becomes ``e_t + W e_{t-1}``, where ``e_{t-1}`` is
-    zero before the first position and where position ``t-1`` is padding (so a left-padded row
-    equals the unpadded sequence).
+    ``token_shift = k``, the token embeddings pass through :class:`TokenShift` before positions are
+    added; padded positions enter it as zeros (so a left-padded row equals the unpadded sequence).
     """
 
     def __init__(self, config: TransformerConfig) -> None:
@@ -34,7 +85,7 @@ class TokenEmbedding(nn.Module):
         elif config.position == "learned":
             self.positions = LearnedPositions(config.dim, config.max_len)
         self.dropout = nn.Dropout(config.dropout)
-        self.shift = nn.Linear(config.dim, config.dim, bias=False) if config.token_shift else None
+        self.shift = TokenShift(config.dim, config.token_shift) if config.token_shift else None
 
     def forward(
         self,
@@ -47,11 +98,11 @@ class TokenEmbedding(nn.Module):
         """``input_ids (B, T)`` at absolute ``positions (B, T)`` -> ``(B, T, dim)``.
 
         ``attention_mask`` (bool ``(B, T)``, True = real token) and ``cache`` (whose
-        ``previous_token`` it reads and updates) matter only with the token shift.
+        ``shift_history`` it reads and updates) matter only with the token shift.
         """
         x = self.tokens(input_ids)
         if self.shift is not None:
-            x = x + self.shift(self._previous_tokens(x, attention_mask, cache))
+            x = self._shift(self.shift, x, attention_mask, cache)
         top = int(positions.max()) if positions.numel() > 0 else -1  # -1: no token (T = 0)
         if isinstance(self.positions, LearnedPositions):
             if top >= self.positions.max_len:
@@ -66,15 +117,15 @@ class TokenEmbedding(nn.Module):
         return self.dropout(x)
 
     @staticmethod
-    def _previous_tokens(tokens: Tensor, attention_mask: Tensor | None, cache: ModelCache | None) -> Tensor:
-        """``(B, T, dim)``: the embedding of each position's predecessor (zeros: none, or padding)."""
-        real = tokens if attention_mask is None else tokens * attention_mask[..., None].to(tokens.dtype)
-        first = tokens.new_zeros(tokens.shape[0], 1, tokens.shape[2])
-        if cache is not None and cache.previous_token is not None:
-            first = cache.previous_token[:, None].to(tokens.dtype)
-        if cache is not None and tokens.shape[1] > 0:
-            cache.previous_token = real[:, -1]
-        return torch.cat([first, real[:, :-1]], dim=1)
+    def _shift(shift: TokenShift, x: Tensor, attention_mask: Tensor | None, cache: ModelCache | None) -> Tensor:
+        """The token shift of ``x (B, T, dim)``, continuing (and advancing) the cache's history."""
+        if attention_mask is not None:
+            x = x * attention_mask[..., None].to(x.dtype)  # padding contributes nothing
+        history = None if cache is None else cache.shift_history
+        y, history = shift(x, shift.new_history(x) if history is None else history)
+        if cache is not None:
+            cache.shift_history = history
+        return y
 
 
 class TransformerStack(nn.Module):

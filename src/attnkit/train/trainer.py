@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnkit.core.base import after_optimizer_step
 from attnkit.data.batching import BucketBatcher, eval_batches
 from attnkit.data.pipeline import TrainingData
 from attnkit.data.tasks import Batch
@@ -50,6 +49,7 @@ from attnkit.train.distributed import DistributedContext, all_reduce_sum, barrie
 from attnkit.train.evaluate import evaluate
 from attnkit.train.init import InitResult, find_weights_dir, freeze, init_from
 from attnkit.train.interrupt import StopRequest, TrainingInterrupted
+from attnkit.train.loop_api import optimizer_update, param_groups
 from attnkit.train.modeling import forward, model_class, model_config, summed_loss
 from attnkit.train.schedule import learning_rate
 
@@ -71,16 +71,6 @@ _FIXED_ON_RESUME: tuple[str, ...] = (
     "objective",
     "objective_options",
 )
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: biases, norms and other vectors are not decayed (AdamW practice)."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -162,7 +152,7 @@ class Trainer:
             self.initialised = init_from(self.model, config.init_from)
         self.frozen = freeze(self.model, config.freeze)
         self.optimizer = torch.optim.AdamW(
-            _param_groups(self.model, config.weight_decay), lr=config.lr, betas=config.betas
+            param_groups(self.model, config.weight_decay), lr=config.lr, betas=config.betas
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
         self.batcher = BucketBatcher(
@@ -276,18 +266,10 @@ class Trainer:
             max_steps=cfg.max_steps,
             min_lr_ratio=cfg.min_lr_ratio,
         )
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.scaler.unscale_(self.optimizer)
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        after_optimizer_step(self.model)  # online mechanism state, e.g. Routing's k-means centroids
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_update(self.model, self.optimizer, lr=lr, grad_clip=cfg.grad_clip, scaler=self.scaler)
         self.step += 1
         loss = float(all_reduce_sum(loss_sum, ctx)) / total
-        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
     def evaluate(self, split: str = "validation", *, generate: bool = False) -> dict[str, Any]:
         """Metrics of the current model on the fixed evaluation set of ``split``."""
