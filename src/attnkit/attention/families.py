@@ -15,7 +15,12 @@ summary):
   sequence, so it cannot be causal (each mechanism's ``no_causal_reason`` says how) and has
   no incremental decoding. ``hashing`` (``lsh``, ``routing``, ``sinkhorn``) buckets or sorts the
   queries and keys of one sequence together: causal by original positions, no
-  cross-attention, no incremental decoding (a new token can change every bucket).
+  cross-attention. Its causal placement depends on earlier tokens only (a token's bucket and
+  its rank among the earlier tokens of that bucket; Sinkhorn's fixed blocks and their sort from
+  earlier blocks), so each member decodes exactly from a state of its own: the keys and values
+  with their buckets (or blocks), plus counts of the queries placed, which a key/value cache
+  cannot supply. That state is declared ``"bucket_cache"``: kept and updated by the mechanism
+  itself (as :mod:`attnkit.hf.cache` does for it), growing ``O(T)`` like a key/value cache.
 
 The exact sparse family's helper is :func:`attnkit.attention.pattern.pattern_capabilities`,
 next to the base class that gives those capabilities.
@@ -48,7 +53,7 @@ class FamilyTraits:
 FAMILIES: dict[Family, FamilyTraits] = {
     "kernel": FamilyTraits(causal=True, cross_attention=True, decoding="recurrent", complexity="O(N)"),
     "low_rank": FamilyTraits(causal=False, cross_attention=True, decoding=None, complexity="O(N)"),
-    "hashing": FamilyTraits(causal=True, cross_attention=False, decoding=None),
+    "hashing": FamilyTraits(causal=True, cross_attention=False, decoding="bucket_cache"),
 }
 
 

@@ -26,24 +26,38 @@ Conventions:
     * Exact limit: ``bucket_size >= T`` (one bucket, one chunk) is full attention (with the
       self-token rule under ``shared_qk``).
 
+Decoding (exact, :class:`LSHState`): a token's bucket depends on its own vector only, and its
+chunk on how many earlier tokens share its bucket, so a new token moves no earlier one, and the
+keys the last query meets under a recompute of the whole prefix follow from every key's bucket
+and chunk per round plus per-bucket counts of the queries and keys so far
+(:mod:`attnkit.kernels.hashing_decode`). The state holds the keys and values, one integer per key
+and round, and the counts: it grows ``O(T)``, and a step costs ``O(n_hashes · T)`` integer work
+plus a softmax over at most ``2 · bucket_size · n_hashes`` keys. With the default
+``num_buckets`` (``T // (4 · bucket_size)``) the bucket count itself grows with the length, and
+each new count rehashes every token, as the recompute does: the state then also keeps the
+queries, and rehashes (``O(T · D · n_hashes)``) once per ``4 · bucket_size`` tokens. Cached
+generation equals recompute to rounding (one softmax instead of per-round ones merged).
+
 Complexity ``O(n_hashes · T · bucket_size · D)`` time, ``O(n_hashes · T · bucket_size)``
-memory. Supports causal and key padding; no cross-attention, no incremental decoding.
+memory. Supports causal, key padding and incremental decoding; no cross-attention.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from attnkit.attention.families import approximate_capabilities
-from attnkit.core.base import AttentionMechanism
+from attnkit.core.base import AttentionMechanism, repeat_kv_heads
 from attnkit.core.errors import check_bool, check_non_negative_int, check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import MaskFunction, ScoreBias
 from attnkit.kernels.bucket_layout import bucket_layout
 from attnkit.kernels.bucketed import bucketed_attention
+from attnkit.kernels.hashing_decode import BucketCache, bucketed_step
 
 
 def lsh_buckets(x: Tensor, num_buckets: int, n_hashes: int, seed: int) -> Tensor:
@@ -74,6 +88,18 @@ def lsh_buckets(x: Tensor, num_buckets: int, n_hashes: int, seed: int) -> Tensor
         return rotated.argmax(dim=-1)
 
 
+@dataclass
+class LSHState(BucketCache):
+    """LSH's decoding state: a :class:`~attnkit.kernels.hashing_decode.BucketCache`, plus the queries
+    when the bucket count follows the length (``num_buckets=None``), to rehash them when it changes.
+
+    Attributes:
+        queries: ``(B, H, S, D)`` every query so far, or None (fixed ``num_buckets``).
+    """
+
+    queries: Tensor | None = None
+
+
 @register(
     "lsh",
     approximate_capabilities(
@@ -102,6 +128,8 @@ class LSHAttention(AttentionMechanism):
         seed: seeds the random rotations (same seed, same buckets, in train and eval).
     """
 
+    state_type = LSHState
+
     def __init__(
         self,
         *,
@@ -122,6 +150,30 @@ class LSHAttention(AttentionMechanism):
         """Buckets per round used at sequence length ``length``."""
         return self.num_buckets if self.num_buckets is not None else max(1, length // (4 * self.bucket_size))
 
+    def _keys(self, q: Tensor, k: Tensor) -> Tensor:
+        """The keys attended: ``k``, or under ``shared_qk`` the unit-normalised queries (``k`` must be ``q``)."""
+        if not self.shared_qk:
+            return k
+        if k is not q and (k.shape != q.shape or not torch.equal(k, q)):
+            raise ValueError(
+                "shared_qk=True computes the keys from the queries: pass the queries as k (got a different k tensor)"
+            )
+        return torch.nn.functional.normalize(q, dim=-1)
+
+    def _buckets(
+        self, q: Tensor, k: Tensor, attention_mask: Tensor | None, num_buckets: int
+    ) -> tuple[Tensor, Tensor | None]:
+        """Bucket ids ``(B, H, n_hashes, T)`` of the queries and of the keys (None: the queries' own)."""
+        q_ids = lsh_buckets(q, num_buckets, self.n_hashes, self.seed)
+        k_ids = None
+        if not self.shared_qk:
+            k_ids = lsh_buckets(k, num_buckets, self.n_hashes, self.seed)
+        if attention_mask is not None:
+            # Padded keys go to a bucket of their own past the real ones: whatever they
+            # contain, they never move a real key (nor attend to anything).
+            k_ids = torch.where(attention_mask[:, None, None, :], q_ids if k_ids is None else k_ids, num_buckets)
+        return q_ids, k_ids
+
     def _attend(
         self,
         q: Tensor,
@@ -134,22 +186,56 @@ class LSHAttention(AttentionMechanism):
         score_bias: ScoreBias | None,
         **call_kwargs: Any,
     ) -> Tensor:
-        if self.shared_qk:
-            if k is not q and (k.shape != q.shape or not torch.equal(k, q)):
-                raise ValueError(
-                    "shared_qk=True computes the keys from the queries: pass the queries as k (got a different k tensor)"
-                )
-            k = torch.nn.functional.normalize(q, dim=-1)
+        k = self._keys(q, k)
         num_buckets = self.buckets_for(q.shape[2])
-        q_ids = lsh_buckets(q, num_buckets, self.n_hashes, self.seed)
-        k_ids = None
-        if not self.shared_qk:
-            k_ids = lsh_buckets(k, num_buckets, self.n_hashes, self.seed)
-        if attention_mask is not None:
-            # Padded keys go to a bucket of their own past the real ones: whatever they
-            # contain, they never move a real key (nor attend to anything).
-            k_ids = torch.where(attention_mask[:, None, None, :], q_ids if k_ids is None else k_ids, num_buckets)
+        q_ids, k_ids = self._buckets(q, k, attention_mask, num_buckets)
         layout = bucket_layout(q_ids, num_buckets + (attention_mask is not None), self.bucket_size, k_ids)
         return bucketed_attention(
             q, k, v, layout, causal=causal, attention_mask=attention_mask, exclude_self=self.shared_qk
         )
+
+    def new_state(self) -> LSHState:
+        """An empty decoding state (see the module docstring): keys, values and their buckets per round."""
+        return LSHState()
+
+    def _decode(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        state: Any,
+        *,
+        attention_mask: Tensor | None,
+        score_bias: ScoreBias | None,
+    ) -> Tensor:
+        k = self._keys(q, k)
+        heads = q.shape[1]
+        num_buckets = self.buckets_for(state.length + q.shape[2])
+        if self.num_buckets is None:
+            state.queries = q if state.queries is None else torch.cat([state.queries, q], dim=2)
+            if state.placed and state.num_buckets != num_buckets + 1:
+                self._place_again(state, num_buckets)
+        q_ids, k_ids = self._buckets(q, repeat_kv_heads(k, heads), attention_mask, num_buckets)
+        return bucketed_step(
+            q,
+            k,
+            v,
+            state,
+            q_ids,
+            q_ids if k_ids is None else k_ids,
+            num_buckets=num_buckets + 1,  # + 1: the padded keys' bucket, whether or not any is padded
+            chunk_size=self.bucket_size,
+            attention_mask=attention_mask,
+            exclude_self=self.shared_qk,
+        )
+
+    def _place_again(self, state: LSHState, num_buckets: int) -> None:
+        """Rehash every cached token into ``num_buckets`` buckets (the count follows the length)."""
+        assert state.queries is not None and state.keys is not None
+        past = state.length
+        queries = state.queries[:, :, :past]
+        q_ids, k_ids = self._buckets(
+            queries, repeat_kv_heads(state.keys, queries.shape[1]), state.key_padding, num_buckets
+        )
+        state.clear_places()
+        state.place(q_ids, q_ids if k_ids is None else k_ids, num_buckets + 1, self.bucket_size)

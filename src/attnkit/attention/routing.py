@@ -27,8 +27,22 @@ routing attention; this is a second round of the bucketed core, and a key met bo
 counts once.
 
 Exact limit: ``num_clusters=1`` with ``window >= T`` is full attention.
-Complexity ``O(T · window · D + T · num_clusters · D)``. Supports causal and key padding;
-no cross-attention, no incremental decoding.
+
+Decoding (exact, :class:`~attnkit.kernels.hashing_decode.BucketCache`): a token's cluster depends
+on its own vector and the centroids only, and its window on how many earlier tokens share its
+cluster (the local round: on its position), so a new token moves no earlier one, and the keys the
+last query meets under a recompute of the whole prefix follow from every key's cluster and window
+plus per-cluster counts of the queries and keys so far (:mod:`attnkit.kernels.hashing_decode`).
+The state holds the keys and values, one integer per key and round, and the counts: it grows
+``O(T)``, and a step costs ``O(T)`` integer work plus a softmax over at most ``4 · window`` keys.
+It assumes the centroids stay put while decoding (they move only in
+:meth:`RoutingAttention.update_centroids`; a state started before an update routes its tokens by
+the old centroids, a recompute by the new). Decoding records no centroid statistics, even in
+training mode: the k-means step learns from training forward passes only. Cached generation
+equals recompute to rounding (one softmax instead of per-round ones merged).
+
+Complexity ``O(T · window · D + T · num_clusters · D)``. Supports causal, key padding and
+incremental decoding; no cross-attention.
 """
 
 from __future__ import annotations
@@ -39,12 +53,13 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.attention.families import approximate_capabilities
-from attnkit.core.base import AttentionMechanism
+from attnkit.core.base import AttentionMechanism, repeat_kv_heads
 from attnkit.core.errors import check_bool, check_fraction, check_non_negative_int, check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import MaskFunction, ScoreBias
 from attnkit.kernels.bucket_layout import bucket_layout
 from attnkit.kernels.bucketed import bucketed_attention
+from attnkit.kernels.hashing_decode import BucketCache, bucketed_step
 
 #: Tokens per pass of the routing and the centroid statistics: their ``(B, H, tokens, ·)``
 #: temporaries stay well under the allocator's 32 MB mmap threshold (each larger one is
@@ -78,6 +93,7 @@ class RoutingAttention(AttentionMechanism):
     """
 
     centroids: Tensor
+    state_type = BucketCache
 
     def __init__(
         self,
@@ -188,16 +204,48 @@ class RoutingAttention(AttentionMechanism):
         q_ids, k_ids = self.assign(q), self.assign(k)
         if self.training:
             self._record(q, k, q_ids, k_ids, attention_mask)
+        q_rounds, k_rounds = self._rounds(q_ids, k_ids, attention_mask)
+        layout = bucket_layout(q_rounds, self.num_clusters + (attention_mask is not None), self.window, k_rounds)
+        return bucketed_attention(q, k, v, layout, causal=causal, attention_mask=attention_mask)
+
+    def _rounds(self, q_ids: Tensor, k_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Per-round bucket ids ``(B, H, rounds, T)`` of the queries and keys from their clusters ``(B, H, T)``."""
         if attention_mask is not None:
             # Padded keys get a cluster of their own past the real ones, so they never move a real key.
             k_ids = torch.where(attention_mask[:, None, :], k_ids, self.num_clusters)
-        buckets = self.num_clusters + (attention_mask is not None)
-        q_ids, k_ids = q_ids.unsqueeze(2), k_ids.unsqueeze(2)  # (B, H, rounds, T)
+        q_ids, k_ids = q_ids.unsqueeze(2), k_ids.unsqueeze(2)
         if self.local:  # a second round where every token is in one bucket: chunks of consecutive positions
             q_ids = torch.cat([q_ids, torch.zeros_like(q_ids)], dim=2)
             k_ids = torch.cat([k_ids, torch.zeros_like(k_ids)], dim=2)
-        layout = bucket_layout(q_ids, buckets, self.window, k_ids)
-        return bucketed_attention(q, k, v, layout, causal=causal, attention_mask=attention_mask)
+        return q_ids, k_ids
+
+    def new_state(self) -> BucketCache:
+        """An empty decoding state (see the module docstring): keys, values and their clusters and windows."""
+        return BucketCache()
+
+    def _decode(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        state: Any,
+        *,
+        attention_mask: Tensor | None,
+        score_bias: ScoreBias | None,
+    ) -> Tensor:
+        # Centroids are per query head: grouped keys are routed once per head they serve.
+        q_rounds, k_rounds = self._rounds(self.assign(q), self.assign(repeat_kv_heads(k, q.shape[1])), attention_mask)
+        return bucketed_step(
+            q,
+            k,
+            v,
+            state,
+            q_rounds,
+            k_rounds,
+            num_buckets=self.num_clusters + 1,  # + 1: the padded keys' cluster, whether or not any is padded
+            chunk_size=self.window,
+            attention_mask=attention_mask,
+        )
 
 
 def update_routing_centroids(model: nn.Module) -> int:

@@ -32,12 +32,26 @@ products; the kept weight still carries the sort's gradient. Ties go to the lowe
 
 Key padding: padded keys and values are zeroed before blocks are mixed and left out of
 the block means; a sorted-block slot holding no real key is masked.
-Supports causal and key padding; no cross-attention, no incremental decoding.
+
+Decoding (causal, exact, :class:`SinkhornState`): blocks are cut from position 0, so appending
+tokens never moves a block boundary, and in the causal variant block ``i``'s sorted block
+depends only on blocks ``0 .. i-1`` (their key sums and counts, the query sum of block
+``i - 1``, their keys and values), all complete before block ``i``'s first token. The state keeps
+the keys and values, one query and one key sum per completed block, the current block's queries
+(for its sum) and its sorted block, computed once at its first token (``O(T · D)``, a row of the
+causal sort over the completed blocks) and attended by every query of the block with the
+block's own keys so far. It grows ``O(T)``; a token costs ``O(block_size · D)`` plus that
+once-per-block mix. Cached generation equals recompute to rounding (with ``sort_top1`` a near
+tie between two blocks' sort weights could round to the other block). The bidirectional
+variant's Sinkhorn column normalisation mixes every block into every row, so it has no
+incremental form; decoding is causal, as everywhere in the library.
+Supports causal, key padding and incremental decoding (causal); no cross-attention.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -45,12 +59,13 @@ import torch
 from torch import Tensor
 
 from attnkit.attention.families import approximate_capabilities
-from attnkit.core.base import AttentionMechanism
+from attnkit.core.base import AttentionMechanism, KVState, repeat_kv_heads
 from attnkit.core.errors import check_bool, check_non_negative_int, check_positive_float, check_positive_int
 from attnkit.core.registry import register
 from attnkit.core.types import MaskFunction, ScoreBias
 from attnkit.kernels.block_mix import mixed_chunk_attention
 from attnkit.kernels.chunk_softmax import chunk_attention
+from attnkit.kernels.hashing_decode import softmax_over_seen
 from attnkit.kernels.precision import upcast
 
 
@@ -115,6 +130,43 @@ class _SinkhornNormalize(torch.autograd.Function):
         return d_s, None
 
 
+@dataclass
+class SinkhornState(KVState):
+    """Causal Sinkhorn's decoding state (see the module docstring); ``n`` blocks completed so far.
+
+    Attributes:
+        query_sums: ``(B, H, n, D)`` the sum of every completed block's queries.
+        key_sums: ``(B, H, n, D)`` the sum of every completed block's real keys.
+        key_counts: ``(B, 1, n)`` real keys per completed block.
+        block_queries: ``(B, H, m, D)`` the queries of the current block so far, or None.
+        sorted_keys: ``(B, H, block_size, D)`` the current block's sorted block, or None in block 0.
+        sorted_values: ``(B, H, block_size, Dv)``.
+        sorted_hidden: bool ``(B, H, 1, block_size)``: sorted-block slots that hold no real key.
+    """
+
+    query_sums: Tensor | None = None
+    key_sums: Tensor | None = None
+    key_counts: Tensor | None = None
+    block_queries: Tensor | None = None
+    sorted_keys: Tensor | None = None
+    sorted_values: Tensor | None = None
+    sorted_hidden: Tensor | None = None
+
+    @property
+    def completed(self) -> int:
+        """Blocks completed so far."""
+        return 0 if self.query_sums is None else self.query_sums.shape[2]
+
+    @property
+    def consumed(self) -> int:
+        """Positions whose queries the state has seen (equals :attr:`length` between steps)."""
+        return 0 if self.block_queries is None else self.block_queries.shape[2]
+
+
+def _cat(first: Tensor | None, more: Tensor, dim: int) -> Tensor:
+    return more if first is None else torch.cat([first, more], dim=dim)
+
+
 @register(
     "sinkhorn",
     approximate_capabilities(
@@ -137,6 +189,8 @@ class SinkhornAttention(AttentionMechanism):
             normalisation): each query block's sorted block is one key block, scaled by that
             entry (a gather instead of the dense block mix; see the module docstring).
     """
+
+    state_type = SinkhornState
 
     def __init__(
         self, *, block_size: int = 64, sinkhorn_iters: int = 8, temperature: float = 0.75, sort_top1: bool = False
@@ -243,3 +297,98 @@ class SinkhornAttention(AttentionMechanism):
                 one_per_row=self.sort_top1,
             )
         return out.reshape(b, h, nb * c, -1)[:, :, :t_len]
+
+    # -- decoding ------------------------------------------------------------------------
+    def new_state(self) -> SinkhornState:
+        """An empty causal decoding state (see the module docstring)."""
+        return SinkhornState()
+
+    def _decode(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        state: Any,
+        *,
+        attention_mask: Tensor | None,
+        score_bias: ScoreBias | None,
+    ) -> Tensor:
+        c = self.block_size
+        if state.completed * c + state.consumed != state.length:
+            raise ValueError(
+                f"the state holds {state.length} keys but the queries of {state.completed * c + state.consumed}: "
+                "it was filled as a plain key/value cache; start from new_state() and decode every position"
+            )
+        outs, start = [], 0
+        while start < q.shape[2]:  # one piece per block the new tokens reach
+            position = state.length
+            stop = min(q.shape[2], start + c - position % c)
+            if position % c == 0 and position > 0:  # a new block's first token: its sorted block
+                self._sort_block(state)
+            piece = slice(start, stop)
+            state.append(k[:, :, piece], v[:, :, piece], None if attention_mask is None else attention_mask[:, piece])
+            state.block_queries = _cat(state.block_queries, upcast(q[:, :, piece]), dim=2)
+            outs.append(self._attend_block(upcast(q[:, :, piece]), state))
+            if state.length % c == 0:
+                self._close_block(state)
+            start = stop
+        return torch.cat(outs, dim=2)
+
+    def _real(self, state: SinkhornState, start: int, stop: int, like: Tensor) -> Tensor:
+        """``(B, 1, stop - start)`` 1 for the real keys at positions ``start .. stop - 1``, 0 for padded ones."""
+        if state.key_padding is None:
+            return like.new_ones(like.shape[0], 1, stop - start)
+        return state.key_padding[:, None, start:stop].to(like.dtype)
+
+    def _cached(self, x: Tensor | None, heads: int, start: int, stop: int) -> Tensor:
+        """Cached keys or values ``(B, H_kv, S, E)`` at positions ``start .. stop - 1``, per query head, upcast."""
+        assert x is not None
+        return upcast(repeat_kv_heads(x[:, :, start:stop], heads))
+
+    def _close_block(self, state: SinkhornState) -> None:
+        """Add the block just completed to the sums and forget its queries (the next block's sort needs only sums)."""
+        assert state.block_queries is not None
+        c, end = self.block_size, state.length
+        queries = state.block_queries
+        real = self._real(state, end - c, end, queries)
+        keys = self._cached(state.keys, queries.shape[1], end - c, end) * real.unsqueeze(-1)
+        state.query_sums = _cat(state.query_sums, queries.sum(dim=-2, keepdim=True), dim=2)
+        state.key_sums = _cat(state.key_sums, keys.sum(dim=-2, keepdim=True), dim=2)
+        state.key_counts = _cat(state.key_counts, real.sum(dim=-1, keepdim=True), dim=2)
+        state.block_queries = None
+
+    def _sort_block(self, state: SinkhornState) -> None:
+        """The sorted block of block ``i`` (= the blocks completed), mixed from blocks ``0 .. i-1``."""
+        assert state.query_sums is not None and state.key_sums is not None and state.key_counts is not None
+        c, i = self.block_size, state.completed
+        b, h = state.query_sums.shape[:2]
+        # Row i of the causal sort over blocks 0..i: block i's own sums enter no row <= i, zeros stand in.
+        q_sum, k_sum, counts = (
+            torch.cat([x, torch.zeros_like(x[:, :, :1])], dim=2)
+            for x in (state.query_sums, state.key_sums, state.key_counts)
+        )
+        mix = self.sort_from_sums(q_sum, k_sum, counts, causal=True)[:, :, i, :i]  # (B, H, i)
+        real = self._real(state, 0, i * c, mix).view(b, 1, i, c)
+        keys, values = (self._cached(x, h, 0, i * c).view(b, h, i, c, -1) for x in (state.keys, state.values))
+        state.sorted_keys = torch.einsum("bhj,bhjcd->bhcd", mix, keys * real.unsqueeze(-1))
+        state.sorted_values = torch.einsum("bhj,bhjcd->bhcd", mix, values * real.unsqueeze(-1))
+        mass = torch.einsum("bhj,bhjc->bhc", mix, real.expand(b, h, i, c))
+        state.sorted_hidden = (mass <= 0).unsqueeze(2)  # a slot whose mix holds no real key
+
+    def _attend_block(self, q: Tensor, state: SinkhornState) -> Tensor:
+        """The last ``m`` queries ``q (B, H, m, D)`` over their block's keys so far and its sorted block."""
+        c, end, m = self.block_size, state.length, q.shape[2]
+        first = (end - 1) // c * c  # the block's first position
+        keys = self._cached(state.keys, q.shape[1], first, end)
+        values = self._cached(state.values, q.shape[1], first, end)
+        own = torch.arange(first, end, device=q.device)
+        seen = own <= torch.arange(end - m, end, device=q.device)[:, None]  # causal within the block: (m, L)
+        seen = seen & self._real(state, first, end, q).bool().unsqueeze(-2)  # (B, 1, m, L)
+        if first > 0:
+            assert state.sorted_keys is not None and state.sorted_values is not None
+            assert state.sorted_hidden is not None
+            keys = torch.cat([keys, state.sorted_keys], dim=2)
+            values = torch.cat([values, state.sorted_values], dim=2)
+            seen = torch.cat([seen.expand(*q.shape[:2], m, -1), ~state.sorted_hidden.expand(-1, -1, m, -1)], dim=-1)
+        weights = softmax_over_seen((q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5, seen)
+        return weights @ values

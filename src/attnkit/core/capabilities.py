@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-DecodingKind = Literal["kv_cache", "window_cache", "recurrent"]
+DecodingKind = Literal["kv_cache", "window_cache", "recurrent", "bucket_cache"]
 Family = Literal["exact", "sparse", "hashing", "kernel", "low_rank"]
 
 
@@ -25,8 +25,11 @@ class Capabilities:
         key_padding: honours a padding ``attention_mask`` (bool ``(B, S)``, True = real
             token) exactly: padded keys change nothing.
         cross_attention: accepts keys/values whose length differs from the queries'.
-        decoding: incremental decoding state: ``"kv_cache"``, ``"window_cache"``,
-            ``"recurrent"`` or None (no incremental decoding).
+        decoding: incremental decoding state: ``"kv_cache"`` (the base class's growing key/value
+            cache), ``"window_cache"`` (a cache that forgets keys outside a window), ``"recurrent"``
+            (a fixed-size state), ``"bucket_cache"`` (a growing cache of keys and values with their
+            buckets or clusters and per-bucket counts, kept by the mechanism: the hashing family)
+            or None (no incremental decoding).
         complexity: time complexity in the sequence length, e.g. ``"O(N^2)"``.
         family: which family of the library the mechanism belongs to.
         score_bias: accepts an additive positional ``score_bias`` (ALiBi, T5).
@@ -49,8 +52,11 @@ class Capabilities:
     summary: str = ""
 
     def __post_init__(self) -> None:
-        if self.decoding not in (None, "kv_cache", "window_cache", "recurrent"):
-            raise ValueError(f"decoding must be 'kv_cache', 'window_cache', 'recurrent' or None, got {self.decoding!r}")
+        if self.decoding not in (None, "kv_cache", "window_cache", "recurrent", "bucket_cache"):
+            raise ValueError(
+                "decoding must be 'kv_cache', 'window_cache', 'recurrent', 'bucket_cache' or None, "
+                f"got {self.decoding!r}"
+            )
         if not self.exact and self.error_budget is None:
             raise ValueError("an approximate mechanism must declare its error_budget")
 

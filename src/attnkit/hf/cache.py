@@ -42,13 +42,13 @@ from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
-from attnkit.core.base import AttentionMechanism
+from attnkit.core.base import AttentionMechanism, KVState
 from attnkit.hf.attention import STATE_KEYWORD, attached, layer_is_causal
 from attnkit.hf.families import family_of, layer_index
 from attnkit.models.cache import reorder_batch
 
 #: Decoding kinds whose state the cache keeps instead of Transformers' key/value tensors.
-STATE_DECODING = frozenset({"recurrent", "window_cache"})
+STATE_DECODING = frozenset({"recurrent", "window_cache", "bucket_cache"})
 
 
 class MechanismStateLayer(CacheLayerMixin):
@@ -239,12 +239,19 @@ class AttnkitCache(DynamicCache):
         ]
 
 
+def keeps_own_state(mechanism: AttentionMechanism) -> bool:
+    """Whether ``mechanism`` decodes from a state of its own rather than from Transformers' key/value cache:
+    a recurrent, rolling-window or bucket state, or a key/value cache that carries more than keys and values
+    (``dynamic_block`` also keeps its current block's gate query), which Transformers cannot fill."""
+    return mechanism.capabilities.decoding in STATE_DECODING or mechanism.state_type is not KVState
+
+
 def state_layers(model: nn.Module) -> dict[int, str]:
     """``{layer index: mechanism}`` for the causal layers whose mechanism decodes from its own state."""
     found = {}
     for module in family_of(model.config).attention_modules(model):
         mechanism = attached(module)
-        if mechanism is not None and layer_is_causal(module) and mechanism.capabilities.decoding in STATE_DECODING:
+        if mechanism is not None and layer_is_causal(module) and keeps_own_state(mechanism):
             found[layer_index(module)] = mechanism.name
     return found
 
