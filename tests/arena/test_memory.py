@@ -66,10 +66,10 @@ def test_peak_memory_is_the_same_with_the_pool_on_or_off_and_grows_with_length(
     on = sweep_memory(tmp_path / "on")
     for sweep in SWEEPS:
         for length, with_pool, without in zip(LENGTHS, on[sweep], off[sweep]):
-            # RSS peaks of a few MB move by up to a half between runs (seen: 8.4 vs 12.4 MB, and 20.3 vs
-            # 14.2 MB in a CI rehearsal, at 1K); the bug this guards against reported 6.4 MB against 14.9 (1K)
-            # and 24.3 (2K): a factor over 2.
-            close = max(with_pool, without) <= 1.5 * min(with_pool, without) or abs(with_pool - without) <= 2.0
+            # RSS peaks of a few MB move by over a half between runs (seen: 8.4 vs 12.4 MB, and in CI
+            # rehearsals 20.3 vs 14.2 and 22.3 vs 14.4 MB, at 1K); the bug this guards against reported 6.4 MB
+            # against 14.9 (1K) and 24.3 (2K): a factor over 2.3.
+            close = max(with_pool, without) <= 1.75 * min(with_pool, without) or abs(with_pool - without) <= 2.0
             assert close, (sweep, length, on[sweep], off[sweep])
         for peaks in (on[sweep], off[sweep]):
             # every buffer of linear attention is proportional to the length: twice the length, more memory
