@@ -117,6 +117,11 @@ def test_fused_projections_equal_the_integer_arithmetic_of_each_layer() -> None:
     handle = k.register_forward_hook(lambda *args: None)
     assert q.fused_forward((k, v), x) is None
     handle.remove()
+    # a global hook (a profiler's, say) must see every layer's call: no fusion then either
+    handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    assert q.fused_forward((k, v), x) is None
+    handle.remove()
+    assert q.fused_forward((k, v), x) is not None
     assert q.fused_forward((k, nn.Linear(48, 4)), x) is None
     assert q.fused_forward((k, v), x.double()) is None
 

@@ -16,6 +16,7 @@ from attnkit.compress.summary import (
     linear_weight_bytes,
     main,
     parse_rows,
+    ratio,
     render_markdown,
     summary_table,
     write_summary,
@@ -86,6 +87,20 @@ def test_floors_on_hand_worked_rows() -> None:
     assert values[4] == (pytest.approx(1.02), True)
     assert values[5] == (pytest.approx(1.0), False)
     assert values[6] == (None, None)  # no linear_scratch row: not measured, not assumed met
+
+
+def test_speed_ratios_pair_the_rounds() -> None:
+    """Per-round ratios (hand-worked): round 2 was loaded for both models alike."""
+    base, heads = dict(ROWS["baseline"]), dict(ROWS["heads"])
+    base["speed_rounds"] = [{"forward_ms_batch1": v} for v in (120.0, 240.0, 110.0)]
+    heads["speed_rounds"] = [{"forward_ms_batch1": v} for v in (100.0, 180.0, 100.0)]
+    # ratios 1.2, 1.333, 1.1 -> median 1.2; the medians' ratio would be 120 / 96 = 1.25
+    assert ratio(heads, base, "speed.forward_ms_batch1", True) == pytest.approx(1.2)
+    judged = judge_floors({**ROWS, "baseline": base, "heads": heads})
+    assert judged[0]["value"] == pytest.approx(1.2)
+    # quality and size ratios are plain ratios; timings without rounds fall back to the medians
+    assert ratio(heads, base, "quality.perplexity", False) == pytest.approx(1.04)
+    assert ratio(ROWS["heads"], base, "speed.forward_ms_batch1", True) == pytest.approx(1.25)
 
 
 def test_floor_comparisons_at_the_bound() -> None:

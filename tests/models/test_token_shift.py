@@ -245,3 +245,13 @@ def test_off_by_default_with_no_parameters() -> None:
     cache = model.new_cache()
     model(ids(1, 3), cache=cache)
     assert cache.shift_history is None
+
+
+def test_saved_bool_false_loads_as_off_and_saved_true_is_refused() -> None:
+    """Configs saved while the field was a bool: ``false`` meant off; ``true`` had other weights."""
+    data = config().to_dict()
+    data["token_shift"] = False
+    assert TransformerConfig.from_dict(data).token_shift == 0
+    data["token_shift"] = True
+    with pytest.raises(ConfigFieldError, match="use token_shift=2"):
+        TransformerConfig.from_dict(data)

@@ -101,10 +101,15 @@ def fbgemm_available() -> bool:
 
 
 def _global_hooks() -> bool:
-    """Whether any global module hook is registered (fusing layers would skip their calls)."""
+    """Whether any global module hook is registered (fusing layers would skip their calls).
+
+    PyTorch keeps these registries private (``register_module_forward_hook`` has no public
+    reader); should a release rename them, this answers True and the layers run unfused.
+    """
     from torch.nn.modules import module as torch_module
 
-    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+    registries = [getattr(torch_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")]
+    return any(registry is None or len(registry) > 0 for registry in registries)
 
 
 def _pack(qweight: Tensor, scale: Tensor, bias: Tensor | None) -> Any:

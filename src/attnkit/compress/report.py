@@ -173,7 +173,7 @@ def measure_speed(
     rounds: int = 5,
     device: torch.device | str = "cpu",
     progress: bool = True,
-) -> dict[str, dict[str, dict[str, float | None]]]:
+) -> dict[str, dict[str, Any]]:
     """Median latency and peak memory of every model over alternating rounds.
 
     Args:
@@ -184,8 +184,9 @@ def measure_speed(
         progress: show a progress bar.
 
     Returns:
-        name -> ``{"median": {metric: median}, "spread": {metric: largest / smallest round}}``
-        with the keys of :data:`SPEED_ROWS` (generation keys only when ``work.generate_tokens``
+        name -> ``{"median": {metric: median}, "spread": {metric: largest / smallest round},
+        "rounds": [{metric: value} per timed round]}`` (round ``r`` of every model was measured in
+        the same pass, so ratios can be paired round by round) with the keys of :data:`SPEED_ROWS` (generation keys only when ``work.generate_tokens``
         > 0; ``peak_memory_mb`` None where it cannot be measured).
     """
     from tqdm import tqdm
@@ -211,7 +212,7 @@ def measure_speed(
                     samples[name].append(values)
                 bar.update(1)
     bar.close()
-    return {name: summarise(rows) for name, rows in samples.items()}
+    return {name: {**summarise(rows), "rounds": rows} for name, rows in samples.items()}
 
 
 def summarise(rows: Sequence[Mapping[str, float | None]]) -> dict[str, dict[str, float | None]]:

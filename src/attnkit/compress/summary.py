@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import operator
+import statistics
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -89,9 +90,8 @@ class Floor:
 
     def judge(self, rows: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         """``{"floor", "value", "bound", "met"}``; ``met`` is None when a row or a number is missing."""
-        top = metric_at(rows.get(self.numerator[0]), self.numerator[1])
-        bottom = metric_at(rows.get(self.denominator[0]), self.denominator[1])
-        value = float(top) / float(bottom) if _number(top) and _number(bottom) and bottom else None
+        top, bottom = rows.get(self.numerator[0]), rows.get(self.denominator[0])
+        value = paired_ratio(top, bottom, self.numerator[1], self.denominator[1])
         met = None if value is None else bool(_COMPARE[self.compare](value, self.bound))
         return {"floor": self.description, "value": value, "bound": f"{self.compare} {self.bound:g}", "met": met}
 
@@ -167,12 +167,32 @@ def linear_weight_bytes(model: nn.Module) -> int:
     return total
 
 
+def paired_ratio(
+    top: Mapping[str, Any] | None, bottom: Mapping[str, Any] | None, path: str, bottom_path: str | None = None
+) -> float | None:
+    """``top / bottom`` of a metric (``bottom_path``: another metric below); for timings, the median of the per-round ratios.
+
+    Both models of a round were measured in the same pass, minutes apart from other rounds, so a
+    load change between rounds moves both sides of a round's ratio alike; the median of those
+    ratios is steadier than the ratio of two medians taken over different rounds. Entries without
+    per-round timings (``speed_rounds``) fall back to the ratio of the medians.
+    """
+    bottom_path = bottom_path or path
+    first, second = metric_at(top, path), metric_at(bottom, bottom_path)
+    if not (_number(first) and _number(second)) or not first or not second:
+        return None
+    if path == bottom_path and path.startswith("speed."):
+        key = path.removeprefix("speed.")
+        pairs = zip((top or {}).get("speed_rounds") or [], (bottom or {}).get("speed_rounds") or [])
+        ratios = [a[key] / b[key] for a, b in pairs if _number(a.get(key)) and _number(b.get(key)) and b[key]]
+        if ratios:
+            return float(statistics.median(ratios))
+    return float(first) / float(second)
+
+
 def ratio(entry: Mapping[str, Any], baseline: Mapping[str, Any], path: str, saving: bool) -> float | None:
     """``baseline / entry`` (``saving``: a speed-up or size saving) or ``entry / baseline`` of a metric."""
-    value, reference = metric_at(entry, path), metric_at(baseline, path)
-    if not (_number(value) and _number(reference)) or not value or not reference:
-        return None
-    return float(reference) / float(value) if saving else float(value) / float(reference)
+    return paired_ratio(baseline, entry, path) if saving else paired_ratio(entry, baseline, path)
 
 
 def judge_floors(rows: Mapping[str, Mapping[str, Any]], floors: Sequence[Floor] = FLOORS) -> list[dict[str, Any]]:
@@ -239,8 +259,9 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         f"({machine['threads']} thread(s), {machine['cpu_count']} CPUs, torch {machine['torch']}, attnkit at "
         f"{machine.get('commit') or 'an unknown commit'}, load average {machine.get('load_average') or '?'} "
         "at the start), in "
-        f"{doc['settings']['rounds']} alternating rounds after a warm-up round (each figure is the median; the "
-        "ratios compare models measured in the same rounds). Forward: one "
+        f"{doc['settings']['rounds']} alternating rounds after a warm-up round (each figure is the median; a "
+        "speed ratio is the median of the per-round ratios, each taken between two models measured in the same "
+        "round). Forward: one "
         f"{work['context']}-token window of the corpus at batch 1. Generation: greedy with the cache, "
         f"{work['generate_tokens']} new tokens after a {work['prompt_length']}-token prompt at batch 1 "
         "(wall time of the call / new tokens, the same generation code for every model). Peak memory: "
@@ -395,6 +416,7 @@ def build_summary(args: argparse.Namespace) -> dict[str, Any]:
             "quality": quality[name],
             "speed": speed[name]["median"],
             "speed_spread": speed[name]["spread"],
+            "speed_rounds": speed[name]["rounds"],
             "steps": _steps_of(folders[name]),
         }
         for name, model in sorted(models.items(), key=lambda item: list(ROW_LABELS).index(item[0]))

@@ -430,7 +430,12 @@ class TransformerConfig:
             raise ValueError(f"unknown TransformerConfig field(s) {unknown}; accepted: {', '.join(sorted(names))}")
         if "vocab_size" not in data:
             raise ValueError("config data must contain 'vocab_size'")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        fields = {k: v for k, v in data.items() if k in names}
+        if fields.get("token_shift") is False:
+            # Saved while the field was a bool: False (off) is unambiguous and loads as 0. A saved True is
+            # still refused (it had another layer's weights), with the message saying what to use.
+            fields["token_shift"] = 0
+        return cls(**fields)
 
     def to_json(self, *, indent: int | None = 2) -> str:
         """The config as a JSON string."""
