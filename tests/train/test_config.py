@@ -244,3 +244,23 @@ def test_build_data_carries_every_data_field_of_the_run() -> None:
     masked = TrainConfig(task="text", out_dir="unused", seq_len=32, tokenizer="byte", objective="mlm")
     assert masked.build_data().kind == "mlm"
     assert masked.build_data(seq_len=16).eval_examples("validation", 1)[0].length <= 17
+
+
+def test_per_head_mixing_from_a_config_file(tmp_path: Path) -> None:
+    """A TOML head-group list reaches the model: each layer splits its heads between two mechanisms."""
+    from attnkit.train.modeling import model_class, model_config
+
+    text = GOOD_TOML.replace(
+        'attention = "full"',
+        'attention = [{mechanism = "sliding_window", heads = 1, options = {window = 4}}, '
+        '{mechanism = "linear", heads = 1}]',
+    )
+    config = load_config(_write(tmp_path, "mix.toml", text))
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    data = config.build_data()
+    model = model_class(data.kind)(model_config(data, config.attention, config.attention_options, config.model))
+    layers = [m for m in model.modules() if type(m).__name__ == "TransformerLayer"]
+    assert layers and all(layer.mechanisms == ("sliding_window", "linear") for layer in layers)
+    bad = text.replace("heads = 1}]", "heads = 3}]")
+    with pytest.raises(ValueError, match="heads"):
+        load_config(_write(tmp_path, "bad.toml", bad))

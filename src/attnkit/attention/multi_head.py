@@ -3,16 +3,22 @@
 This module owns everything that is not the attention maths: the q/k/v/output
 projections, grouped key/value heads, rotary embeddings, relative score biases (ALiBi,
 T5) and the decoding cache. The mechanism sees projected ``(B, H, L, D)`` tensors.
+
+Per-head mixing: ``attention`` may instead be a list of head groups (``[HeadGroup("sliding_window",
+4, {"window": 64}), HeadGroup("linear", 4)]``); the projections stay shared and each group's
+mechanism runs on its slice of heads (:mod:`attnkit.attention.head_groups`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from attnkit.attention.head_groups import HeadGroup, MixedHeads
 from attnkit.core.base import AttentionMechanism, repeat_kv_heads
 from attnkit.core.errors import check_positive_int
 from attnkit.core.registry import build_attention
@@ -27,8 +33,9 @@ class AttentionCache:
     """Incremental-decoding state of one :class:`MultiHeadAttention` layer.
 
     Attributes:
-        state: the mechanism's own state (KV cache, rolling window or recurrent state);
-            None for cross-attention.
+        state: the mechanism's own state (KV cache, rolling window or recurrent state; with
+            per-head mixing a :class:`~attnkit.attention.head_groups.MixedState` of each group's
+            state); None for cross-attention.
         position: number of positions already consumed (the next token's position).
         context: projected cross-attention keys/values ``(k, v)`` and their padding mask,
             computed once on the first call.
@@ -45,7 +52,11 @@ class MultiHeadAttention(nn.Module):
     Args:
         dim: model width.
         heads: number of query heads.
-        attention: registered mechanism name (see :func:`attnkit.list_attention`).
+        attention: registered mechanism name (see :func:`attnkit.list_attention`), or a
+            per-head mix: a list of :class:`~attnkit.attention.head_groups.HeadGroup` (or tables
+            ``{"mechanism": ..., "heads": ..., "options": {...}}``) whose ``heads`` add up to
+            ``heads``; group ``i`` runs on the next ``heads_i`` query heads, and under
+            grouped-query attention owns whole key/value heads.
         kv_heads: number of key/value heads (grouped-query attention); must divide
             ``heads``. Default ``heads``.
         head_dim: per-head width; default ``dim // heads``.
@@ -58,14 +69,15 @@ class MultiHeadAttention(nn.Module):
         t5_max_distance: T5 maximum distance.
         bias: whether the projections have biases.
         dropout: dropout on the output projection (training only).
-        **options: options of the mechanism (e.g. ``window=256``).
+        **options: options of the mechanism (e.g. ``window=256``); with a per-head mix, each
+            group carries its own options and these must be empty.
     """
 
     def __init__(
         self,
         dim: int,
         heads: int,
-        attention: str = "full",
+        attention: str | Sequence[HeadGroup | Mapping[str, Any]] = "full",
         *,
         kv_heads: int | None = None,
         head_dim: int | None = None,
@@ -99,7 +111,7 @@ class MultiHeadAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, self.kv_heads * self.head_dim, bias=bias)
         self.to_out = nn.Linear(heads * self.head_dim, dim, bias=bias)
         self.out_dropout = nn.Dropout(dropout)
-        self.attention: AttentionMechanism = build_attention(attention, **options)
+        self.attention: AttentionMechanism | MixedHeads = self._build_attention(attention, options)
         self.rotary = RotaryEmbedding(self.head_dim, base=rotary_base) if rotary else None
 
         self.position_bias: ALiBi | T5RelativeBias | None
@@ -111,11 +123,27 @@ class MultiHeadAttention(nn.Module):
             self.position_bias = T5RelativeBias(heads, num_buckets=t5_num_buckets, max_distance=t5_max_distance)
         else:
             raise ValueError(f"position_bias must be 'alibi', 't5' or None, got {position_bias!r}")
-        if self.position_bias is not None and not self.attention.capabilities.score_bias:
+        if self.position_bias is not None and not _accepts_score_bias(self.attention):
             raise ValueError(
-                f"attention {attention!r} does not support additive position biases ({position_bias!r}); "
+                f"attention {self.attention.name!r} does not support additive position biases ({position_bias!r}); "
                 "use rotary=True or absolute positions instead"
             )
+
+    def _build_attention(self, attention: Any, options: dict[str, Any]) -> AttentionMechanism | MixedHeads:
+        if isinstance(attention, str):
+            return build_attention(attention, **options)
+        if not isinstance(attention, Sequence) or isinstance(attention, (bytes, bytearray)):
+            raise ValueError(
+                "attention must be a registered mechanism name or a list of head groups "
+                f"[{{'mechanism': ..., 'heads': ..., 'options': {{...}}}}, ...], got {type(attention).__name__}"
+            )
+        if options:
+            # Which group would they belong to? Refuse rather than guess or drop them.
+            raise ValueError(
+                f"options {sorted(options)} were given next to a per-head mix; put each group's options "
+                "in its own options table"
+            )
+        return MixedHeads(attention, heads=self.heads, kv_heads=self.kv_heads)
 
     # -- helpers --------------------------------------------------------------------
     def _split(self, x: Tensor, heads: int) -> Tensor:
@@ -274,3 +302,9 @@ class MultiHeadAttention(nn.Module):
         )
         cache.position += q.shape[2]
         return out
+
+
+def _accepts_score_bias(attention: AttentionMechanism | MixedHeads) -> bool:
+    if isinstance(attention, MixedHeads):
+        return attention.supports_score_bias
+    return attention.capabilities.score_bias

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnkit.attention.head_groups import MixedHeads
 from attnkit.attention.multi_head import MultiHeadAttention
 from attnkit.compress.importance import SCORES, gate_gradients, require_float_linears, slice_linear
 from attnkit.compress.records import PruneResult
@@ -85,6 +86,17 @@ def register_head_state(name: str, slicer: HeadStateSlicer | None) -> None:
     _HEAD_STATE[name] = slicer
 
 
+def _single_mechanism(attention: MultiHeadAttention) -> AttentionMechanism:
+    """The layer's mechanism; a layer that mixes mechanisms per head is refused (removing heads would
+    re-split its head groups, which is not implemented)."""
+    if isinstance(attention.attention, MixedHeads):
+        raise ValueError(
+            f"head pruning does not support a layer that mixes mechanisms per head ({attention.attention.name}); "
+            "prune the other layers only: pass amount as {layer path: heads to remove} without this layer"
+        )
+    return attention.attention
+
+
 def head_state_slicer(mechanism: AttentionMechanism) -> HeadStateSlicer | None:
     """The declared slicer of ``mechanism``'s per-head state.
 
@@ -140,7 +152,8 @@ def remove_heads(attention: MultiHeadAttention, keep: Sequence[int]) -> None:
     heads, width = attention.heads, attention.head_dim
     kept = sorted(set(keep))
     groups = _kept_groups(attention, kept)
-    slicer = head_state_slicer(attention.attention)
+    mechanism = _single_mechanism(attention)
+    slicer = head_state_slicer(mechanism)
     device = attention.to_q.weight.device
     q_rows = torch.tensor([h * width + d for h in kept for d in range(width)], device=device)
     kv_rows = torch.tensor([g * width + d for g in groups for d in range(width)], device=device)
@@ -159,7 +172,7 @@ def remove_heads(attention: MultiHeadAttention, keep: Sequence[int]) -> None:
             new.weight.copy_(table[:, index.to(table.device)])
         bias.bias = new
     if slicer is not None:
-        slicer(attention.attention, index, heads, width)
+        slicer(mechanism, index, heads, width)
     attention.heads, attention.kv_heads = len(kept), len(groups)
 
 
@@ -249,7 +262,8 @@ class _Heads(Units[MultiHeadAttention]):
     layer_class = MultiHeadAttention
 
     def check(self, path: str, layer: MultiHeadAttention) -> None:
-        head_state_slicer(layer.attention)
+        if not isinstance(layer.attention, MixedHeads):  # a mix is refused only if asked to lose heads (check_keep)
+            head_state_slicer(layer.attention)
         require_float_linears({f"{path}.{p}": getattr(layer, p) for p in ("to_q", "to_k", "to_v", "to_out")})
 
     def size(self, layer: MultiHeadAttention) -> int:
@@ -268,6 +282,7 @@ class _Heads(Units[MultiHeadAttention]):
         return [h for g in groups for h in range(g * r, (g + 1) * r)]
 
     def check_keep(self, layer: MultiHeadAttention, keep: list[int]) -> None:
+        _single_mechanism(layer)
         _kept_groups(layer, keep)
 
     def remove(self, layer: MultiHeadAttention, keep: list[int]) -> None:

@@ -30,8 +30,9 @@ def mechanisms_without_state(model: Any) -> list[str]:
         if stack_name != "decoder":
             continue
         for layer in stack.layer_list():
-            if attention_capabilities(layer.mechanism).decoding is None and layer.mechanism not in names:
-                names.append(layer.mechanism)
+            for name in layer.mechanisms:  # a per-head mix: every group's mechanism
+                if attention_capabilities(name).decoding is None and name not in names:
+                    names.append(name)
     return names
 
 

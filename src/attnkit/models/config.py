@@ -10,6 +10,14 @@ list with one name per layer; ``attention_options`` is one dict for every layer,
 with one dict per layer, or a dict keyed by mechanism name (``{"sliding_window":
 {"window": 128}}``) that gives each mechanism its own options.
 
+Per-head mixing: where a name may stand, a list of head groups may stand instead, each
+``{"mechanism": NAME, "heads": N, "options": {...}}``, splitting the layer's query heads
+(:mod:`attnkit.attention.head_groups`). ``attention = [{...}, {...}]`` mixes every layer;
+``attention = ["full", [{...}, {...}]]`` mixes layer 1 only. A group's options are its own
+table plus the options keyed by its mechanism name; options for every layer (a flat dict) or
+per layer (a list) cannot say which group they belong to, so they must be empty for a mixed
+layer.
+
 Errors are :class:`ConfigFieldError` (a ``ValueError``) carrying the key path of the bad
 value, e.g. ``("attention_options", "sliding_window", "windw")``, so a config file reader
 can point at the exact key the user wrote.
@@ -25,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from attnkit.attention.head_groups import HeadGroup, HeadSplitError, as_head_group, check_head_split
 from attnkit.core.errors import check_choice, check_non_negative_int, check_positive_int
 
 POSITIONS: tuple[str, ...] = ("sinusoidal", "learned", "rotary", "alibi", "t5", "none")
@@ -34,8 +43,13 @@ POOLINGS: tuple[str, ...] = ("mean", "first", "last")
 #: Keys written next to the config in ``config.json`` by ``save_pretrained``; ignored on load.
 METADATA_KEYS: tuple[str, ...] = ("architecture", "attnkit_version")
 
-AttentionSpec = str | tuple[str, ...]
+#: A mechanism name for every layer, one per layer, or a per-head mix (head-group tables) for every
+#: layer. A per-layer list may also hold a mix (a list of tables) in place of a name; the annotation
+#: leaves that nesting out so the generated configuration reference can name the type.
+AttentionSpec = str | tuple[str, ...] | tuple[dict[str, Any], ...]
 OptionsSpec = dict[str, Any] | tuple[dict[str, Any], ...]
+#: One layer's attention as a model builds it: a mechanism name, or a per-head mix's groups.
+LayerSpec = str | tuple[HeadGroup, ...]
 #: A key path into the config: field names, mechanism names and per-layer list indices.
 KeyPath = tuple[str | int, ...]
 
@@ -76,21 +90,78 @@ def _is_keyed(options: Any) -> bool:
     return all(k in registered and isinstance(v, dict) for k, v in options.items())
 
 
+def _is_mix(spec: Any) -> bool:
+    """True for a per-head mix: a non-empty list of head-group tables."""
+    return isinstance(spec, (tuple, list)) and bool(spec) and all(isinstance(g, (dict, HeadGroup)) for g in spec)
+
+
+def _group_table(group: Any) -> Any:
+    """A head group as a plain table (a copy); anything else unchanged, for validation to report."""
+    if isinstance(group, HeadGroup):
+        return group.to_dict()
+    if isinstance(group, dict):
+        table = dict(group)
+        if isinstance(table.get("options"), dict):
+            table["options"] = dict(table["options"])
+        return table
+    return group
+
+
+def normalize_attention(spec: Any) -> Any:
+    """``attention`` with lists as tuples and head groups as tables (frozen fields, JSON-ready)."""
+    if _is_mix(spec):
+        return tuple(_group_table(g) for g in spec)
+    if isinstance(spec, list):
+        spec = tuple(spec)
+    if isinstance(spec, tuple):
+        return tuple(normalize_attention(layer) if _is_mix(layer) else layer for layer in spec)
+    return spec
+
+
+def _plain(value: Any) -> Any:
+    """Nested tuples as lists and dicts copied, for JSON and TOML writers."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 @dataclass(frozen=True)
 class LayerAttention:
     """One layer's attention and where the config sets it.
 
     Attributes:
-        name: the registered mechanism name.
-        options: its options.
+        name: the registered mechanism name; for a per-head mix, a readable label such as
+            ``sliding_window(window=64)×4 + linear×4`` (not a registry name: see ``groups``).
+        options: its options (empty for a mix: each group has its own).
         name_path: key path of the name (``("attention",)`` or ``("attention", i)``).
         options_path: key path of the options table (see :class:`ConfigFieldError`).
+        groups: a per-head mix's groups in head order, each a :class:`LayerAttention` of one
+            mechanism with its ``heads``; empty for a single mechanism.
+        heads: query heads of a group (None for a whole layer).
+        options_key: the config field whose options apply (``"attention_options"`` or
+            ``"decoder_attention_options"``).
     """
 
     name: str
     options: dict[str, Any]
     name_path: KeyPath
     options_path: KeyPath
+    groups: tuple[LayerAttention, ...] = ()
+    heads: int | None = None
+    options_key: str = "attention_options"
+
+    def parts(self) -> tuple[LayerAttention, ...]:
+        """The single mechanisms this layer runs: its groups, or itself."""
+        return self.groups or (self,)
+
+    @property
+    def spec(self) -> LayerSpec:
+        """What :class:`~attnkit.attention.multi_head.MultiHeadAttention` takes as ``attention``."""
+        if not self.groups:
+            return self.name
+        return tuple(HeadGroup(g.name, g.heads or 0, g.options) for g in self.groups)
 
 
 @dataclass(frozen=True)
@@ -102,7 +173,9 @@ class TransformerConfig:
         dim: model width.
         depth: number of layers (the encoder's, in an encoder-decoder).
         heads: attention heads per layer.
-        attention: a registered mechanism name, or one per layer (length ``depth``).
+        attention: a registered mechanism name, or one per layer (length ``depth``). Per-head
+            mixing: a list of head groups ``{mechanism, heads, options}`` (their ``heads`` add up
+            to ``heads``) for every layer, or such a list in place of a name in the per-layer list.
         attention_options: options for the mechanisms: one dict for every layer, a dict keyed
             by mechanism name (``{"sliding_window": {"window": 128}}``) or a list with one dict
             per layer.
@@ -128,7 +201,8 @@ class TransformerConfig:
         bos_token_id: start token of generation (the decoder's first input in seq2seq).
         eos_token_id: end token: generation of a row stops there.
         decoder_depth: decoder layers of :class:`EncoderDecoder`; default ``depth``.
-        decoder_attention: the decoder's self-attention spec; default ``attention``.
+        decoder_attention: the decoder's self-attention spec, in any form ``attention`` takes (per-head
+            mixes included); default ``attention``.
         decoder_attention_options: the decoder's options; default ``attention_options``.
         cross_attention: mechanism of the decoder's cross-attention.
         cross_attention_options: its options.
@@ -186,9 +260,7 @@ class TransformerConfig:
     # -- validation -----------------------------------------------------------------
     def __post_init__(self) -> None:
         for name in ("attention", "decoder_attention"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
+            object.__setattr__(self, name, normalize_attention(getattr(self, name)))
         for name in ("attention_options", "decoder_attention_options"):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -280,10 +352,10 @@ class TransformerConfig:
             options = getattr(self, key)
             if not _is_keyed(options):
                 continue
-            used = {layer.options_path[1] for layer in layers if layer.options_path[0] == key}
+            used = {part.name for layer in layers if layer.options_key == key for part in layer.parts()}
             unused = sorted(set(options) - used)
             if unused:
-                names = sorted({layer.name for layer in layers})
+                names = sorted({part.name for layer in layers for part in layer.parts()})
                 raise ConfigFieldError(
                     f"{key} sets options for {unused}, but no layer uses {'it' if len(unused) == 1 else 'them'} "
                     f"(the layers use {names}); remove those options or choose that attention",
@@ -340,13 +412,14 @@ class TransformerConfig:
         """Decoder depth of an encoder-decoder."""
         return self.decoder_depth if self.decoder_depth is not None else self.depth
 
-    def layer_attention(self, *, decoder: bool = False) -> list[tuple[str, dict[str, Any]]]:
-        """``(mechanism name, options)`` of every layer of the encoder (or the decoder).
+    def layer_attention(self, *, decoder: bool = False) -> list[tuple[LayerSpec, dict[str, Any]]]:
+        """``(mechanism name, options)`` of every layer of the encoder (or the decoder); for a
+        per-head mix, ``(its HeadGroup tuple, {})`` (each group carries its options).
 
         Raises:
             ConfigFieldError: a list of the wrong length, an unknown mechanism or option.
         """
-        return [(layer.name, layer.options) for layer in self.attention_layers(decoder=decoder)]
+        return [(layer.spec, layer.options) for layer in self.attention_layers(decoder=decoder)]
 
     def attention_layers(self, *, decoder: bool = False) -> list[LayerAttention]:
         """Every layer's mechanism and options, with the key paths that set them.
@@ -366,41 +439,107 @@ class TransformerConfig:
         options_key = "decoder_attention_options" if own_options else "attention_options"
         prefix = "decoder_attention" if decoder else "attention"
         name_paths: list[KeyPath]
-        if isinstance(spec, str):
-            names, name_paths = [spec] * depth, [(spec_key,)] * depth
+        if isinstance(spec, str) or _is_mix(spec):
+            specs, name_paths = [spec] * depth, [(spec_key,)] * depth
         elif isinstance(spec, tuple) and len(spec) == depth:
-            names, name_paths = list(spec), [(spec_key, i) for i in range(depth)]
+            specs, name_paths = list(spec), [(spec_key, i) for i in range(depth)]
         else:
             raise ConfigFieldError(
-                f"{prefix} must be a mechanism name or a list of {depth} names (one per layer), got {spec!r}",
+                f"{prefix} must be a mechanism name or a list of {depth} names (one per layer); a list of head "
+                f"groups (a per-head mix) may stand for any name; got {spec!r}",
                 (spec_key,),
             )
-        per_layer = self._options_per_layer(f"{prefix}_options", options, names, options_key)
-        layers = [
-            LayerAttention(name, opts, name_path, opts_path)
-            for name, (opts, opts_path), name_path in zip(names, per_layer, name_paths)
-        ]
-        for i, layer in enumerate(layers):
-            self._check_mechanism(
-                f"{prefix}[{i}]", layer.name, layer.options, name_path=layer.name_path, options_path=layer.options_path
-            )
+        per_layer = self._options_per_layer(f"{prefix}_options", options, specs, options_key)
+        layers = []
+        for i, (layer_spec, (opts, opts_path), name_path) in enumerate(zip(specs, per_layer, name_paths)):
+            label = f"{prefix}[{i}]"
+            if _is_mix(layer_spec):
+                layers.append(self._mixed_layer(label, layer_spec, opts, opts_path, name_path, options, options_key))
+                continue
+            layer = LayerAttention(layer_spec, opts, name_path, opts_path, options_key=options_key)
+            self._check_mechanism(label, layer.name, layer.options, name_path=name_path, options_path=opts_path)
+            layers.append(layer)
         return layers
+
+    def _mixed_layer(
+        self,
+        label: str,
+        groups: tuple[Any, ...],
+        layer_options: dict[str, Any],
+        layer_options_path: KeyPath,
+        name_path: KeyPath,
+        options: Any,
+        options_key: str,
+    ) -> LayerAttention:
+        """A per-head mix's layer: each group checked (mechanism, options, heads) and the split checked."""
+        if layer_options:
+            # A flat or per-layer options table cannot say which group it is for: refuse, never guess or drop.
+            raise ConfigFieldError(
+                f"{label} is a per-head mix, so {options_key} for the whole layer cannot say which head group "
+                f"they are for (got {sorted(layer_options)}); put them in each group's options table, "
+                "or key them by mechanism name",
+                layer_options_path,
+            )
+        keyed = options if _is_keyed(options) else {}
+        parts = []
+        for g, table in enumerate(groups):
+            group_path = (*name_path, g)
+            with _field(*group_path):
+                group = as_head_group(table, g)
+            own_path = (*group_path, "options")
+            where = f"{label} head group {g}"
+            self._check_mechanism(
+                where, group.mechanism, dict(group.options), name_path=(*group_path, "mechanism"), options_path=own_path
+            )
+            shared = dict(keyed.get(group.mechanism, {}))
+            if shared:
+                shared_path: KeyPath = (options_key, group.mechanism)
+                self._check_mechanism(
+                    where, group.mechanism, shared, name_path=(*group_path, "mechanism"), options_path=shared_path
+                )
+            clash = sorted(set(shared) & set(group.options))
+            if clash:
+                raise ConfigFieldError(
+                    f"{where}: option(s) {clash} are set both in the group's options and in "
+                    f"{options_key}.{group.mechanism}; set each in one place",
+                    (*own_path, clash[0]),
+                )
+            parts.append(
+                LayerAttention(
+                    group.mechanism,
+                    {**shared, **group.options},
+                    (*group_path, "mechanism"),
+                    own_path,
+                    heads=group.heads,
+                    options_key=options_key,
+                )
+            )
+        try:
+            check_head_split([p.heads or 0 for p in parts], self.heads, self.kv_heads or self.heads)
+        except HeadSplitError as err:
+            path = name_path if err.group is None else (*name_path, err.group, "heads")
+            raise ConfigFieldError(f"{label}: {err}", path) from None
+        name = " + ".join(HeadGroup(p.name, p.heads or 0, p.options).label for p in parts)
+        return LayerAttention(name, {}, name_path, layer_options_path, groups=tuple(parts), options_key=options_key)
 
     @staticmethod
     def _options_per_layer(
-        label: str, options: Any, names: list[str], key: str
+        label: str, options: Any, specs: list[Any], key: str
     ) -> list[tuple[dict[str, Any], KeyPath]]:
         if isinstance(options, tuple):
-            if len(options) != len(names) or not all(isinstance(o, dict) for o in options):
+            if len(options) != len(specs) or not all(isinstance(o, dict) for o in options):
                 raise ConfigFieldError(
-                    f"{label} as a list needs {len(names)} dicts (one per layer), got {list(options)!r}", (key,)
+                    f"{label} as a list needs {len(specs)} dicts (one per layer), got {list(options)!r}", (key,)
                 )
             return [(dict(o), (key, i)) for i, o in enumerate(options)]
         if not isinstance(options, dict):
             raise ConfigFieldError(f"{label} must be a dict or a list of dicts, got {type(options).__name__}", (key,))
         if _is_keyed(options):
-            return [(dict(options.get(name, {})), (key, name)) for name in names]
-        return [(dict(options), (key,)) for _ in names]
+            # A mix's groups read the keyed options themselves (see _mixed_layer).
+            return [
+                (dict(options.get(spec, {})), (key, spec)) if isinstance(spec, str) else ({}, (key,)) for spec in specs
+            ]
+        return [(dict(options), (key,)) for _ in specs]
 
     # -- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -408,11 +547,7 @@ class TransformerConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, tuple):
-                value = [dict(v) if isinstance(v, dict) else v for v in value]
-            elif isinstance(value, dict):
-                value = dict(value)
-            out[f.name] = value
+            out[f.name] = _plain(value)
         return out
 
     @classmethod

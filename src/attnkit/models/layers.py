@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnkit.attention.multi_head import AttentionCache, MultiHeadAttention
-from attnkit.models.config import TransformerConfig
+from attnkit.models.config import LayerSpec, TransformerConfig
 
 
 def make_norm(config: TransformerConfig) -> nn.Module:
@@ -87,14 +87,14 @@ class AttentionBranch(nn.Module):
 
     Args:
         config: the model config.
-        attention: mechanism name.
-        options: mechanism options.
+        attention: mechanism name, or a per-head mix's groups.
+        options: mechanism options (empty for a mix).
         causal: causal self-attention.
         cross: attend to ``inputs.context`` instead of ``x`` itself.
     """
 
     def __init__(
-        self, config: TransformerConfig, attention: str, options: dict[str, Any], *, causal: bool, cross: bool
+        self, config: TransformerConfig, attention: LayerSpec, options: dict[str, Any], *, causal: bool, cross: bool
     ) -> None:
         super().__init__()
         self.causal = causal
@@ -154,23 +154,32 @@ class TransformerLayer(nn.Module):
 
     Args:
         config: the model config.
-        attention: this layer's self-attention mechanism.
+        attention: this layer's self-attention mechanism, or a per-head mix's groups.
         options: its options.
         causal: causal self-attention (decoders).
         cross_attention: add a cross-attention branch (encoder-decoder decoders).
+
+    Attributes:
+        mechanism: the mechanism's name; for a per-head mix a readable label
+            (``sliding_window(window=64)×4 + linear×4``), not a registry name.
+        mechanisms: the registered names the layer runs, one per head group (one for a single
+            mechanism).
     """
 
     def __init__(
         self,
         config: TransformerConfig,
-        attention: str,
+        attention: LayerSpec,
         options: dict[str, Any],
         *,
         causal: bool,
         cross_attention: bool = False,
     ) -> None:
         super().__init__()
-        self.mechanism = attention
+        self.mechanisms: tuple[str, ...] = (
+            (attention,) if isinstance(attention, str) else tuple(g.mechanism for g in attention)
+        )
+        self.mechanism = attention if isinstance(attention, str) else " + ".join(g.label for g in attention)
         self.self_attention = AttentionBranch(config, attention, options, causal=causal, cross=False)
         self.cross_attention = (
             AttentionBranch(config, config.cross_attention, config.cross_attention_options, causal=False, cross=True)

@@ -14,6 +14,7 @@ from typing import Any, TypeVar, cast
 import torch
 from torch import Tensor, nn
 
+from attnkit.attention.head_groups import MixedHeads
 from attnkit.models.config import TransformerConfig
 from attnkit.models.stack import TransformerStack
 
@@ -139,7 +140,9 @@ class PreTrainedModel(nn.Module):
         for stack_name, stack in self.named_stacks():
             lines.append(f"  {stack_name}:")
             for i, layer in enumerate(stack.layer_list()):
-                options = layer.self_attention.attention.attention.extra_repr()
+                attention = layer.self_attention.attention.attention
+                # A per-head mix's label (layer.mechanism) already lists each group's options.
+                options = "" if isinstance(attention, MixedHeads) else attention.extra_repr()
                 cross = ""
                 if layer.cross_attention is not None:
                     cross = f" + cross {layer.cross_attention.attention.attention.name}"

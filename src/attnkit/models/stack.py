@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from attnkit.attention.multi_head import AttentionCache
 from attnkit.models.cache import ModelCache
-from attnkit.models.config import TransformerConfig
+from attnkit.models.config import LayerSpec, TransformerConfig
 from attnkit.models.layers import LayerInputs, TransformerLayer, make_norm
 from attnkit.models.reversible import coupled_forward, reversible_forward
 from attnkit.positions import LearnedPositions, SinusoidalPositions
@@ -133,7 +133,7 @@ class TransformerStack(nn.Module):
 
     Args:
         config: the model config.
-        layer_specs: ``(mechanism, options)`` per layer.
+        layer_specs: ``(mechanism or per-head mix, options)`` per layer (``config.layer_attention()``).
         causal: causal self-attention.
         cross_attention: layers also attend to a context (decoder of an encoder-decoder).
     """
@@ -141,7 +141,7 @@ class TransformerStack(nn.Module):
     def __init__(
         self,
         config: TransformerConfig,
-        layer_specs: list[tuple[str, dict[str, Any]]],
+        layer_specs: list[tuple[LayerSpec, dict[str, Any]]],
         *,
         causal: bool,
         cross_attention: bool = False,

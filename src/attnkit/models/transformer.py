@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from attnkit.core.registry import attention_capabilities
 from attnkit.core.validation import check_ids, check_mask
 from attnkit.models.cache import ModelCache
-from attnkit.models.config import TransformerConfig
+from attnkit.models.config import LayerSpec, TransformerConfig
 from attnkit.models.generation import LanguageModelGeneration, Seq2SeqGeneration
 from attnkit.models.layers import LayerInputs
 from attnkit.models.pretrained import PreTrainedModel, register_architecture
@@ -36,13 +36,16 @@ def positions_from_mask(mask: Tensor | None, batch: int, length: int, device: to
     return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
-def _check_causal(specs: list[tuple[str, dict[str, Any]]], what: str) -> None:
-    for i, (name, _) in enumerate(specs):
-        if not attention_capabilities(name).causal:
-            raise ValueError(
-                f"{what} layer {i} uses attention {name!r}, which has no causal mode; "
-                "a decoder needs causal attention (pick another mechanism for that layer)"
-            )
+def _check_causal(specs: list[tuple[LayerSpec, dict[str, Any]]], what: str) -> None:
+    for i, (spec, _) in enumerate(specs):
+        names = [spec] if isinstance(spec, str) else [g.mechanism for g in spec]
+        for name in names:
+            if not attention_capabilities(name).causal:
+                where = "" if isinstance(spec, str) else " in a per-head mix"
+                raise ValueError(
+                    f"{what} layer {i} uses attention {name!r}{where}, which has no causal mode; "
+                    "a decoder needs causal attention (pick another mechanism for that layer)"
+                )
 
 
 class _TokenModel(PreTrainedModel):

@@ -64,7 +64,9 @@ class TrainConfig:
             directory, then the config file's directory.
         out_dir: where checkpoints, the model and ``log.jsonl`` go.
         attention: registered mechanism name (``attnkit list``) for every layer, or a list with one
-            name per layer.
+            name per layer. Per-head mixing: a list of head groups ``{mechanism = NAME, heads = N,
+            options = {...}}`` (their ``heads`` add up to ``model.heads``) for every layer, or such a
+            list in place of a name in the per-layer list.
         attention_options: the mechanisms' options: one table for every layer (``window = 64``)
             or tables keyed by mechanism name (``[attention_options.sliding_window]``, for an
             ``attention`` list that mixes mechanisms). Each mechanism's options and defaults:
@@ -123,7 +125,7 @@ class TrainConfig:
 
     task: str
     out_dir: str
-    attention: str | tuple[str, ...] = "full"
+    attention: str | tuple[str, ...] | tuple[dict[str, Any], ...] = "full"
     attention_options: dict[str, Any] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
@@ -189,7 +191,7 @@ class TrainConfig:
         out["betas"] = list(self.betas)
         out["freeze"] = list(self.freeze)
         if isinstance(self.attention, tuple):
-            out["attention"] = list(self.attention)
+            out["attention"] = json.loads(json.dumps(self.attention))  # nested tuples (per-head mixes) as lists
         return out
 
     @classmethod
@@ -336,7 +338,7 @@ def _check_option_values(config: Any, err: Locator) -> None:
 
     layers = config.attention_layers() + config.attention_layers(decoder=True)
     built: set[str] = set()
-    for layer in layers:
+    for layer in (part for whole in layers for part in whole.parts()):  # a per-head mix: each group
         signature = json.dumps([layer.name, layer.options], sort_keys=True, default=repr)
         if signature in built:
             continue
@@ -371,8 +373,8 @@ def _build(data: dict[str, Any], source: str, text: str | None, overrides: Seque
         if not isinstance(data.get(key, {}), dict):
             raise err(key, f"must be a table of options, got {data[key]!r}")
     attention = data.get("attention", "full")
-    if not (isinstance(attention, str) or (isinstance(attention, list) and all(isinstance(a, str) for a in attention))):
-        raise err("attention", f"must be a mechanism name or a list of names, got {attention!r}")
+    if not isinstance(attention, (str, list)):  # the forms inside a list are checked by TransformerConfig
+        raise err("attention", f"must be a mechanism name, a list of names or a list of head groups, got {attention!r}")
     betas = data.get("betas", [0.9, 0.98])
     if not (
         isinstance(betas, (list, tuple))
@@ -385,7 +387,9 @@ def _build(data: dict[str, Any], source: str, text: str | None, overrides: Seque
     values["betas"] = (float(betas[0]), float(betas[1]))
     values["freeze"] = tuple(data.get("freeze", ()))
     if isinstance(attention, list):
-        values["attention"] = tuple(attention)
+        from attnkit.models.config import normalize_attention
+
+        values["attention"] = normalize_attention(attention)
     config = TrainConfig(**values)
     if config.batch_size % config.grad_accum:
         raise err("grad_accum", f"must divide batch_size={config.batch_size}, got {config.grad_accum}")
