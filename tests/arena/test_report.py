@@ -67,7 +67,7 @@ def test_every_table_shows_the_same_labelled_speedup(tmp_path: Path) -> None:
     report = (tmp_path / "report.md").read_text()
     # the per-length tables used the inverse ratio, "25.0 ms (0.25x)"
     assert "25.0 ms · 4.00x · 10 MB" in report and "0.25x" not in report
-    assert "Each cell: median time · speed-up vs full (>1 = faster) · peak MB." in report
+    assert "Each cell: median time · speed-up vs full (>1 = faster) (min-max over rounds) · peak MB." in report
 
 
 def test_flags_reach_the_leaderboard_the_report_and_the_terminal(tmp_path: Path) -> None:

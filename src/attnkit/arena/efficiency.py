@@ -1,16 +1,26 @@
 """Efficiency cells: forward and forward+backward time and peak memory at one length.
 
 Protocol: ``B x H x L x D`` fp32 locally correlated inputs, the mechanism's registered
-``benchmark_options``, one warm-up step, then timed repeats until ``repeats`` are done
-or ``cell_seconds`` are spent (at least one); the median is reported. Peak memory is
-that of the warm-up step (see :mod:`attnkit.metrics.memory`: idle pooled buffers are
-released first, so the step counts every byte it needs, buffer pool on or off). One-time
-costs are paid before a tracked step: the libraries' set-up before the first cell
+``benchmark_options``, one warm-up step, then timed steps; the median is reported. Peak
+memory is that of the warm-up step (see :mod:`attnkit.metrics.memory`: idle pooled buffers
+are released first, so the step counts every byte it needs, buffer pool on or off).
+One-time costs are paid before a tracked step: the libraries' set-up before the first cell
 (:func:`warm_up_libraries`), and each sweep's first measured cell runs one extra untracked
 step (a code path's first call in a process allocates once-only buffers: linear
 attention's first causal call, 36 MB, which made its 1K cell look larger than its 2K one).
 Everything runs in the arena's own process so a cell costs milliseconds of overhead, not
 an interpreter start.
+
+Speed-ups are measured side by side (:func:`time_rounds`). A mechanism's cell times its
+step interleaved with exact attention's on the same inputs, in rounds of alternating order
+(mechanism then exact attention in even rounds, the reverse in odd ones: neither side
+always runs second, in the caches and allocator state the other left). Each round gives
+one ratio of two steps taken moments apart, so load that lasts a round slows both and
+cancels; the speed-up is the median of the per-round ratios (:func:`paired_speedups`),
+which also shrugs off a round where a stall hit one side only, and their min-max is its
+spread. A ratio of medians would discard the pairing: its two medians can come from
+different rounds. Rounds go on until ``repeats`` are done or ``cell_seconds`` are spent
+on both sides together (at least one). Exact attention's own cell is timed alone.
 
 A sweep over lengths stops for a mechanism as soon as a step exceeds the time or memory
 budget, or is *projected* to exceed it at the next length (power-law fit through the
@@ -21,12 +31,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from attnkit.arena.config import ArenaConfig
 from attnkit.core.base import AttentionMechanism
@@ -34,12 +47,59 @@ from attnkit.inputs import structured_qkv
 from attnkit.metrics.memory import PeakMemoryMeter
 
 #: Version of the measurement protocol (2: memory from the warm-up step, timed steps at full allocator speed;
-#: 3: pooled buffers released before the tracked step, one untracked step before a sweep's first cell).
-PROTOCOL = 3
+#: 3: pooled buffers released before the tracked step, one untracked step before a sweep's first cell;
+#: 4: timed in alternating-order rounds with exact attention, the load average recorded around each cell).
+PROTOCOL = 4
+
+#: A clock in seconds (``time.perf_counter``; tests inject a fake one).
+Clock = Callable[[], float]
+#: Reads the machine's 1-minute load average, None where the platform has none (tests inject a fake one).
+LoadReader = Callable[[], float | None]
 
 
-def efficiency_params(cfg: ArenaConfig, length: int, causal: bool, mode: str) -> dict[str, Any]:
-    """The parameters that identify an efficiency cell (part of its cache key)."""
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes, averaged), or None where the platform has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Baseline:
+    """Exact attention as the other side of every interleaved cell.
+
+    Attributes:
+        name: its registered name.
+        module: the module, built with its ``benchmark_options``.
+        options: those options (part of an interleaved cell's key).
+        warm: the ``(length, causal, mode)`` at which it has already stepped in this
+            process; elsewhere one untimed step precedes the rounds, so the first round
+            does not charge a cold start to exact attention.
+    """
+
+    name: str
+    module: AttentionMechanism
+    options: dict[str, Any]
+    warm: set[tuple[int, bool, str]] = field(default_factory=set)
+
+
+def efficiency_params(
+    cfg: ArenaConfig, length: int, causal: bool, mode: str, reference: Baseline | None = None
+) -> dict[str, Any]:
+    """The parameters that identify an efficiency cell (part of its cache key).
+
+    ``reference`` is the baseline the cell is timed interleaved with (None: timed alone),
+    so a cell timed alone and one timed side by side never stand in for each other.
+    """
     return {
         "length": length,
         "causal": causal,
@@ -52,6 +112,7 @@ def efficiency_params(cfg: ArenaConfig, length: int, causal: bool, mode: str) ->
         "seed": cfg.seed,
         # bumped when the way a cell is measured changes, so cached cells of the old way are not reused
         "protocol": PROTOCOL,
+        "reference": None if reference is None else {"name": reference.name, "options": reference.options},
     }
 
 
@@ -69,8 +130,10 @@ def measure_efficiency(
     meter: PeakMemoryMeter,
     *,
     first_use: bool = False,
+    reference: Baseline | None = None,
+    clock: Clock = time.perf_counter,
 ) -> dict[str, Any]:
-    """Time one (length, causal, mode) cell of ``module``.
+    """Time one (length, causal, mode) cell of ``module``, interleaved with ``reference`` when given.
 
     Args:
         module: the mechanism, built with its ``benchmark_options``.
@@ -82,59 +145,164 @@ def measure_efficiency(
         first_use: the first cell of this (mechanism, causal, mode) measured in this
             process: one more untracked step runs first, so once-only allocations are not
             charged to the cell's memory.
+        reference: exact attention, stepped on the same inputs in alternating rounds with
+            ``module`` (see :func:`time_rounds`); None times ``module`` alone.
+        clock: the timer (injected by tests).
 
     Returns:
-        ``{"status": "ok", "median_ms", "times_ms", "peak_mb", "memory_method"}``, or
-        ``{"status": "error", "error": message}`` when the mechanism raised (including
-        out of memory).
+        ``{"status": "ok", "median_ms", "times_ms", "peak_mb", "memory_method"}``, plus
+        ``"reference"`` (its name) and ``"reference_times_ms"`` (its step in each round,
+        aligned with ``times_ms``) when interleaved; or ``{"status": "error", "error":
+        message}`` when the mechanism raised (including out of memory).
     """
     backward = mode == "fwd+bwd"
     try:
         q, k, v = structured_qkv(
             cfg.batch, cfg.heads, length, length, cfg.head_dim, seed=cfg.seed, device=cfg.device, requires_grad=backward
         )
-        module = module.to(cfg.device)
-
-        def step() -> None:
-            if backward:
-                for t in (q, k, v):
-                    t.grad = None
-                out = module(q, k, v, causal=causal)
-                out.backward(torch.ones_like(out))
-            else:
-                with torch.no_grad():
-                    module(q, k, v, causal=causal)
-
+        step = _stepper(module.to(cfg.device), q, k, v, causal=causal, backward=backward, device=cfg.device)
         if first_use:
             step()
-            _sync(cfg.device)
-        return _time_steps(step, cfg, meter)
+        if reference is None:
+            return _time_alone(step, cfg, meter, clock)
+        reference.module.to(cfg.device).train(backward)
+        # both sides step on the same tensors: the same inputs, and no second copy in memory
+        reference_step = _blamed(
+            reference.name, _stepper(reference.module, q, k, v, causal=causal, backward=backward, device=cfg.device)
+        )
+        if (length, causal, mode) not in reference.warm:
+            reference_step()
+            reference.warm.add((length, causal, mode))
+        peak = _tracked_step(step, meter)
+        times, reference_times = time_rounds(
+            step, reference_step, repeats=cfg.repeats, seconds=cfg.cell_seconds, clock=clock
+        )
+        return {
+            **_timing_result(times, peak, meter),
+            "reference": reference.name,
+            "reference_times_ms": [t * 1e3 for t in reference_times],
+        }
     except (RuntimeError, ValueError, TypeError, MemoryError) as err:
         return {"status": "error", "error": _one_line(err)}
 
 
-def _time_steps(step: Callable[[], None], cfg: ArenaConfig, meter: PeakMemoryMeter) -> dict[str, Any]:
+def _stepper(
+    module: AttentionMechanism, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, backward: bool, device: str
+) -> Callable[[], None]:
+    """One step of ``module`` on ``q, k, v`` (forward, plus backward of a ones gradient), finished on the device."""
+
+    def step() -> None:
+        if backward:
+            for t in (q, k, v):
+                t.grad = None
+            out = module(q, k, v, causal=causal)
+            out.backward(torch.ones_like(out))
+        else:
+            with torch.no_grad():
+                module(q, k, v, causal=causal)
+        _sync(device)
+
+    return step
+
+
+def _blamed(name: str, step: Callable[[], None]) -> Callable[[], None]:
+    """``step``, whose failure names ``name``: an error of the reference must not read as the mechanism's."""
+
+    def run() -> None:
+        try:
+            step()
+        except (RuntimeError, ValueError, TypeError, MemoryError) as err:
+            raise RuntimeError(f"{name}, timed alongside as the reference, failed: {_one_line(err)}") from err
+
+    return run
+
+
+def _tracked_step(step: Callable[[], None], meter: PeakMemoryMeter) -> float | None:
     # The warm-up step (lazy initialisation, kernel selection) is the one whose memory is
     # tracked: tracking changes the allocator's behaviour (see attnkit.metrics.memory), which
     # would skew a timed step, and a separate memory step would cost a third long step.
     with meter.track() as peak:
         step()
-        _sync(cfg.device)
+    return peak.mb
+
+
+def _time_alone(step: Callable[[], None], cfg: ArenaConfig, meter: PeakMemoryMeter, clock: Clock) -> dict[str, Any]:
+    peak = _tracked_step(step, meter)
     times: list[float] = []
-    spent = 0.0
-    while len(times) < cfg.repeats and (not times or spent < cfg.cell_seconds):
-        start = time.perf_counter()
+    while len(times) < cfg.repeats and (not times or sum(times) < cfg.cell_seconds):
+        start = clock()
         step()
-        _sync(cfg.device)
-        elapsed = time.perf_counter() - start
-        times.append(elapsed)
-        spent += elapsed
+        times.append(clock() - start)
+    return _timing_result(times, peak, meter)
+
+
+def _timing_result(times: list[float], peak_mb: float | None, meter: PeakMemoryMeter) -> dict[str, Any]:
     return {
         "status": "ok",
         "median_ms": statistics.median(times) * 1e3,
         "times_ms": [t * 1e3 for t in times],
-        "peak_mb": peak.mb,
+        "peak_mb": peak_mb,
         "memory_method": meter.method,
+    }
+
+
+def time_rounds(
+    step: Callable[[], None],
+    reference_step: Callable[[], None],
+    *,
+    repeats: int,
+    seconds: float,
+    clock: Clock = time.perf_counter,
+) -> tuple[list[float], list[float]]:
+    """Time ``step`` and ``reference_step`` side by side, one step of each per round.
+
+    Round ``r`` runs ``step`` then ``reference_step`` when ``r`` is even, the reverse when
+    it is odd. Rounds go on until ``repeats`` are done or both sides together have spent
+    ``seconds`` (at least one round runs).
+
+    Returns:
+        ``(times, reference_times)`` in seconds, one entry per round each, in round order.
+    """
+    times: list[float] = []
+    reference_times: list[float] = []
+    while len(times) < repeats and (not times or sum(times) + sum(reference_times) < seconds):
+        sides = [(step, times), (reference_step, reference_times)]
+        for run, out in sides if len(times) % 2 == 0 else sides[::-1]:
+            start = clock()
+            run()
+            out.append(clock() - start)
+    return times, reference_times
+
+
+def paired_speedups(times_ms: list[float], reference_times_ms: list[float]) -> dict[str, Any]:
+    """The speed-up over the reference from steps timed in rounds (see :func:`time_rounds`).
+
+    Args:
+        times_ms: the mechanism's step in each round.
+        reference_times_ms: the reference's step in the same rounds.
+
+    Returns:
+        ``{"round_speedups": [reference / mechanism per round], "median", "min", "max",
+        "rounds"}``: the speed-up is the median of the per-round ratios (> 1 = faster than
+        the reference), min and max their spread.
+
+    Raises:
+        ValueError: the two lists differ in length, are empty, or hold a non-positive time.
+    """
+    if len(times_ms) != len(reference_times_ms) or not times_ms:
+        raise ValueError(
+            f"times_ms and reference_times_ms must hold one time per round each, got {len(times_ms)} and "
+            f"{len(reference_times_ms)} (pass the lists time_rounds returned)"
+        )
+    if min(times_ms) <= 0 or min(reference_times_ms) <= 0:
+        raise ValueError("step times must be positive (a clock that does not advance cannot time a step)")
+    ratios = [ref / own for own, ref in zip(times_ms, reference_times_ms)]
+    return {
+        "round_speedups": ratios,
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "rounds": len(ratios),
     }
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from attnkit.arena.config import FIDELITY_INPUTS
 from attnkit.arena.flags import TIME_FLAGS
-from attnkit.arena.results import TASK_METRICS
+from attnkit.arena.results import TASK_METRICS, length_label
 
 TASK_TITLES = {"mqar": "MQAR acc", "listops": "ListOps acc", "lm": "LM bpc"}
 PLOTS = (
@@ -23,9 +23,7 @@ def _num(value: float | None, fmt: str, missing: str = "-") -> str:
 
 
 def _length(n: int | None) -> str:
-    if n is None:
-        return "-"
-    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+    return "-" if n is None else length_label(n)
 
 
 def format_table(
@@ -52,11 +50,32 @@ def format_table(
 #: Appended to a number whose measurement is flagged (see :mod:`attnkit.arena.flags`).
 FLAG_MARK = "?"
 SPEEDUP_LABEL = "speed-up vs full (>1 = faster)"
+SPREAD_NOTE = (
+    "Each speed-up is timed side by side: the mechanism's step and exact attention's alternate in rounds "
+    "(order reversed every other round), the number is the median of the per-round ratios and (a-b) their "
+    "min-max ('1 round': a step outlasted the cell's time), so load that hits a round slows both sides."
+)
+#: What the speed-ups of a results file measured before interleaving (older cells, hand-made runs) mean.
+SEPARATE_NOTE = "Speed-ups divide medians from separate cells, measured back to back (no spread)."
 
 
-def _speedup(value: float | None, flags: Sequence[str] = ()) -> str:
-    """A speed-up over exact attention as ``2.50x`` (> 1 = faster), marked when flagged."""
-    return "-" if value is None else f"{value:.2f}x" + (FLAG_MARK if flags else "")
+def _speedup_note(doc: dict[str, Any]) -> str:
+    interleaved = any(r.get("speedup_method") == "interleaved" for r in doc["efficiency"])
+    return SPREAD_NOTE if interleaved else SEPARATE_NOTE
+
+
+def _speedup(
+    value: float | None, flags: Sequence[str] = (), spread: Sequence[float] | None = None, rounds: int | None = None
+) -> str:
+    """A speed-up over exact attention as ``2.50x`` (> 1 = faster), marked when flagged, with the
+    min-max of its per-round ratios when it was timed in rounds: ``2.50x (2.31-2.64)``, or
+    ``2.50x (1 round)`` when a single round (a step longer than the cell's time) has no spread."""
+    if value is None:
+        return "-"
+    text = f"{value:.2f}x" + (FLAG_MARK if flags else "")
+    if spread is None:
+        return text
+    return f"{text} (1 round)" if rounds == 1 else f"{text} ({spread[0]:.2f}-{spread[1]:.2f})"
 
 
 def leaderboard_table(doc: dict[str, Any], *, markdown: bool = False) -> str:
@@ -75,9 +94,20 @@ def leaderboard_table(doc: dict[str, Any], *, markdown: bool = False) -> str:
             cells.append(_num(value, ".3f") if TASK_METRICS[t][0] == "bits_per_char" else _num(value, ".1%"))
         cells += [_num(r["avg_accuracy"], ".1%"), _num(r["error"], ".3f"), _num(r["error_causal"], ".3f")]
         flags = r.get("flags", {})
-        longest = _speedup(r["speedup_vs_full_longest"], flags.get("speedup_vs_full_longest", ()))
+        longest = _speedup(
+            r["speedup_vs_full_longest"],
+            flags.get("speedup_vs_full_longest", ()),
+            r.get("speedup_vs_full_longest_spread"),
+            r.get("speedup_vs_full_longest_rounds"),
+        )
+        headline = _speedup(
+            r["speedup_vs_full"],
+            flags.get("speedup_vs_full", ()),
+            r.get("speedup_vs_full_spread"),
+            r.get("speedup_vs_full_rounds"),
+        )
         cells += [
-            _speedup(r["speedup_vs_full"], flags.get("speedup_vs_full", ())),
+            headline,
             _num(r["peak_mb"], ".0f") + (FLAG_MARK if flags.get("peak_mb") else ""),
             longest if r["speedup_vs_full_longest"] is None else f"{longest} @{_length(r['longest_shared_length'])}",
             _length(r["max_length"]),
@@ -106,9 +136,9 @@ def legend(doc: dict[str, Any]) -> str:
         f"(L={cfg['fidelity_length']}; most attention mass near the diagonal); "
         "exact sparse mechanisms are compared with dense attention too.",
         f"{SPEEDUP_LABEL}: forward+backward time of exact attention (full, SDPA) / time of the mechanism, "
-        f"measured back to back, at L={ref} (the longest length every mechanism reached) and at the longest "
-        f"length both it and exact attention reached (B={cfg['batch']}, H={cfg['heads']}, D={cfg['head_dim']}, "
-        "fp32); peak MB: extra memory of one step; max L: longest length measured within the budget.",
+        f"at L={ref} (the longest length every mechanism reached) and at the longest length both it and exact "
+        f"attention reached (B={cfg['batch']}, H={cfg['heads']}, D={cfg['head_dim']}, fp32). {_speedup_note(doc)} "
+        "peak MB: extra memory of one step; max L: longest length measured within the budget.",
     ]
     if doc.get("flags"):
         lines.append(
@@ -127,7 +157,7 @@ def _sweep_cell(r: dict[str, Any] | None) -> str:
     time_mark = FLAG_MARK if flags & set(TIME_FLAGS) else ""
     parts = [f"{r['median_ms']:.1f} ms{time_mark}"]
     if r.get("speedup_vs_full") is not None:
-        parts.append(f"{r['speedup_vs_full']:.2f}x")
+        parts.append(_speedup(r["speedup_vs_full"], spread=r.get("speedup_spread"), rounds=r.get("speedup_rounds")))
     if r.get("peak_mb") is not None:
         parts.append(f"{r['peak_mb']:.0f} MB" + (FLAG_MARK if flags - set(TIME_FLAGS) else ""))
     return " · ".join(parts)
@@ -240,9 +270,10 @@ def write_report(doc: dict[str, Any], out_dir: Path | str) -> Path:
         f"{meta['date']} · {meta['device']} ({meta['processor']}, {meta['threads']} threads) · torch {meta['torch']} · "
         f"attnkit {meta['attnkit']} · preset `{cfg['preset_name']}` · {meta['seconds']:.0f} s "
         f"({meta['cells_measured']} cells measured, {meta['cells_reused']} reused) · load average "
-        f"{' -> '.join(str(x) for x in meta.get('load_average', []))} on {meta.get('cpu_count')} cores "
-        "(other processes on the machine slow every timing; ratios within a cell are measured back to back)",
+        f"{' -> '.join(str(x) for x in meta.get('load_average', []))} on {meta.get('cores', meta.get('cpu_count'))} "
+        "cores (other processes on the machine slow every timing)",
         "",
+        *_load_warning_lines(doc),
         f"Reproduce with `{reproduce_command(cfg)}` (every setting is in `results.json` under `meta.config`; "
         "cells cached in the output folder are reused, so a rerun only measures what is missing).",
         "",
@@ -258,15 +289,15 @@ def write_report(doc: dict[str, Any], out_dir: Path | str) -> Path:
             parts += [f"## {title}", "", f"![{title}]({file})", ""]
     parts += ["## Efficiency", ""]
     parts.append(
-        f"Median of up to {cfg['repeats']} timed steps after a warm-up on {meta['threads']} threads; "
-        f"{SPEEDUP_LABEL} = time of exact attention in the same cell / time of the mechanism; "
-        f"peak extra memory of one step in MB. {FLAG_MARK} = flagged (see Flags). "
-        "'stop' = the sweep hit its budget (see below)."
+        f"Median of up to {cfg['repeats']} timed steps after a warm-up on {meta['threads']} threads, within "
+        f"{cfg['cell_seconds']:g} s per cell; {SPEEDUP_LABEL} = time of exact attention / time of the mechanism. "
+        f"{_speedup_note(doc)} Exact attention's own cells are timed alone. Peak extra memory of one step in MB. "
+        f"{FLAG_MARK} = flagged (see Flags). 'stop' = the sweep hit its budget (see below)."
     )
     for mode in ("fwd+bwd", "fwd"):
         for causal in (False, True):
             parts += ["", f"### {mode}, {'causal' if causal else 'bidirectional'}", ""]
-            parts += [f"Each cell: median time · {SPEEDUP_LABEL} · peak MB.", ""]
+            parts += [f"Each cell: median time · {SPEEDUP_LABEL} (min-max over rounds) · peak MB.", ""]
             parts.append(_sweep_table(doc, causal, mode, markdown=True))
     parts += ["", "## Flags", ""]
     parts += _flags_section(doc)
@@ -294,8 +325,15 @@ def write_report(doc: dict[str, Any], out_dir: Path | str) -> Path:
     return path
 
 
+def _load_warning_lines(doc: dict[str, Any]) -> list[str]:
+    """``WARNING: the machine was busy ...`` and a blank line, or nothing when it was not."""
+    warning = doc.get("load_warning")
+    return [f"WARNING: {warning['message']}", ""] if warning else []
+
+
 def terminal_summary(doc: dict[str, Any]) -> str:
-    """The leaderboard, its legend, where the sweeps stopped and what was flagged, for the terminal."""
+    """The leaderboard, its legend, where the sweeps stopped, what was flagged and whether the
+    machine was busy, for the terminal."""
     lines = [leaderboard_table(doc), "", legend(doc)]
     stops = [s for s in doc["stops"] if not s["causal"] and s["mode"] == "fwd+bwd"]
     if stops:
@@ -306,4 +344,7 @@ def terminal_summary(doc: dict[str, Any]) -> str:
         lines += ["", f"flagged ({len(flags)}; what each kind means: report.md, Flags):"]
         lines += [f"  {line}" for line in flags]
         lines.append(f"  what to do: {(doc['meta'].get('flag_help') or {}).get('what to do', '')}")
+    warning = _load_warning_lines(doc)
+    if warning:
+        lines += ["", *warning[:-1]]
     return "\n".join(lines)

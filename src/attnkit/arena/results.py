@@ -2,23 +2,33 @@
 
 Schema (``schema_version`` 2)::
 
-    meta         machine, library versions, settings, threads, wall time, cache use, the
-                 context-free baseline of each quality task (majority class / unigram bits per
-                 char) and what each flag kind means
+    meta         machine, library versions, settings, threads, cores, wall time, cache use,
+                 the context-free baseline of each quality task (majority class / unigram bits
+                 per char) and what each flag kind means
     mechanisms   one record per mechanism: capabilities and the options each stage used
     efficiency   one row per (mechanism, length, causal, mode): median_ms, times_ms, peak_mb,
-                 speedup_vs_full (time of exact attention / time of the mechanism in the same
-                 cell: > 1 = faster), memory_vs_full (peak memory / exact attention's: < 1 = less),
-                 flags (see attnkit.arena.flags), status ok | error | stopped (with reason)
+                 speedup_vs_full (> 1 = faster), speedup_spread ([min, max] of the per-round
+                 ratios), speedup_rounds, round_speedups, speedup_method, memory_vs_full (peak
+                 memory / exact attention's: < 1 = less), load_before / load_after (1-minute
+                 load average around the cell), busy, flags (see attnkit.arena.flags), status
+                 ok | error | stopped (with reason)
     fidelity     one row per (mechanism, input, causal): relative_error vs float64 exact
     quality      one row per (mechanism, task): metric, value, status ok | error | n/a
     stops        where and why each sweep stopped
     flags        noisy cells and impossible length curves, with a message each
+    load_warning None, or the cells measured while the machine was busy (load average above
+                 its core count) with a message naming them
     leaderboard  one summary row per mechanism (what the terminal table shows)
 
+speedup_method says where a speed-up comes from: ``interleaved`` (the cell timed the
+mechanism and exact attention in alternating rounds, reference_times_ms; the speed-up is
+the median of the per-round ratios of exact attention's time to the mechanism's),
+``separate cells`` (cells of an older protocol, or a hand-made run: exact attention's
+median over the mechanism's, from their own cells) or ``self`` (exact attention's row).
 Ratios are taken only between cells of the same settings on the same machine. Version 1
 stored ``time_vs_full`` (the inverse ratio, < 1 = faster); :func:`load_results` upgrades
-such a file.
+such a file. Keys added since (spreads, loads, load_warning) are absent from older files;
+readers use ``.get``.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import torch
 
 import attnkit
 from attnkit.arena.config import HEADLINE_INPUT
+from attnkit.arena.efficiency import paired_speedups, usable_cores
 from attnkit.arena.flags import FLAG_HELP, SUGGESTION, TIME_FLAGS, efficiency_flags
 from attnkit.arena.quality import task_baseline
 from attnkit.arena.runner import BASELINE, ArenaRun
@@ -57,13 +68,84 @@ def _baseline_cells(rows: list[dict[str, Any]]) -> dict[tuple[int, bool, str], d
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
     base = _baseline_cells(rows)
     for r in rows:
-        r["speedup_vs_full"] = r["memory_vs_full"] = None
+        r.update(speedup_vs_full=None, speedup_spread=None, speedup_rounds=None, speedup_method=None)
+        r["memory_vs_full"] = None
         ref = base.get((r["length"], r["causal"], r["mode"]))
-        if r["status"] != "ok" or ref is None:
+        if r["status"] != "ok":
             continue
-        r["speedup_vs_full"] = ref["median_ms"] / r["median_ms"]
-        if r.get("peak_mb") is not None and ref.get("peak_mb"):
+        if r.get("reference_times_ms"):
+            paired = paired_speedups(r["times_ms"], r["reference_times_ms"])
+            r.update(
+                speedup_vs_full=paired["median"],
+                speedup_spread=[paired["min"], paired["max"]],
+                speedup_rounds=paired["rounds"],
+                round_speedups=paired["round_speedups"],
+                speedup_method="interleaved",
+            )
+        elif ref is not None:
+            r["speedup_vs_full"] = ref["median_ms"] / r["median_ms"]
+            r["speedup_method"] = "self" if r["mechanism"] == BASELINE else "separate cells"
+        if ref is not None and r.get("peak_mb") is not None and ref.get("peak_mb"):
             r["memory_vs_full"] = r["peak_mb"] / ref["peak_mb"]
+
+
+def cell_load(row: dict[str, Any]) -> float | None:
+    """The highest 1-minute load average recorded around an efficiency cell (None: not recorded)."""
+    loads = [x for x in (row.get("load_before"), row.get("load_after")) if x is not None and x >= 0]
+    return max(loads) if loads else None
+
+
+def load_warning(rows: list[dict[str, Any]], cores: int) -> dict[str, Any] | None:
+    """The busy-machine warning: efficiency cells measured while the load average exceeded ``cores``.
+
+    A load average above the core count means runnable processes were waiting for a core,
+    so a step could be descheduled mid-measurement. Each row gets ``"busy"`` (True, False,
+    or None when no load was recorded).
+
+    Returns:
+        None when no cell was busy, else ``{"cores", "cells": [{"mechanism", "length",
+        "causal", "mode", "load"}], "message"}``; ``cells`` holds every busy cell, the message
+        names them (up to eight sweeps).
+    """
+    busy = []
+    for r in rows:
+        load = cell_load(r)
+        r["busy"] = None if load is None else load > cores
+        if r["busy"]:
+            busy.append({k: r[k] for k in ("mechanism", "length", "causal", "mode")} | {"load": load})
+    if not busy:
+        return None
+    measured = sum(1 for r in rows if r["busy"] is not None)
+    low, high = min(c["load"] for c in busy), max(c["load"] for c in busy)
+    loads = f"1-minute load average of {low:.2f}" + ("" if low == high else f"-{high:.2f}")
+    if len(busy) == measured:
+        where = f"every one of the {measured} efficiency cells was measured with a {loads}"
+    else:
+        where = f"{len(busy)} of {measured} efficiency cells were measured with a {loads} ({_name_cells(busy)})"
+    message = (
+        f"the machine was busy: {where}, above its {cores} cores. Their times include waits for a core; their "
+        "speed-ups, timed side by side with exact attention, suffer less. Re-measure them on a quieter machine "
+        "(--no-resume measures cached cells again)."
+    )
+    return {"cores": cores, "cells": busy, "message": message}
+
+
+def _name_cells(cells: list[dict[str, Any]], most: int = 8) -> str:
+    """``lsh causal fwd+bwd at 1K, 2K; full fwd at 512`` (the first ``most`` sweeps, then how many more)."""
+    sweeps: dict[tuple[str, bool, str], list[int]] = {}
+    for c in cells:
+        sweeps.setdefault((c["mechanism"], c["causal"], c["mode"]), []).append(c["length"])
+    named = [
+        f"{name} {'causal ' if causal else ''}{mode} at {', '.join(length_label(n) for n in lengths)}"
+        for (name, causal, mode), lengths in sweeps.items()
+    ]
+    more = f"; and {len(named) - most} more sweeps (results.json: load_warning)" if len(named) > most else ""
+    return "; ".join(named[:most]) + more
+
+
+def length_label(n: int) -> str:
+    """A sequence length as the tables print it: ``2K`` for 2048, ``1000`` for 1000."""
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
 def _stops(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -157,9 +239,13 @@ def _speed_columns(
         "reference_length": ref_len,
         "time_ms": cell["median_ms"] if cell else None,
         "speedup_vs_full": cell.get("speedup_vs_full") if cell else None,
+        "speedup_vs_full_spread": cell.get("speedup_spread") if cell else None,
+        "speedup_vs_full_rounds": cell.get("speedup_rounds") if cell else None,
         "peak_mb": cell.get("peak_mb") if cell else None,
         "memory_vs_full": cell.get("memory_vs_full") if cell else None,
         "speedup_vs_full_longest": longest["speedup_vs_full"] if longest else None,
+        "speedup_vs_full_longest_spread": longest.get("speedup_spread") if longest else None,
+        "speedup_vs_full_longest_rounds": longest.get("speedup_rounds") if longest else None,
         "longest_shared_length": longest["length"] if longest else None,
         "max_length": max(reached) if reached else None,
         "flags": {
@@ -171,10 +257,12 @@ def _speed_columns(
 
 
 def _time_flags(cell: dict[str, Any] | None, base: dict[tuple[int, bool, str], dict[str, Any]]) -> list[str]:
-    """Time flags of ``cell`` and of the exact-attention cell its speed-up divides by."""
+    """Time flags of ``cell``, and of the exact-attention cell its speed-up divides by when it
+    came from separate cells (an interleaved speed-up divides by steps taken within ``cell``)."""
     if cell is None:
         return []
-    ref = base.get((cell["length"], cell["causal"], cell["mode"])) or {}
+    interleaved = cell.get("speedup_method") == "interleaved"
+    ref = {} if interleaved else base.get((cell["length"], cell["causal"], cell["mode"])) or {}
     kinds = [*cell.get("flags", []), *ref.get("flags", [])]
     return sorted({f for f in kinds if f in TIME_FLAGS})
 
@@ -184,6 +272,8 @@ def assemble(run: ArenaRun) -> dict[str, Any]:
     efficiency = [dict(r) for r in run.efficiency]
     _add_ratios(efficiency)
     flags = efficiency_flags(efficiency)
+    cores = run.cores or usable_cores()
+    warning = load_warning(efficiency, cores)
     cfg = run.config
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -198,6 +288,7 @@ def assemble(run: ArenaRun) -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load_average": run.load_average,
             "cpu_count": os.cpu_count(),
+            "cores": cores,
             "config": cfg.as_dict(),
             "seconds": round(run.seconds, 1),
             "cells_reused": run.cache_hits,
@@ -212,6 +303,7 @@ def assemble(run: ArenaRun) -> dict[str, Any]:
         "quality": [dict(r) for r in run.quality],
         "stops": _stops(efficiency),
         "flags": flags,
+        "load_warning": warning,
     }
     doc = json.loads(json.dumps(doc, default=repr))  # exactly what results.json will hold
     doc["leaderboard"] = leaderboard(doc)

@@ -5,11 +5,16 @@ in the :class:`~attnkit.arena.cells.CellCache` first and stored as soon as it is
 measured, so an interrupted run (Ctrl-C, a killed job) picks up where it stopped. Budget
 stops are decisions, not measurements: they are recomputed from the stored cells on
 every run, so raising a budget resumes a sweep where it was cut.
+
+Efficiency cells go by (mode, causal, length): exact attention's own cell first, then each
+mechanism's, timed in rounds interleaved with exact attention (see
+:mod:`attnkit.arena.efficiency`) wherever exact attention's own cell at that length ran;
+past exact attention's budget a mechanism is timed alone and has no speed-up. The
+1-minute load average is recorded before and after every efficiency cell.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,10 +29,14 @@ import attnkit
 from attnkit.arena.cells import CellCache, cell_key, machine_fingerprint
 from attnkit.arena.config import FIDELITY_INPUTS, MODES, ArenaConfig
 from attnkit.arena.efficiency import (
+    Baseline,
+    LoadReader,
     budget_stop,
     efficiency_params,
+    load_average,
     measure_efficiency,
     thread_count,
+    usable_cores,
     warm_up_libraries,
 )
 from attnkit.arena.fidelity import fidelity_params, measure_fidelity
@@ -81,8 +90,10 @@ class ArenaRun:
         cache_hits: cells reused from an earlier run.
         cache_misses: cells measured now.
         load_average: the machine's 1-minute load average at the start and end (other
-            processes competing for the CPU inflate every timing).
+            processes competing for the CPU inflate every timing; -1 where unknown).
         threads: the intra-op CPU threads the efficiency and fidelity cells ran on.
+        cores: the CPU cores the run could use (a load average above it means processes
+            waited for a core).
     """
 
     config: ArenaConfig
@@ -93,6 +104,7 @@ class ArenaRun:
     seconds: float = 0.0
     load_average: list[float] = field(default_factory=list)
     threads: int = 0
+    cores: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
 
@@ -104,10 +116,14 @@ class CellRunner:
         cache: where cells are read and written.
         machine: :func:`machine_fingerprint`, added to machine-bound cells' keys.
         bar: the progress bar advanced once per cell.
+        read_load: reads the 1-minute load average recorded around each efficiency cell
+            (tests inject a fake one).
     """
 
-    def __init__(self, cache: CellCache, machine: dict[str, Any], bar: tqdm) -> None:
-        self.cache, self.machine, self.bar = cache, machine, bar
+    def __init__(
+        self, cache: CellCache, machine: dict[str, Any], bar: tqdm, *, read_load: LoadReader = load_average
+    ) -> None:
+        self.cache, self.machine, self.bar, self.read_load = cache, machine, bar, read_load
 
     def get(
         self,
@@ -166,6 +182,7 @@ def run_arena(
     resume: bool = True,
     progress: bool = True,
     stages: tuple[str, ...] = ("efficiency", "fidelity", "quality"),
+    read_load: LoadReader = load_average,
 ) -> ArenaRun:
     """Measure every mechanism of ``config`` and return the rows (cells cached under ``out_dir``).
 
@@ -175,6 +192,7 @@ def run_arena(
         resume: reuse cells stored by earlier runs with identical settings.
         progress: show a progress bar (on stderr).
         stages: which of ``"efficiency"``, ``"fidelity"``, ``"quality"`` to run.
+        read_load: reads the 1-minute load average (injected by tests).
 
     Raises:
         ValueError: an unknown mechanism or stage, or an unavailable device.
@@ -184,7 +202,7 @@ def run_arena(
             raise ValueError(f"stages must be among 'efficiency', 'fidelity', 'quality', got {stage!r}")
     check_device(config.device)
     names = resolve_mechanisms(config.mechanisms)
-    run = ArenaRun(config, names, load_average=[_load()])
+    run = ArenaRun(config, names, load_average=[_load(read_load)], cores=usable_cores())
     cache = CellCache(Path(out_dir), enabled=resume)
     started = time.perf_counter()
     total = _planned_cells(config, names, stages)
@@ -192,7 +210,8 @@ def run_arena(
         thread_count(config.threads) as run.threads,
         tqdm(total=total, desc="arena", unit="cell", disable=not progress, dynamic_ncols=True) as bar,
     ):
-        cells = CellRunner(cache, machine_fingerprint(config.device), bar)  # keyed on the thread count in force
+        # keyed on the thread count in force
+        cells = CellRunner(cache, machine_fingerprint(config.device), bar, read_load=read_load)
         if "efficiency" in stages:
             run.efficiency = list(_efficiency_rows(config, names, cells))
         if "fidelity" in stages:
@@ -201,16 +220,14 @@ def run_arena(
             run.quality = list(_quality_rows(config, names, cells))
         bar.set_postfix_str("done")
     run.seconds = time.perf_counter() - started
-    run.load_average.append(_load())
+    run.load_average.append(_load(read_load))
     run.cache_hits, run.cache_misses = cache.hits, cache.misses
     return run
 
 
-def _load() -> float:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:  # not available on this platform
-        return -1.0
+def _load(read_load: LoadReader) -> float:
+    value = read_load()
+    return -1.0 if value is None else value  # -1: the run-level record has always meant "unknown"
 
 
 def _planned_cells(config: ArenaConfig, names: list[str], stages: tuple[str, ...]) -> int:
@@ -236,12 +253,17 @@ def efficiency_cell(
     done: list[dict[str, Any]],
     cells: CellRunner,
     meter: PeakMemoryMeter,
+    *,
+    reference: Baseline | None = None,
 ) -> dict[str, Any]:
     """The row of one efficiency cell: cached, measured, or ``stopped`` by the budget.
 
     ``done`` holds the same sweep's earlier rows (shorter lengths); the new row is appended.
     The sweep's first cell measured in this process pays its code path's one-time costs
     in an extra untracked step (see :func:`~attnkit.arena.efficiency.measure_efficiency`).
+    With ``reference``, the cell is timed in rounds interleaved with it. The row carries the
+    1-minute load average read before and after the measurement (``load_before``,
+    ``load_after``; None where the platform has none).
     """
     first_use = not any(r.get("cached") is False for r in done)
     reason = budget_stop(config, mode, done, length)
@@ -255,31 +277,84 @@ def efficiency_cell(
             if isinstance(module, str):
                 return {"status": "error", "error": module}
             module.train(mode == "fwd+bwd")
-            return measure_efficiency(module, config, length, causal, mode, meter, first_use=first_use)
+            before = cells.read_load()
+            result = measure_efficiency(
+                module, config, length, causal, mode, meter, first_use=first_use, reference=reference
+            )
+            return {**result, "load_before": before, "load_after": cells.read_load()}
 
         options = attnkit.get_spec(name).benchmark_options
-        row = cells.get("efficiency", name, options, efficiency_params(config, length, causal, mode), compute)
+        params = efficiency_params(config, length, causal, mode, reference)
+        row = cells.get("efficiency", name, options, params, compute)
     done.append(row)
     return row
+
+
+def baseline_cell(
+    config: ArenaConfig,
+    baseline: Baseline | None,
+    module: AttentionMechanism | str,
+    causal: bool,
+    mode: str,
+    length: int,
+    done: list[dict[str, Any]],
+    cells: CellRunner,
+    meter: PeakMemoryMeter,
+) -> dict[str, Any]:
+    """Exact attention's own cell (timed alone); measured now, it leaves ``baseline`` warm at this shape."""
+    row = efficiency_cell(config, BASELINE, module, causal, mode, length, done, cells, meter)
+    if baseline is not None and row["status"] == "ok" and row.get("cached") is False:
+        baseline.warm.add((length, causal, mode))
+    return row
+
+
+def make_baseline(module: AttentionMechanism | str) -> Baseline | None:
+    """Exact attention (built, or its construction error) as the reference of interleaved cells."""
+    if isinstance(module, str):
+        return None
+    return Baseline(BASELINE, module, attnkit.get_spec(BASELINE).benchmark_options)
+
+
+def reference_at(baseline: Baseline | None, baseline_row: dict[str, Any] | None) -> Baseline | None:
+    """The reference a mechanism's cell interleaves with: exact attention where its own cell at
+    the same (length, causal, mode) ran, else None (past its budget, or it failed: timed alone)."""
+    if baseline is None or baseline_row is None or baseline_row["status"] != "ok":
+        return None
+    return baseline
 
 
 def efficiency_sweep(
     config: ArenaConfig, name: str, causal: bool, mode: str, cells: CellRunner, module: AttentionMechanism | str
 ) -> list[dict[str, Any]]:
-    """One mechanism's rows over ``config.lengths``; past the budget they are ``stopped`` rows saying why."""
+    """One mechanism's rows over ``config.lengths``; past the budget they are ``stopped`` rows saying why.
+
+    Exact attention's own cells at each length are looked up (or measured) too, as in an
+    arena run, so the mechanism's cells are interleaved with it and share the arena's keys;
+    only the mechanism's rows are returned.
+    """
     meter = PeakMemoryMeter(config.device)
     done: list[dict[str, Any]] = []
+    if name == BASELINE:
+        for length in config.lengths:
+            efficiency_cell(config, name, module, causal, mode, length, done, cells, meter)
+        return done
+    full = build_seeded(BASELINE, attnkit.get_spec(BASELINE).benchmark_options, config.seed)
+    baseline = make_baseline(full)
+    baseline_done: list[dict[str, Any]] = []
     for length in config.lengths:
-        efficiency_cell(config, name, module, causal, mode, length, done, cells, meter)
+        own = baseline_cell(config, baseline, full, causal, mode, length, baseline_done, cells, meter)
+        reference = reference_at(baseline, own)
+        efficiency_cell(config, name, module, causal, mode, length, done, cells, meter, reference=reference)
     return done
 
 
 def _efficiency_rows(config: ArenaConfig, names: list[str], cells: CellRunner) -> Iterator[dict[str, Any]]:
-    # Every mechanism runs back to back within one (mode, causal, length) cell, so the
-    # ratios to exact attention compare measurements taken under the same machine load.
+    # Cells go by (mode, causal, length) with exact attention first: each mechanism's cell then
+    # interleaves with it at a shape it has just run, and within its budget.
     meter = PeakMemoryMeter(config.device)
     warm_up_libraries(config)
     modules = {name: build_seeded(name, attnkit.get_spec(name).benchmark_options, config.seed) for name in names}
+    baseline = make_baseline(modules[BASELINE])
     sweeps: dict[tuple[str, bool, str], list[dict[str, Any]]] = {}
     for mode in MODES:
         for causal in (False, True):
@@ -288,7 +363,13 @@ def _efficiency_rows(config: ArenaConfig, names: list[str], cells: CellRunner) -
                     if causal and not attnkit.attention_capabilities(name).causal:
                         continue
                     done = sweeps.setdefault((name, causal, mode), [])
-                    yield efficiency_cell(config, name, modules[name], causal, mode, length, done, cells, meter)
+                    if name == BASELINE:
+                        yield baseline_cell(config, baseline, modules[name], causal, mode, length, done, cells, meter)
+                        continue
+                    reference = reference_at(baseline, sweeps[(BASELINE, causal, mode)][-1])
+                    yield efficiency_cell(
+                        config, name, modules[name], causal, mode, length, done, cells, meter, reference=reference
+                    )
 
 
 def _fidelity_rows(config: ArenaConfig, names: list[str], cells: CellRunner) -> Iterator[dict[str, Any]]:
