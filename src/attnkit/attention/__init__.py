@@ -18,6 +18,7 @@ from attnkit.attention import axial  # noqa: F401
 from attnkit.attention import fan_out  # noqa: F401
 from attnkit.attention import topk  # noqa: F401
 from attnkit.attention import dynamic_block  # noqa: F401
+from attnkit.attention import nsa  # noqa: F401
 from attnkit.attention import lsh  # noqa: F401
 from attnkit.attention import routing  # noqa: F401
 from attnkit.attention import sinkhorn  # noqa: F401

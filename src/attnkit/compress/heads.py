@@ -67,6 +67,7 @@ _HEAD_STATE: dict[str, HeadStateSlicer | None] = {
     "fan_out": None,
     "topk": None,
     "dynamic_block": None,  # the learned gate's scorer is shared by all heads
+    "nsa": None,  # the compression's pooling weights and the branch gates are shared by all heads
     "lsh": None,  # random rotations shared by all heads
     "routing": _slice_routing,  # centroids (heads, clusters, head_dim)
     "sinkhorn": None,
