@@ -21,8 +21,10 @@ Tasks (see :mod:`attnkit.arena.tasks`):
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -92,6 +94,31 @@ def quality_options(name: str, cfg: ArenaConfig) -> dict[str, Any]:
     return options
 
 
+#: Options that set how much of the sequence one query sees (a window, a block, kept keys, landmarks).
+SIZE_OPTIONS = ("window", "block_size", "stride", "cols", "topk", "proj_len", "num_landmarks", "bucket_size")
+
+
+def suite_options(name: str, length: int) -> dict[str, Any]:
+    """The mechanism's options in the quality suite at sequence length ``length``.
+
+    Its ``benchmark_options`` (sized for 1K-64K), with each :data:`SIZE_OPTIONS` value capped at
+    ``length // 8`` (never below its ``small_options`` value) and any fixed maximum length set to
+    ``length``: at the suite's reduced lengths a 256-key window would be exact attention, while
+    an eighth of the sequence keeps the approximation biting as it does at LRA's lengths (LRA's
+    local attention saw 256 of 1K-4K tokens).
+    """
+    spec = attnkit.get_spec(name)
+    options = dict(spec.benchmark_options)
+    for key in SIZE_OPTIONS:
+        if isinstance(options.get(key), int):
+            floor = spec.small_options.get(key, 1)
+            options[key] = max(min(options[key], length // 8), floor)
+    for key in LENGTH_OPTIONS:
+        if key in attnkit.accepted_options(name):
+            options[key] = length
+    return options
+
+
 def fidelity_options(name: str, cfg: ArenaConfig) -> dict[str, Any]:
     """The mechanism's ``benchmark_options`` with any fixed maximum length set to ``cfg.fidelity_length``.
 
@@ -140,15 +167,21 @@ def build_model(name: str, options: dict[str, Any], task: QualityTask, cfg: Aren
     return model_class(task.kind)(model_config(name, options, task, cfg))
 
 
-def train_quality_cell(name: str, options: dict[str, Any], task_name: str, cfg: ArenaConfig) -> dict[str, Any]:
+def train_quality_cell(
+    name: str, options: dict[str, Any], task_name: str | QualityTask, cfg: ArenaConfig, *, step_time: bool = False
+) -> dict[str, Any]:
     """Train and evaluate one (mechanism, task) cell.
+
+    ``task_name`` is one of the arena's tasks (built at ``cfg.task_length``) or a suite task
+    (:func:`attnkit.arena.tasks.suite_task`), trained with ``cfg``'s model size and budget.
 
     On CPU the cell runs on one thread: a model this small gains nothing from intra-op
     parallelism, and on a busy machine extra threads only contend (measured 15x slower
     with two threads on a loaded 2-core box).
 
     Returns:
-        ``{"status": "ok", "metric", "value", "final_loss", "train_seconds"}`` (plus ``"note"``
+        ``{"status": "ok", "metric", "value", "final_loss", "train_seconds"}`` (with ``step_time``, also
+        ``"step_ms"``: the median step, see :func:`_median_step`; plus ``"note"``
         when the mechanism could not mask the task's padding: :data:`UNMASKED_NOTE`), or
         ``{"status": "error", "error": message}`` when the mechanism raised.
     """
@@ -156,13 +189,15 @@ def train_quality_cell(name: str, options: dict[str, Any], task_name: str, cfg: 
     if not cfg.device.startswith("cuda"):
         torch.set_num_threads(1)
     try:
-        return _train(name, options, task_name, cfg)
+        return _train(name, options, task_name, cfg, step_time)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(name: str, options: dict[str, Any], task_name: str, cfg: ArenaConfig) -> dict[str, Any]:
-    task = get_task(task_name, length=cfg.task_length)
+def _train(
+    name: str, options: dict[str, Any], task_name: str | QualityTask, cfg: ArenaConfig, step_time: bool
+) -> dict[str, Any]:
+    task = task_name if isinstance(task_name, QualityTask) else get_task(task_name, length=cfg.task_length)
     device = torch.device(cfg.device)
     try:
         model = build_model(name, options, task, cfg).to(device)
@@ -170,12 +205,14 @@ def _train(name: str, options: dict[str, Any], task_name: str, cfg: ArenaConfig)
         return {"status": "error", "error": f"{type(err).__name__}: {err}"}
     masks_padding = attnkit.attention_capabilities(name).key_padding
     batches = task.batches("train", cfg.train_steps, cfg.batch_size, cfg.seed)
-    train = _maskable(batches, masks_padding)
+    train = maskable(batches, masks_padding)
     started = time.perf_counter()
+    stamps: list[float] = []
     try:
         losses = train_on_batches(
             model,
-            train,
+            _stamped(train, stamps),
+            max_steps=len(train),
             lr=task.learning_rate,
             # Warm-up over the first 10% of steps, then constant: with a budget this short a
             # decaying rate stalls the exact model just before it learns MQAR's look-up (measured).
@@ -194,12 +231,29 @@ def _train(name: str, options: dict[str, Any], task_name: str, cfg: ArenaConfig)
         "final_loss": losses[-1],
         "train_seconds": round(train_seconds, 2),
     }
+    if step_time:
+        result["step_ms"] = round(1000 * _median_step(stamps, train_seconds / max(1, len(train))), 2)
     if not masks_padding and any(not bool(b.attention_mask.all()) for b in batches):
         result["note"] = UNMASKED_NOTE
     return result
 
 
-def _maskable(batches: list[Batch], masks_padding: bool) -> list[Batch]:
+def _stamped(batches: list[Batch], stamps: list[float]) -> Iterator[Batch]:
+    """``batches``, noting the time each is handed out (the start of its step)."""
+    for batch in batches:
+        stamps.append(time.perf_counter())
+        yield batch
+
+
+def _median_step(stamps: list[float], fallback: float) -> float:
+    """The median seconds between consecutive steps' starts: one step's time without the first step's
+    one-time costs (a worker's first cell warms up the libraries) or a stall from the machine's load.
+    ``fallback`` (the mean step) when there are too few steps to take a gap."""
+    gaps = sorted(b - a for a, b in itertools.pairwise(stamps))
+    return gaps[len(gaps) // 2] if gaps else fallback
+
+
+def maskable(batches: list[Batch], masks_padding: bool) -> list[Batch]:
     """``batches`` as the mechanism can take them: padding marked only where it can mask it."""
     if masks_padding:
         return batches
@@ -244,7 +298,7 @@ def _evaluate(
     model.eval()
     correct = total = 0
     nll = 0.0
-    for batch in _maskable(task.batches("validation", cfg.eval_batches, cfg.batch_size, cfg.seed), masks_padding):
+    for batch in maskable(task.batches("validation", cfg.eval_batches, cfg.batch_size, cfg.seed), masks_padding):
         batch = batch.to(device)
         logits = forward(model, batch)  # (B, C) or (B, T, V)
         keep = batch.labels != IGNORE_INDEX

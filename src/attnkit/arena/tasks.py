@@ -21,18 +21,25 @@ same data. A task's ``kind`` names the :mod:`attnkit.models` model that sits it
   ``task_length // 4`` to ``task_length`` tokens and depth at most 6.
 - ``lm`` (kind ``lm``: :class:`~attnkit.models.LanguageModel`): next-byte prediction on the standard library's source files
   (:func:`attnkit.data.sources.stdlib_files`; train and validation files are disjoint).
+
+The quality suite (:mod:`attnkit.arena.suite`) builds its tasks with :func:`suite_task`, on the
+:mod:`attnkit.data.tasks` generators at the suite's own lengths: ``mqar`` (Zoology's ``length``
+and pairs, answer slots dropped as above), ``listops``, ``text_classification``,
+``document_matching``, ``pathfinder``, ``passkey`` (next-token form: the passkey's digits are
+predicted after the question, a causal task) and ``char_lm``.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from attnkit.data.sources import stdlib_files
-from attnkit.data.tasks import IGNORE_INDEX, Batch, Task, TaskKind, make_task
+from attnkit.data.tasks import IGNORE_INDEX, Batch, Task, TaskKind, make_task, no_context_baseline
 
 #: Bytes of text read for the language-modelling task (train, validation).
 LM_BYTES = {"train": 2_000_000, "validation": 300_000}
@@ -51,6 +58,10 @@ class QualityTask:
             token) or ``"classification"`` (one label per sequence).
         metric: ``"accuracy"`` or ``"bits_per_char"``.
         learning_rate: AdamW learning rate that trains the small model within the budget.
+        source: the :mod:`attnkit.data.tasks` generator of a suite task (:func:`suite_task`);
+            empty for the arena's own three tasks.
+        source_options: that generator's options, as sorted ``(name, value)`` pairs (hashable,
+            so the batches stay memoised).
     """
 
     name: str
@@ -60,6 +71,18 @@ class QualityTask:
     kind: TaskKind
     metric: str
     learning_rate: float
+    source: str = ""
+    source_options: tuple[tuple[str, Any], ...] = ()
+
+    def data_task(self) -> Task:
+        """The :mod:`attnkit.data.tasks` generator behind a suite task.
+
+        Raises:
+            ValueError: for one of the arena's own tasks (they have no single generator).
+        """
+        if not self.source:
+            raise ValueError(f"task {self.name!r} is not a suite task; build suite tasks with suite_task()")
+        return make_task(self.source, **dict(self.source_options))
 
     @property
     def causal(self) -> bool:
@@ -105,15 +128,71 @@ def _listops_task(length: int) -> Task:
     return make_task("listops", min_length=length // 4, max_length=length, max_depth=6)
 
 
+#: The model kind of each suite task. MQAR is scored in place (answer slots dropped) by a
+#: bidirectional model, so mechanisms without a causal mode sit it too; passkey and char_lm are
+#: language modelling (causal). Passkey's next-token form is the one a small model learns within a
+#: CPU budget: each digit is found by matching the text before it ("... is 4" -> "1"), an
+#: induction look-up like MQAR's, where the answer-slot form must also count digit positions.
+SUITE_KINDS: dict[str, TaskKind] = {
+    "mqar": "mlm",
+    "listops": "classification",
+    "text_classification": "classification",
+    "document_matching": "classification",
+    "pathfinder": "classification",
+    "passkey": "lm",
+    "char_lm": "lm",
+}
+
+
+def suite_task(name: str, *, learning_rate: float, **options: Any) -> QualityTask:
+    """A quality-suite task: the :mod:`attnkit.data.tasks` generator ``name`` with ``options``.
+
+    Args:
+        name: one of :data:`SUITE_KINDS`.
+        learning_rate: AdamW peak rate of its cells.
+        **options: the generator's options (``MQAR(num_pairs=..., length=...)``,
+            ``Pathfinder(size=...)``, ...).
+
+    Raises:
+        ValueError: an unknown task or a bad option (from the generator, naming it).
+    """
+    if name not in SUITE_KINDS:
+        raise ValueError(f"suite task must be one of {', '.join(SUITE_KINDS)}, got {name!r}")
+    source = make_task(name, **options)
+    kind = SUITE_KINDS[name]
+    length = source.max_length - (source.options()["num_queries"] if name == "mqar" else 0)  # answers dropped
+    num_outputs = source.num_classes if kind == "classification" and source.num_classes else source.vocab_size
+    metric = "bits_per_char" if name == "char_lm" else "accuracy"
+    return QualityTask(
+        name, length, source.vocab_size, num_outputs, kind, metric, learning_rate, name, tuple(sorted(options.items()))
+    )
+
+
+def suite_baseline(task: QualityTask, seed: int) -> dict[str, Any]:
+    """The suite task's no-context baseline (:func:`attnkit.data.tasks.no_context_baseline`).
+
+    Returns:
+        ``{"metric", "value", "what"}``.
+    """
+    return no_context_baseline(task.data_task(), seed=seed).as_dict()
+
+
 @functools.lru_cache(maxsize=16)
 def _batches(task: QualityTask, split: str, count: int, batch_size: int, seed: int) -> list[Batch]:
+    if task.source:
+        return _generated(task.data_task(), task.name, split, count, batch_size, seed)
     if task.name == "lm":
         return _lm_batches(task.length, split, count, batch_size, seed)
     source = _mqar_task(task.length) if task.name == "mqar" else _listops_task(task.length)
+    return _generated(source, task.name, split, count, batch_size, seed)
+
+
+def _generated(source: Task, name: str, split: str, count: int, batch_size: int, seed: int) -> list[Batch]:
+    """``count`` consecutive batches of ``source`` (MQAR's answer slots dropped)."""
     out = []
     for i in range(count):
         batch = source.batch(batch_size, seed=seed, split=split, start=i * batch_size)
-        if task.name == "mqar":
+        if name == "mqar":
             tokens, labels = _queries_only(batch.input_ids, batch.labels)
             batch = Batch(tokens, torch.ones_like(tokens, dtype=torch.bool), labels)
         out.append(batch)

@@ -5,6 +5,11 @@ vs exact float64 attention) and quality (small models trained on MQAR, ListOps a
 character-level language modelling), then a leaderboard, ``report.md``,
 ``results.json`` and PNG plots under ``--out``. Cells are cached there: run the same
 command again after an interruption and it resumes.
+
+``--suite quality`` runs the quality suite instead (:mod:`attnkit.arena.suite`): every
+mechanism on MQAR (swept over pairs and length), ListOps, byte-level text classification and
+document matching, Pathfinder, passkey retrieval and character-level LM, two seeds each, and
+writes the LRA-style leaderboard and the advisor's facts file (:mod:`attnkit.arena.leaderboard`).
 """
 
 from __future__ import annotations
@@ -33,22 +38,55 @@ def register(subparsers: Any) -> None:
             "  attnkit arena --full --device cuda --out gpu-report\n"
             "  attnkit arena --mechanisms full,linear --skip-quality\n"
             "  attnkit arena --threads 1 --repeats 5 --no-resume   # re-measure on a busy machine\n"
+            "  attnkit arena --suite quality     # the quality suite: every mechanism x 7 tasks x 2 seeds, ~1 h\n"
+            "  attnkit arena --suite quality --full --out lra-report   # LRA lengths (hours)\n"
+            "  attnkit arena --suite quality --mechanisms full,linear --tasks mqar,listops\n"
             "\n"
             "Speed-ups are time of exact attention / time of the mechanism (>1 = faster). Cells whose repeats\n"
-            "disagree, or whose time falls (or jumps) as the length grows, are flagged with '?' and explained."
+            "disagree, or whose time falls (or jumps) as the length grows, are flagged with '?' and explained.\n"
+            "The quality suite's table shows accuracy (%) or bits per character as mean +- half the range over\n"
+            "the seeds, each task's no-context baseline, and each mechanism's decoding-state size."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a <= 3-minute subset (lengths 512-2K, short training)")
-    size.add_argument("--full", action="store_true", help="the thorough run: lengths up to 64K, longer training")
+    size.add_argument(
+        "--full",
+        action="store_true",
+        help="the thorough run: lengths up to 64K, longer training (with --suite quality: LRA lengths, hours)",
+    )
     parser.add_argument(
-        "--out", default="arena-report", help="report folder, also the cell cache (default arena-report)"
+        "--suite",
+        default=None,
+        metavar="NAME",
+        help="run a suite instead of the arena's stages: 'quality' (every mechanism on MQAR, ListOps, text, "
+        "retrieval, Pathfinder, passkey and char-LM, two seeds; about an hour on 2 CPU cores)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="report folder, also the cell cache (default arena-report; quality-report with --suite quality)",
     )
     parser.add_argument("--mechanisms", default="", help="comma-separated names (default: every registered one)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--lengths", default="", help="comma-separated efficiency lengths, e.g. 1024,4096")
-    parser.add_argument("--tasks", default="", help="comma-separated quality tasks among mqar,listops,lm")
+    parser.add_argument(
+        "--tasks",
+        default="",
+        help="comma-separated quality tasks among mqar,listops,lm (with --suite quality: among mqar,listops,"
+        "text_classification,document_matching,pathfinder,passkey,char_lm)",
+    )
+    parser.add_argument(
+        "--seeds", default=None, help="with --suite: comma-separated seeds, each cell trained once per seed (0,1)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="with --suite: cells trained at once, in processes of one thread each (default 2, one per core "
+        "of a 2-core machine; use 1 on a GPU)",
+    )
     parser.add_argument(
         "--skip-quality", action="store_true", help="no quality training (efficiency and fidelity only)"
     )
@@ -114,10 +152,88 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return ArenaConfig.preset(preset, **overrides)
 
 
+def suite_config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~attnkit.arena.suite.SuiteConfig` the command line asks for (``--suite``).
+
+    Raises:
+        ValueError: an unknown suite, a flag the suite does not use, or a bad value (named).
+    """
+    from attnkit.arena.suite import SUITES, SuiteConfig
+
+    if args.suite not in SUITES:
+        raise ValueError(f"--suite must be one of {', '.join(SUITES)}, got {args.suite!r} (try --suite quality)")
+    ignored = [flag for flag, value in _arena_only_flags(args).items() if value]
+    if ignored:
+        raise ValueError(
+            f"--suite {args.suite} does not use {', '.join(ignored)} (flags of the arena's speed, memory and "
+            f"quality stages); remove {'it' if len(ignored) == 1 else 'them'}"
+        )
+    try:
+        seeds = tuple(int(x) for x in _split(args.seeds or "0,1"))
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r} (e.g. --seeds 0,1)") from None
+    overrides: dict[str, Any] = {"mechanisms": _split(args.mechanisms), "device": args.device, "seeds": seeds}
+    if args.tasks:
+        overrides["tasks"] = _split(args.tasks)
+    return SuiteConfig(full=args.full, workers=2 if args.workers is None else args.workers, **overrides)
+
+
+def _arena_only_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "--quick": args.quick,
+        "--lengths": args.lengths,
+        "--skip-quality": args.skip_quality,
+        "--steps": args.steps is not None,
+        "--step-budget": args.step_budget is not None,
+        "--memory-budget-gb": args.memory_budget_gb is not None,
+        "--repeats": args.repeats is not None,
+        "--threads": args.threads is not None,
+    }
+
+
+def run_suite_command(args: argparse.Namespace) -> int:
+    """``attnkit arena --suite quality``: train, then write the leaderboard to ``--out``."""
+    from attnkit.arena.leaderboard import aggregate, render_markdown, write_leaderboard
+    from attnkit.arena.suite import run_suite
+
+    config = suite_config_from_args(args)
+    out = args.out or "quality-report"
+    try:
+        run = run_suite(config, out, resume=not args.no_resume, progress=True)
+    except KeyboardInterrupt:
+        print(
+            f"\nattnkit arena --suite {args.suite}: interrupted; every finished cell is cached in {out}/cells. "
+            "Run the same command again to resume where it stopped.",
+            file=sys.stderr,
+        )
+        return 130
+    doc = aggregate(run)
+    paths = write_leaderboard(doc, out, plots=not args.no_plots)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(
+        f"\nattnkit quality suite: {run.cells_trained} cells trained, {run.cells_reused} reused from {out}, "
+        f"{run.wall_s / 60:.1f} min on {config.workers} one-thread worker{'' if config.workers == 1 else 's'}\n"
+    )
+    print(render_markdown(doc))
+    print("written: " + "  ".join(str(p) for p in paths))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from attnkit.arena import run_arena_report
     from attnkit.arena.report import terminal_summary
 
+    if args.suite is not None:
+        return run_suite_command(args)
+    suite_only = [flag for flag, value in (("--seeds", args.seeds), ("--workers", args.workers)) if value is not None]
+    if suite_only:
+        raise ValueError(
+            f"{', '.join(suite_only)} {'applies' if len(suite_only) == 1 else 'apply'} only to --suite quality; "
+            "remove it or add --suite quality"
+        )
+    args.out = args.out or "arena-report"
     config = config_from_args(args)
     try:
         doc = run_arena_report(config, args.out, resume=not args.no_resume, progress=True, plots=not args.no_plots)
