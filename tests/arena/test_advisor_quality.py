@@ -240,3 +240,12 @@ def test_a_speed_difference_within_timing_noise_does_not_beat_a_better_score() -
     ]
     # 100 / 90 = 1.11x clears the margin
     assert decide(Constraints(length=4096), [cand("full", 100.0), cand("nsa", 90.0)], RECALL).recommended == "nsa"
+
+
+def test_a_speed_floor_uses_the_side_by_side_ratio_when_the_cell_has_one() -> None:
+    """Exact attention's own cell (100 ms) says 2.5x; the interleaved rounds of the cell said 1.6x: 1.6x decides."""
+    paired = cand("linear", 40.0, speedup=1.6)
+    alone = cand("performer", 40.0)
+    advice = decide(Constraints(length=1024, min_speedup=2.0), [cand("full", 100.0), paired, alone])
+    assert verdict(advice, "linear").reasons == ["1.60x the speed of full < min 2x"]
+    assert verdict(advice, "performer").eligible

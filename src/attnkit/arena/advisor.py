@@ -29,7 +29,7 @@ from tqdm import tqdm
 import attnkit
 from attnkit.arena.cells import CellCache, machine_fingerprint
 from attnkit.arena.config import HEADLINE_INPUT, ArenaConfig
-from attnkit.arena.efficiency import project, thread_count
+from attnkit.arena.efficiency import paired_speedups, project, thread_count
 from attnkit.arena.fidelity import fidelity_params
 from attnkit.arena.flags import efficiency_flags
 from attnkit.arena.quality import fidelity_options
@@ -102,6 +102,9 @@ class Candidate:
             ``"projected from L=..."``, followed by ``", flagged: <kinds>"`` when a cell
             behind them is flagged (noisy repeats, an impossible length curve).
         note: why a value is unknown.
+        speedup: speed-up over exact attention timed side by side in the same cell (the median
+            of its interleaved rounds' ratios); None: exact attention's own cell time over
+            ``time_ms`` is used.
     """
 
     name: str
@@ -113,6 +116,7 @@ class Candidate:
     error: float | None = None
     source: str = "measured"
     note: str = ""
+    speedup: float | None = None
 
 
 @dataclass
@@ -291,11 +295,12 @@ def _judge(c: Constraints, cand: Candidate, reference_ms: float | None, quality:
 
 
 def _judge_speed(v: Verdict, min_speedup: float, reference_ms: float | None) -> None:
-    time_ms = v.candidate.time_ms
-    if not reference_ms or not time_ms:
-        v.reject("speed", f"speed-up unknown: exact attention ({REFERENCE}) was not measured at this length")
-        return
-    speedup = reference_ms / time_ms
+    time_ms, speedup = v.candidate.time_ms, v.candidate.speedup
+    if speedup is None:
+        if not reference_ms or not time_ms:
+            v.reject("speed", f"speed-up unknown: exact attention ({REFERENCE}) was not measured at this length")
+            return
+        speedup = reference_ms / time_ms
     if speedup < min_speedup:
         v.reject("speed", f"{speedup:.2f}x the speed of {REFERENCE} < min {min_speedup:g}x", min_speedup=speedup)
 
@@ -442,6 +447,8 @@ def _measure_one(name: str, c: Constraints, cfg: ArenaConfig, cells: CellRunner,
     last = rows[-1]
     if last["status"] == "ok":
         cand.time_ms, cand.peak_mb = last["median_ms"], last.get("peak_mb")
+        if last.get("reference_times_ms"):  # timed in rounds with exact attention: the paired ratio is steadier
+            cand.speedup = paired_speedups(last["times_ms"], last["reference_times_ms"])["median"]
         cand.source = ("cached" if last.get("cached") else "measured") + _flagged(last)
         return cand
     ok = [r for r in rows if r["status"] == "ok"]
