@@ -9,7 +9,6 @@ applies the output projection.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,15 +20,6 @@ from attnkit.attention.head_groups import HeadGroup, HeadSplitError, MixedHeads,
 
 B, T, DIM, HEADS = 2, 11, 24, 4
 WINDOW = 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny layers run fastest on one thread, leaving the shared cores to the rest of the suite."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- the reference ------------------------------------------------------------------------

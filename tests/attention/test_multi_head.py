@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,15 +13,6 @@ from attnkit.attention.reference import reference_attention
 from attnkit.positions import t5_bucket
 
 B, T, DIM, HEADS = 2, 11, 24, 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny layers run fastest on one thread, leaving the shared cores to the rest of the suite."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def linear64(x: Tensor, layer: torch.nn.Linear) -> Tensor:
