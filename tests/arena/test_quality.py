@@ -17,6 +17,7 @@ from torch import nn
 
 import attnkit.arena.quality as quality
 from attnkit.arena import ArenaConfig
+from attnkit.arena.config import TOKEN_SHIFT
 from attnkit.arena.tasks import get_task
 from attnkit.attention.routing import RoutingAttention
 from attnkit.data.tasks import IGNORE_INDEX, make_task
@@ -84,10 +85,10 @@ def test_each_task_trains_the_public_model_its_kind_needs(
     model = captured[0]
     assert type(model) is model_class
     config = model.config
-    assert config.token_shift == quality.TOKEN_SHIFT and config.attention == "sliding_window"
+    assert config.token_shift == TOKEN_SHIFT and config.attention == "sliding_window"
     assert config.attention_options == options and config.position == "rotary"
     assert (config.dim, config.depth, config.heads) == (cfg.model_dim, cfg.model_depth, cfg.model_heads)
-    assert quality.quality_params(cfg, task_name)["token_shift"] == quality.TOKEN_SHIFT  # part of the cache key
+    assert quality.quality_params(cfg, task_name)["token_shift"] == TOKEN_SHIFT  # part of the cache key
 
 
 def test_the_cell_steps_exactly_as_the_trainer(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,22 @@ import pytest
 
 import attnkit
 from attnkit.arena import config as arena_config
-from attnkit.arena.config import SUITE_BUDGETS, SUITE_BUDGETS_FULL, SUITE_TASKS, TaskBudget
+from attnkit.arena.config import SUITE_BUDGETS, SUITE_BUDGETS_FULL, SUITE_TASKS, TOKEN_SHIFT, ArenaConfig, TaskBudget
 from attnkit.arena.leaderboard import aggregate, mean_and_spread, render_markdown
+from attnkit.arena.quality import model_config
 from attnkit.arena.state_size import decoding_state_bytes
-from attnkit.arena.suite import BASELINE_ROW, SuiteCell, SuiteConfig, SuiteRun, plan_cells, run_suite, skipped_cells
+from attnkit.arena.suite import (
+    BASELINE_ROW,
+    SuiteCell,
+    SuiteConfig,
+    SuiteRun,
+    cell_config,
+    plan_cells,
+    quality_task,
+    run_suite,
+    skipped_cells,
+    train_cell,
+)
 from attnkit.cli.main import main
 
 #: Tiny budgets: a few steps on short sequences, so a real cell trains in about a second.
@@ -65,6 +78,34 @@ def test_presets_cover_every_task_once_and_full_reaches_lra_lengths() -> None:
     assert full["passkey"]["length"] >= 1024 and full["char_lm"]["length"] >= 1024
     reduced = {b.task: dict(b.options) for b in SUITE_BUDGETS if not b.sweep}
     assert reduced["char_lm"]["length"] >= 1024  # bits per character at >= 1K context even in the hour
+
+
+def test_a_budgets_token_shift_reaches_the_model_and_the_cache_key() -> None:
+    wide = dataclasses.replace(TINY_LM, token_shift=4)
+    cell, wide_cell = SuiteCell("full", TINY_LM, 0, "cpu"), SuiteCell("full", wide, 0, "cpu")
+    assert cell_config(cell).model_token_shift == TOKEN_SHIFT == 2
+    config = model_config("full", wide_cell.options, quality_task(wide), cell_config(wide_cell))
+    assert config.token_shift == 4
+    assert json.dumps(cell.key(), sort_keys=True) != json.dumps(wide_cell.key(), sort_keys=True)
+    # the suite's passkey model sees the two digits before each answer digit (and the one at it)
+    assert {b.task: b.token_shift for b in SUITE_BUDGETS if b.token_shift != TOKEN_SHIFT} == {"passkey": 4}
+
+
+@pytest.mark.parametrize("value", [1, -1, True, 2.0])
+def test_token_shift_widths_are_checked(value: Any) -> None:
+    with pytest.raises(ValueError, match="token_shift must be 0"):
+        dataclasses.replace(TINY_LM, token_shift=value)
+    with pytest.raises(ValueError, match="model_token_shift must be 0"):
+        ArenaConfig(model_token_shift=value)
+
+
+@pytest.mark.slow
+def test_exact_attention_finds_the_passkey_within_the_suites_budget() -> None:
+    """The floor the suite is calibrated to: a needle test asks for >= 95% (measured 98.0%, seed 0)."""
+    (budget,) = [b for b in SUITE_BUDGETS if b.task == "passkey"]
+    result = train_cell(SuiteCell("full", budget, 0, "cpu"))
+    assert result["status"] == "ok" and result["metric"] == "accuracy"
+    assert result["value"] >= 0.95
 
 
 def test_sweep_key_names_pairs_and_length() -> None:

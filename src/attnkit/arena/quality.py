@@ -4,7 +4,7 @@ A cell builds the :mod:`attnkit.models` model the task needs (:func:`build_model
 :class:`~attnkit.models.MaskedLanguageModel`, :class:`~attnkit.models.SequenceClassifier` or
 :class:`~attnkit.models.LanguageModel`, chosen by the task's kind) with the mechanism at its
 ``small_options`` (so its approximation actually bites at the task's short length), rotary
-positions and the token shift (:data:`TOKEN_SHIFT`), and trains it for ``train_steps`` steps
+positions and the token shift (:data:`attnkit.arena.config.TOKEN_SHIFT`, or the suite task's own width), and trains it for ``train_steps`` steps
 (one fresh batch each) through :func:`attnkit.train.loop_api.train_on_batches`: the trainer's
 AdamW groups, schedule, clipping and post-step hooks, so online mechanism state (Routing's
 k-means centroids) moves as it does in ``attnkit train``. It then evaluates on batches of the
@@ -39,11 +39,6 @@ from attnkit.models import TransformerConfig
 from attnkit.train.loop_api import train_on_batches
 from attnkit.train.modeling import forward, model_class
 
-#: Kernel width of the quality models' token shift (``TransformerConfig.token_shift``): the short
-#: convolution H3/Based put before attention. With it the exact model learns MQAR within the
-#: default 120-step budget (99.4%); without it the same model stays near chance (12-14%, measured).
-TOKEN_SHIFT = 2
-
 #: Where a mechanism cannot mask padding, the note its cells carry (the task's padding is then fed as tokens).
 UNMASKED_NOTE = (
     "no padding mask: the mechanism cannot honour one, so it attends to the pad tokens and the "
@@ -68,7 +63,7 @@ def quality_params(cfg: ArenaConfig, task: str) -> dict[str, Any]:
         "length": cfg.task_length,
         "batch_size": cfg.batch_size,
         "learning_rate": get_task(task, length=cfg.task_length).learning_rate,
-        "token_shift": TOKEN_SHIFT,
+        "token_shift": cfg.model_token_shift,
         "seed": cfg.seed,
         "device": cfg.device.split(":")[0],
     }
@@ -149,7 +144,7 @@ def model_config(name: str, options: dict[str, Any], task: QualityTask, cfg: Are
         attention_options=options,
         max_len=cfg.task_length,
         position="rotary",  # relative positions make MQAR's look-up heads far quicker to learn
-        token_shift=TOKEN_SHIFT,
+        token_shift=cfg.model_token_shift,
         # GPT-2's 0.02 is sized for wide models; at width 64 it leaves the exact model at chance on
         # MQAR after the 120-step budget, where dim ** -0.5 learns it (11% vs 99.4%, measured).
         init_std=cfg.model_dim**-0.5,

@@ -128,6 +128,7 @@ def cell_config(cell: SuiteCell) -> ArenaConfig:
         model_dim=budget.dim,
         model_depth=budget.depth,
         model_heads=budget.heads,
+        model_token_shift=budget.token_shift,
         task_length=quality_task(budget).length,
         batch_size=budget.batch_size,
         device=cell.device,
