@@ -364,3 +364,28 @@ def test_bad_options_name_the_argument() -> None:
     q = torch.randn(1, 2, 5, 4)
     with pytest.raises(ValueError, match="built with head_dim=8, got q and k with D=4"):
         module(q, q, q)
+
+
+@pytest.mark.parametrize(("block", "stride", "count"), [(5, 2, 13), (4, 2, 15), (4, 4, 7), (6, 3, 8), (4, 2, 3)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_compress_blocks_equals_a_loop_over_blocks(block: int, stride: int, count: int, padded: bool) -> None:
+    """``c_m = Σ_u w_u (x_{m·d+u} + e_u)`` over real positions only, written as a loop in float64:
+    overlapping and disjoint blocks, a stride that does not divide the block (the general path), blocks
+    running past the end (padding) and keys no block reaches."""
+    g = torch.Generator().manual_seed(20)
+    x = torch.randn(B, H, LENGTH, D, generator=g, dtype=torch.float64)
+    weights = torch.randn(block, generator=g, dtype=torch.float64)
+    position = torch.randn(block, D, generator=g, dtype=torch.float64)
+    real = random_padding(B, LENGTH, seed=21, min_real=LENGTH // 2) if padded else None
+    pooled, any_real = nsa_kernels.compress_blocks(
+        x, weights, block=block, stride=stride, count=count, attention_mask=real, position=position
+    )
+    want = torch.zeros(B, H, count, D, dtype=torch.float64)
+    want_real = torch.zeros(B, count, dtype=torch.bool)
+    for b, m, u in itertools.product(range(B), range(count), range(block)):
+        p = m * stride + u
+        if p < LENGTH and (real is None or bool(real[b, p])):
+            want[b, :, m] += weights[u] * (x[b, :, p] + position[u])
+            want_real[b, m] = True
+    torch.testing.assert_close(pooled, want, atol=1e-12, rtol=1e-12)
+    assert torch.equal(any_real, want_real)

@@ -75,14 +75,38 @@ def compress_blocks(
     span = max(s_len, (count - 1) * stride + block)
     real = x.new_ones(b, s_len, dtype=torch.bool) if attention_mask is None else attention_mask
     real = torch.nn.functional.pad(real, (0, span - s_len), value=False)
-    padded = torch.nn.functional.pad(x, (0, 0, 0, span - s_len))
-    blocks = padded.unfold(2, block, stride)[:, :, :count]  # (B, H, M, E, l): a view
     real_blocks = real.unfold(1, block, stride)[:, :count]  # (B, M, l)
+    weights = weights.to(x.dtype)
+    if attention_mask is not None:
+        # where, not a product: a padded key's value (even inf) must not reach the result
+        x = torch.where(attention_mask[:, None, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if block % stride:
+        padded = torch.nn.functional.pad(x, (0, 0, 0, span - s_len))
+        pooled = padded.unfold(2, block, stride)[:, :, :count] @ weights  # (B, H, M, E, l) @ (l,)
+    else:
+        pooled = _strided_pool(x, weights, stride=stride, count=count)
     if position is not None:
-        blocks = blocks + position.to(x.dtype).t()
-    # where, not a product: a padded key's value (even inf) must not reach the result
-    blocks = torch.where(real_blocks[:, None, :, None, :], blocks, torch.zeros((), dtype=x.dtype, device=x.device))
-    return blocks @ weights.to(x.dtype), real_blocks.any(dim=-1)
+        # Σ_u w_u e_u over the block's real positions only (a padded one adds no position term)
+        pooled = pooled + ((real_blocks.to(x.dtype) * weights) @ position.to(x.dtype))[:, None]
+    return pooled, real_blocks.any(dim=-1)
+
+
+def _strided_pool(x: Tensor, weights: Tensor, *, stride: int, count: int) -> Tensor:
+    """``Σ_u w_u x_{m·d+u}`` for ``m < count`` when ``d`` divides ``l``, without copying ``x`` per block.
+
+    ``x`` is viewed as rows of ``d`` positions; block ``m`` is rows ``m .. m + l/d - 1``, so the sum is
+    ``l/d`` products of a ``(B, H, M, E, d)`` view with a slice of ``w`` (one for non-overlapping blocks).
+    """
+    b, h, s_len, dim = x.shape
+    per_block = weights.shape[0] // stride
+    rows = count + per_block - 1
+    if rows * stride != s_len:  # zeros past the end (they count as padding), or keys no block reaches
+        x = torch.nn.functional.pad(x, (0, 0, 0, rows * stride - s_len))
+    grid = x.view(b, h, rows, stride, dim).transpose(-1, -2)  # (B, H, rows, E, d): a view
+    pooled = grid[:, :, :count] @ weights[:stride]
+    for c in range(1, per_block):
+        pooled = pooled + grid[:, :, c : c + count] @ weights[c * stride : (c + 1) * stride]
+    return pooled
 
 
 @dataclass(frozen=True)
@@ -240,9 +264,10 @@ class _CompressedAttention(torch.autograd.Function):
         for r0 in range(0, t_len, rows):
             r1 = min(r0 + rows, t_len)
             positions = torch.arange(r0 + offset, r1 + offset, device=q.device)
-            visible = _visible(compressed_real, positions, selection)
-            probs, lse[:, :, r0:r1] = _probabilities(q[:, :, r0:r1], keys, visible, scale)
-            out[:, :, r0:r1] = probs @ values
+            seen = _seen(selection, r1 - 1 + offset, keys.shape[2])
+            visible = _visible(compressed_real[:, :seen], positions, selection)
+            probs, lse[:, :, r0:r1] = _probabilities(q[:, :, r0:r1], keys[:, :, :seen], visible, scale)
+            out[:, :, r0:r1] = probs @ values[:, :, :seen]
             picked = select_rows[r0:r1]
             if bool(picked.any()):
                 chosen.append(_select(probs[:, :, picked], positions[picked], selectable, selection))
@@ -265,14 +290,28 @@ class _CompressedAttention(torch.autograd.Function):
         for r0 in range(0, t_len, rows):
             r1 = min(r0 + rows, t_len)
             positions = torch.arange(r0 + ctx.offset, r1 + ctx.offset, device=q.device)
-            visible = _visible(compressed_real, positions, ctx.selection)
+            seen = _seen(ctx.selection, r1 - 1 + ctx.offset, keys.shape[2])
+            if seen == 0:
+                continue  # these queries see no compressed block: no gradient either way
+            visible = _visible(compressed_real[:, :seen], positions, ctx.selection)
             qc, do = q[:, :, r0:r1], grad_out[:, :, r0:r1]
-            probs = _probabilities_from_lse(qc, keys, visible, lse[:, :, r0:r1], ctx.scale)
-            dv += probs.transpose(-1, -2) @ do
-            dscores = (do @ values.transpose(-1, -2)).sub_(delta[:, :, r0:r1]).mul_(probs).mul_(ctx.scale)
-            dq[:, :, r0:r1] = dscores @ keys
-            dk += dscores.transpose(-1, -2) @ qc
+            keys_seen, values_seen = keys[:, :, :seen], values[:, :, :seen]
+            probs = _probabilities_from_lse(qc, keys_seen, visible, lse[:, :, r0:r1], ctx.scale)
+            dv[:, :, :seen] += probs.transpose(-1, -2) @ do
+            dscores = (do @ values_seen.transpose(-1, -2)).sub_(delta[:, :, r0:r1]).mul_(probs).mul_(ctx.scale)
+            dq[:, :, r0:r1] = dscores @ keys_seen
+            dk[:, :, :seen] += dscores.transpose(-1, -2) @ qc
         return dq, dk, dv, None, None, None, None, None, None
+
+
+def _seen(selection: Selection, last_position: int, blocks: int) -> int:
+    """How many leading compressed blocks a chunk of queries ending at absolute ``last_position`` can see:
+    causal, those complete by then (later ones are masked for every query in the chunk, so they are left
+    out of the products instead of computed and masked); otherwise all ``blocks``."""
+    if not selection.causal:
+        return blocks
+    complete = (last_position - selection.compress_block + 1) // selection.compress_stride + 1
+    return max(0, min(blocks, complete))
 
 
 def _chunk_rows(b: int, h: int, blocks: int) -> int:
