@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+import attnkit
 import attnkit.arena.quality as quality
 from attnkit.arena import ArenaConfig
 from attnkit.arena.config import TOKEN_SHIFT
@@ -182,3 +183,21 @@ def test_token_shift_makes_mqar_learnable_in_a_short_budget() -> None:
     without = mqar_accuracy(0, seed=0)
     assert with_shift > 0.95, with_shift
     assert without < 0.5, without
+
+
+def test_suite_options_keep_block_sparse_mechanisms_sparse_at_the_suites_lengths() -> None:
+    """At MQAR's 112 tokens the benchmarked top-8 of 64-token blocks (or NSA's 16 blocks of 64) would
+    cover every key, i.e. exact attention; the suite's options leave each a quarter of the blocks."""
+    options = quality.suite_options("dynamic_block", 112)
+    assert options == {"block_size": 14, "topk_blocks": 2}  # 8 blocks of 14: own + 2
+    nsa = quality.suite_options("nsa", 112)
+    # 16 / 32 / 64 halved together three times (14 = 112 // 8 is the cap), 14 blocks of 8: own, first, one chosen
+    assert (nsa["compress_stride"], nsa["compress_block"], nsa["select_block"]) == (2, 4, 8)
+    assert nsa["select_blocks"] == 3 and nsa["window"] == 14
+    assert quality.suite_options("bigbird", 112)["num_random_blocks"] == 2
+    # at 1K, 16 blocks of 64: top-4 (a quarter), NSA at the paper's block sizes with 4 selected blocks
+    assert quality.suite_options("dynamic_block", 1024) == {"block_size": 64, "topk_blocks": 4}
+    assert quality.suite_options("nsa", 1024)["select_blocks"] == 4
+    for name in attnkit.list_attention():
+        for length in (48, 96, 112, 256, 1024):
+            attnkit.build_attention(name, **quality.suite_options(name, length))  # every combination is valid

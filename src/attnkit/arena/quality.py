@@ -92,22 +92,49 @@ def quality_options(name: str, cfg: ArenaConfig) -> dict[str, Any]:
 #: Options that set how much of the sequence one query sees (a window, a block, kept keys, landmarks).
 SIZE_OPTIONS = ("window", "block_size", "stride", "cols", "topk", "proj_len", "num_landmarks", "bucket_size")
 
+#: Sizes that must shrink together, each dividing the next (NSA's compression stride, compressed
+#: block and selection block): halved together until the largest is at most an eighth of the length.
+LINKED_SIZES = ("compress_stride", "compress_block", "select_block")
+
+#: Options that count blocks a query attends: ``{option: (the option sizing those blocks, least value)}``.
+#: Capped at a quarter of the blocks the task's length holds; left as benchmarked, top-8 of the eight
+#: 14-token blocks of a 112-token MQAR input is every block, i.e. exact attention.
+COUNT_OPTIONS = {
+    "topk_blocks": ("block_size", 1),
+    "num_random_blocks": ("block_size", 1),
+    "select_blocks": ("select_block", 3),  # NSA: its own block, the first, and at least one chosen
+}
+
 
 def suite_options(name: str, length: int) -> dict[str, Any]:
     """The mechanism's options in the quality suite at sequence length ``length``.
 
-    Its ``benchmark_options`` (sized for 1K-64K), with each :data:`SIZE_OPTIONS` value capped at
-    ``length // 8`` (never below its ``small_options`` value) and any fixed maximum length set to
-    ``length``: at the suite's reduced lengths a 256-key window would be exact attention, while
-    an eighth of the sequence keeps the approximation biting as it does at LRA's lengths (LRA's
-    local attention saw 256 of 1K-4K tokens).
+    Its ``benchmark_options`` (sized for 1K-64K), scaled down so that the approximation bites at
+    the suite's reduced lengths as it does at LRA's (LRA's local attention saw 256 of 1K-4K tokens),
+    where unchanged a 256-key window or the top 8 of 8 blocks would be exact attention:
+
+    - each :data:`SIZE_OPTIONS` value capped at ``length // 8`` (never below its ``small_options`` value);
+    - :data:`LINKED_SIZES` halved together until the largest fits that cap (their divisibility kept);
+    - each :data:`COUNT_OPTIONS` count capped at a quarter of the ``length / block`` blocks;
+    - any fixed maximum length set to ``length``.
     """
     spec = attnkit.get_spec(name)
     options = dict(spec.benchmark_options)
+    small = spec.small_options
+    cap = length // 8
     for key in SIZE_OPTIONS:
         if isinstance(options.get(key), int):
-            floor = spec.small_options.get(key, 1)
-            options[key] = max(min(options[key], length // 8), floor)
+            options[key] = max(min(options[key], cap), small.get(key, 1))
+    linked = [key for key in LINKED_SIZES if isinstance(options.get(key), int)]
+    while linked and max(options[k] for k in linked) > cap:
+        if any(options[k] % 2 or options[k] // 2 < small.get(k, 1) for k in linked):
+            break
+        for key in linked:
+            options[key] //= 2
+    for key, (size_key, least) in COUNT_OPTIONS.items():
+        if isinstance(options.get(key), int) and isinstance(options.get(size_key), int):
+            blocks = -(-length // options[size_key])
+            options[key] = max(min(options[key], blocks // 4), least)
     for key in LENGTH_OPTIONS:
         if key in attnkit.accepted_options(name):
             options[key] = length
