@@ -288,10 +288,10 @@ SUITE_BUDGETS: tuple[TaskBudget, ...] = (
     # retrieval 2 x 128 bytes 43.8% after 150 steps, 56.3% after 200 (baseline 49.6%, 128 examples:
     # inside the noise); Pathfinder 43.8% after 300 steps at 16 x 16 (baseline 46.5%) and 53.1% after
     # 400 at 12 x 12 without distractors: LRA's models need long training on it.
-    _budget("document_matching", 100, 16, 3e-3, window=128),
-    _budget("pathfinder", 60, 16, 3e-3, size=16, max_path_length=48),
+    _budget("document_matching", 50, 16, 3e-3, window=128),
+    _budget("pathfinder", 40, 16, 3e-3, size=16, max_path_length=48),
     dataclasses.replace(_budget("passkey", 400, 8, 3e-3, length=256), token_shift=4),
-    _budget("char_lm", 100, 4, 3e-3, length=1024),
+    _budget("char_lm", 80, 4, 3e-3, length=1024),
 )
 
 #: ``--full``: LRA's lengths (ListOps 2K, Text 4K, Retrieval 2 x 4K, Pathfinder 32 x 32), passkey
