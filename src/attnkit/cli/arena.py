@@ -38,7 +38,7 @@ def register(subparsers: Any) -> None:
             "  attnkit arena --full --device cuda --out gpu-report\n"
             "  attnkit arena --mechanisms full,linear --skip-quality\n"
             "  attnkit arena --threads 1 --repeats 5 --no-resume   # re-measure on a busy machine\n"
-            "  attnkit arena --suite quality     # the quality suite: every mechanism x 7 tasks x 2 seeds, ~1 h\n"
+            "  attnkit arena --suite quality     # the quality suite: every mechanism x 7 tasks x 2 seeds, ~50 min\n"
             "  attnkit arena --suite quality --full --out lra-report   # LRA lengths (hours)\n"
             "  attnkit arena --suite quality --mechanisms full,linear --tasks mqar,listops\n"
             "\n"
@@ -61,7 +61,7 @@ def register(subparsers: Any) -> None:
         default=None,
         metavar="NAME",
         help="run a suite instead of the arena's stages: 'quality' (every mechanism on MQAR, ListOps, text, "
-        "retrieval, Pathfinder, passkey and char-LM, two seeds; about an hour on 2 CPU cores)",
+        "retrieval, Pathfinder, passkey and char-LM, two seeds; 48 minutes measured on 2 quiet CPU cores)",
     )
     parser.add_argument(
         "--out",
