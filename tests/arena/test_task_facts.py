@@ -224,3 +224,10 @@ def test_the_shipped_facts_load_for_every_task_and_name_every_mechanism() -> Non
     assert load_task_facts(None, "mqar").figures["full"].mean >= 0.99
     assert load_task_facts(None, "listops").figures["full"].mean >= 0.36
     assert load_task_facts(None, "passkey").figures["full"].mean >= 0.95
+
+
+def test_the_shipped_facts_are_the_committed_leaderboards_results() -> None:
+    """The package's facts file is a copy of docs/quality-suite/results.json (the package cannot read
+    docs/); the two must not drift apart when the suite is re-run."""
+    docs = Path(__file__).resolve().parents[2] / "docs" / "quality-suite" / "results.json"
+    assert docs.read_bytes() == task_facts.default_facts_path().read_bytes()

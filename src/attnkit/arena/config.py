@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attnkit.core.errors import check_choice, check_positive_float, check_positive_int
+from attnkit.models.config import is_token_shift_width
 
 #: The quality tasks the arena knows, in leaderboard order.
 TASKS: tuple[str, ...] = ("mqar", "listops", "lm")
@@ -33,7 +34,7 @@ TOKEN_SHIFT = 2  # the default; a suite task may set its own (TaskBudget.token_s
 
 def check_token_shift(value: Any, name: str) -> None:
     """Raise ValueError unless ``value`` is a token-shift kernel width: 0 (off) or an integer >= 2."""
-    if isinstance(value, bool) or not isinstance(value, int) or value == 1 or value < 0:
+    if not is_token_shift_width(value):
         raise ValueError(f"{name} must be 0 (no token shift) or a kernel width of at least 2, got {value!r}")
 
 

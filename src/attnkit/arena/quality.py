@@ -114,7 +114,8 @@ def suite_options(name: str, length: int) -> dict[str, Any]:
     where unchanged a 256-key window or the top 8 of 8 blocks would be exact attention:
 
     - each :data:`SIZE_OPTIONS` value capped at ``length // 8`` (never below its ``small_options`` value);
-    - :data:`LINKED_SIZES` halved together until the largest fits that cap (their divisibility kept);
+    - :data:`LINKED_SIZES` halved together until the largest fits that cap, or until one would fall
+      below its ``small_options`` value or stop dividing evenly (their divisibility kept);
     - each :data:`COUNT_OPTIONS` count capped at a quarter of the ``length / block`` blocks;
     - any fixed maximum length set to ``length``.
     """

@@ -127,6 +127,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def is_token_shift_width(value: Any) -> bool:
+    """Whether ``value`` is a valid ``token_shift``: 0 (off) or an integer kernel width of at least 2.
+    Width 1 is refused: it would see no earlier token, only rescale each embedding."""
+    return isinstance(value, int) and not isinstance(value, bool) and (value == 0 or value >= 2)
+
+
 @dataclass(frozen=True)
 class LayerAttention:
     """One layer's attention and where the config sets it.
@@ -338,8 +344,7 @@ class TransformerConfig:
                 f"use token_shift={2 if value else 0} ({'a width-2 shift' if value else 'off'})",
                 ("token_shift",),
             )
-        # Width 1 is refused too: it would see no earlier token, only rescale each embedding.
-        if not isinstance(value, int) or value < 0 or value == 1:
+        if not is_token_shift_width(value):
             raise ConfigFieldError(
                 f"token_shift must be 0 (off) or a kernel width of at least 2, got {value!r} "
                 "(token_shift=2 lets each token see the one before it)",
